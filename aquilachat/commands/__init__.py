@@ -1,0 +1,1 @@
+"""Subcommands of the ``aquilachat`` command line (see :mod:`aquilachat.cli`)."""
