@@ -1,0 +1,51 @@
+"""Shared fixtures: the shared data folder (skip when absent) and tiny random checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``<repo>/../shared/data`` (CI and developers), or ``$AQUILACHAT_SHARED_DATA``."""
+    for candidate in (os.environ.get("AQUILACHAT_SHARED_DATA"), REPO.parent / "shared" / "data",
+                      Path("/work/shared/data")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def aquila_tokenizer_dir(shared_data) -> Path:
+    path = shared_data / "tokenizers" / "aquila"
+    if not (path / "vocab.json").exists():
+        pytest.skip("Aquila tokenizer files are not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer (256 bytes + a few merges + Aquila-style specials), no shared data needed."""
+    from tests.helpers import make_byte_tokenizer
+    out = tmp_path_factory.mktemp("byte_tok")
+    make_byte_tokenizer(out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
