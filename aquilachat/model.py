@@ -137,12 +137,18 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             k_cache, v_cache = cache
-            slots, pos = cache_index  # (B, 1), (B, T): write position pos[b, t] of slot slots[b]
-            k_cache[slots, :, pos] = k.transpose(1, 2).to(k_cache.dtype)  # indexed (B, T, Hkv, D)
-            v_cache[slots, :, pos] = v.transpose(1, 2).to(v_cache.dtype)
-            rows = slots[:, 0]
-            k_all = k_cache[rows, :, :kv_len]  # (B, Hkv, S, D)
-            v_all = v_cache[rows, :, :kv_len]
+            rows, pos = cache_index  # slots (slice or [B]) and positions [B, T]
+            contiguous = isinstance(rows, slice)
+            if contiguous:  # contiguous slots: work on views, no gather
+                k_cache, v_cache = k_cache[rows], v_cache[rows]
+                rows = torch.arange(B, device=x.device)
+            # write position pos[b, t] of slot rows[b]; indexed shape (B, T, Hkv, D)
+            k_cache[rows[:, None], :, pos] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows[:, None], :, pos] = v.transpose(1, 2).to(v_cache.dtype)
+            if contiguous:
+                k_all, v_all = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, Hkv, S, D) views
+            else:
+                k_all, v_all = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]  # (B, Hkv, S, D)
             out = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
                                                  attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
@@ -235,7 +241,8 @@ class AquilaForCausalLM(nn.Module):
             input_ids: ``[B, T]`` token ids (int64).
             positions: ``[B, T]`` absolute positions; default ``arange(T)`` for every row.
             kv_cache: when given, keys/values are written into it and attention reads from it.
-            slots: ``[B]`` cache slot of each row (default ``arange(B)``); only with ``kv_cache``.
+            slots: ``[B]`` cache slot of each row, or a ``slice`` of contiguous slots (read as a
+                view, no gather); default ``slice(0, B)``; only with ``kv_cache``.
             kv_len: number of cache positions attention reads, ``> positions.max()``; default
                 ``positions.max() + 1`` (a device sync; the engine passes it from host state).
             logits_index: ``[B]`` index along T of the single position whose logits are wanted
@@ -260,8 +267,8 @@ class AquilaForCausalLM(nn.Module):
             if kv_len > kv_cache.max_seq_len:
                 raise ValueError(f"position {kv_len - 1} is outside the KV cache ({kv_cache.max_seq_len} positions)")
             if slots is None:
-                slots = torch.arange(B, device=device)
-            cache_index = (slots[:, None], positions)
+                slots = slice(0, B)
+            cache_index = (slots, positions)
             key_pos = torch.arange(kv_len, device=device)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S) True = attend
         for i, layer in enumerate(self.model.layers):

@@ -1,0 +1,299 @@
+"""The engine: continuous batching over a preallocated KV cache, on token ids only.
+
+Each :meth:`Engine.step` gives every running sequence exactly one new token:
+
+1. admit waiting sequences while a cache slot is free and the KV-token budget allows
+   (``prompt + max_tokens`` tokens reserved per sequence), first come first served;
+2. **prefill** the newly admitted ones in one batch (prompts right-padded; each row's logits
+   taken at its own last prompt token, padding never reaches a real row: attention is causal and
+   the pad positions are overwritten by the row's later tokens before they become visible);
+3. **decode** the sequences that were already running, one token each, in one batch; rows at
+   different positions share the step through per-row positions and a causal mask over the cache;
+4. sample all rows together (:func:`aquilachat.sampling.sample`), append, and retire sequences
+   that hit EOS, a stop id, ``max_tokens``, the context window, or a sampling error. A retired
+   sequence frees its slot at once; the next step can admit a new one.
+
+Text never enters the engine. Stop strings are checked by the caller on detokenized text, which
+then calls :meth:`Engine.finish` (see :mod:`aquilachat.llm`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ValidationError
+from .model import AquilaForCausalLM, KVCache
+from .sampling import SamplingParams, sample
+
+__all__ = ["Engine", "Sequence", "StepOutput", "EngineStats"]
+
+
+@dataclass
+class Sequence:
+    """One answer being generated (a request with ``n`` answers has ``n`` sequences)."""
+
+    seq_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    max_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    slot: int | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class StepOutput:
+    """What one step did to one sequence: the token it appended (``None`` if it failed) and
+    whether it finished."""
+
+    seq: Sequence
+    token_id: int | None
+    finished: bool
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (the server exports them)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    sampling_errors: int = 0
+    steps: int = 0
+
+
+class Engine:
+    """Continuous batching on an :class:`AquilaForCausalLM` (see the module docstring).
+
+    Args:
+        model: the model (any device / dtype).
+        eos_token_ids: ids that end an answer (unless ``ignore_eos``).
+        allowed: ``[vocab]`` bool of ids the tokenizer can decode (``None``: all).
+        max_num_seqs: cache slots, i.e. most sequences running at once.
+        max_model_len: context window in tokens (prompt + answer); default the model's
+            ``max_position_embeddings``.
+        kv_cache_tokens: KV-token budget for admission; default ``max_num_seqs * max_model_len``.
+
+    Thread safety: :meth:`add` and :meth:`finish` may be called from other threads while one
+    thread calls :meth:`step`.
+    """
+
+    def __init__(self, model: AquilaForCausalLM, *, eos_token_ids: list[int] | tuple[int, ...] = (),
+                 allowed: torch.Tensor | None = None, max_num_seqs: int = 8,
+                 max_model_len: int | None = None, kv_cache_tokens: int | None = None) -> None:
+        if max_num_seqs < 1:
+            raise ValidationError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.device
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                 self.config.max_position_embeddings)
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache_tokens = kv_cache_tokens or max_num_seqs * self.max_model_len
+        self.allowed = None if allowed is None or bool(allowed.all()) else allowed.to(self.device)
+        self.cache = KVCache.allocate(self.config, max_num_seqs, self.max_model_len,
+                                      dtype=model.dtype, device=self.device)
+        self.free_slots = list(range(max_num_seqs))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._pending_finish: dict[str, tuple[str, str | int | None]] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, *, cap_to_context: bool = False) -> int:
+        """Validate a request before any work; return its effective ``max_tokens``.
+
+        Raises:
+            ValidationError: empty prompt, an id outside the vocabulary, or prompt + max_tokens
+                beyond the context window (unless ``cap_to_context``, which caps ``max_tokens``
+                so the answer ends with ``finish_reason="length"`` at the window).
+        """
+        if not prompt_ids:
+            raise ValidationError("the prompt is empty (no tokens)")
+        vocab = self.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValidationError(f"prompt token id {bad} is outside the model vocabulary (0..{vocab - 1})")
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise ValidationError(f"the prompt has {n} tokens; the context window is {self.max_model_len} "
+                                  "tokens and leaves no room for an answer")
+        if n + params.max_tokens > self.max_model_len:
+            if not cap_to_context:
+                raise ValidationError(
+                    f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context window of "
+                    f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
+            return self.max_model_len - n
+        return params.max_tokens
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, *, seq_id: str | None = None,
+            seed_offset: int = 0, cap_to_context: bool = False) -> Sequence:
+        """Queue one sequence; it joins the running batch at the next step with a free slot.
+
+        ``seed_offset`` is added to ``params.seed`` (answer ``i`` of ``n`` uses ``seed + i``).
+
+        Raises:
+            ValidationError: see :meth:`check_request`.
+        """
+        max_tokens = self.check_request(prompt_ids, params, cap_to_context=cap_to_context)
+        gen = torch.Generator(device=self.device)
+        if params.seed is not None:
+            gen.manual_seed(params.seed + seed_offset)
+        else:
+            gen.seed()
+        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, gen, max_tokens)
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def finish(self, seq: Sequence, reason: str = "abort", stop_reason: str | int | None = None) -> None:
+        """Retire a sequence at the next step boundary (stop string found, client gone, ...)."""
+        with self._lock:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                seq.finish_reason, seq.stop_reason = reason, stop_reason
+                return
+            if not seq.finished:
+                self._pending_finish[seq.seq_id] = (reason, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def reserved_tokens(self) -> int:
+        """KV tokens reserved by running sequences (prompt + max_tokens each)."""
+        return sum(len(s.prompt_ids) + s.max_tokens for s in self.running)
+
+    # ------------------------------------------------------------------ stepping
+    def _retire(self, seq: Sequence, reason: str, stop_reason=None, error: str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def _admit(self) -> list[Sequence]:
+        new: list[Sequence] = []
+        with self._lock:
+            for seq in list(self.running):  # finishes requested from outside
+                if seq.seq_id in self._pending_finish:
+                    self._retire(seq, *self._pending_finish.pop(seq.seq_id))
+            reserved = self.reserved_tokens()
+            while self.waiting and self.free_slots:
+                seq = self.waiting[0]
+                need = len(seq.prompt_ids) + seq.max_tokens
+                if self.running and reserved + need > self.kv_cache_tokens:
+                    break
+                self.waiting.popleft()
+                seq.slot = self.free_slots.pop(0)
+                reserved += need
+                new.append(seq)
+        return new
+
+    def _slots_arg(self, slots: list[int]) -> torch.Tensor | slice:
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))  # contiguous: the cache is read as a view
+        return torch.tensor(slots, device=self.device)
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits ``[B, V]`` at each new sequence's last prompt token; fills its cache slot."""
+        lengths = [len(s.prompt_ids) for s in seqs]
+        T = max(lengths)
+        pad = self.config.pad_token_id or 0
+        ids = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
+        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self.model(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+                            kv_len=T, logits_index=last)
+        return logits[:, 0]
+
+    @torch.inference_mode()
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits ``[B, V]`` after feeding each running sequence's last token."""
+        ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
+        pos = [s.num_tokens - 1 for s in seqs]
+        positions = torch.tensor(pos, device=self.device)[:, None]
+        logits = self.model(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+                            kv_len=max(pos) + 1)
+        return logits[:, 0]
+
+    def step(self) -> list[StepOutput]:
+        """Run one step (module docstring); returns what happened to each sequence it touched,
+        including sequences retired from outside since the last step."""
+        with self._lock:
+            externally = [s for s in self.running if s.seq_id in self._pending_finish]
+        new = self._admit()
+        outputs = [StepOutput(s, None, True) for s in externally]
+        old = sorted(self.running, key=lambda s: s.slot)
+        batch = new + old
+        if not batch:
+            return outputs
+        self.running = old + new
+        parts = []
+        if new:
+            parts.append(self._prefill(new))
+            self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+        if old:
+            parts.append(self._decode(old))
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        result = sample(logits, [s.params for s in batch], [s.generator for s in batch], allowed=self.allowed,
+                        prompt_ids=[s.prompt_ids for s in batch], output_ids=[s.output_ids for s in batch])
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if any(s.params.logprobs is not None for s in batch) else None
+        now = time.monotonic()
+        self.stats.steps += 1
+        for i, seq in enumerate(batch):
+            if i in result.errors:
+                self.stats.sampling_errors += 1
+                self._retire(seq, "error", error=result.errors[i])
+                outputs.append(StepOutput(seq, None, True))
+                continue
+            tok = token_ids[i]
+            seq.output_ids.append(tok)
+            self.stats.generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if logprobs is not None:
+                seq.logprobs.append(logprobs[i])
+                seq.top_logprobs.append(result.top_logprobs[i])
+            if tok in self.eos_token_ids and not seq.params.ignore_eos:
+                self._retire(seq, "stop", stop_reason=tok)
+            elif tok in seq.params.stop_token_ids:
+                self._retire(seq, "stop", stop_reason=tok)
+            elif len(seq.output_ids) >= seq.max_tokens:
+                self._retire(seq, "length")
+            outputs.append(StepOutput(seq, tok, seq.finished))
+        return outputs

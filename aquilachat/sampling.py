@@ -1,0 +1,270 @@
+"""Sampling parameters and the sampling functions: fp32, NaN-proof, one generator per request.
+
+Order of operations on a row of logits (vLLM's order):
+
+1. sanitize: NaN -> impossible (-inf); if any logit is +inf, the +inf ids share all the mass
+   (they become 0, everything else -inf); ids the tokenizer cannot decode -> -inf;
+2. repetition penalty on ids seen in the prompt or the output (CTRL, Keskar et al. 2019:
+   a positive logit is divided by the penalty, a negative one multiplied);
+3. presence and frequency penalties on ids in the output (OpenAI API reference:
+   ``logit -= presence_penalty * (count > 0) + frequency_penalty * count``);
+4. temperature 0 -> argmax; otherwise ``(logit - max) / temperature`` (shifting first keeps a
+   temperature of 1e-6 from overflowing);
+5. top-k, then top-p (nucleus, Holtzman et al. 2019: the smallest set of most probable ids whose
+   mass reaches ``top_p``; the most probable id is always kept);
+6. the draw, with the request's own ``torch.Generator``.
+
+A row with no finite logit left after step 1 cannot be sampled: :func:`sample` reports it as an
+error for that row instead of passing NaN to ``torch.multinomial``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ValidationError
+
+__all__ = ["SamplingParams", "sample", "SampleResult", "sanitize_logits"]
+
+#: Most top-logprob alternatives a request may ask for (as the OpenAI API).
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens; OpenAI / vLLM field names and meanings.
+
+    Attributes:
+        temperature: >= 0; 0 means greedy (argmax).
+        top_p: nucleus mass in (0, 1]; 1 disables.
+        top_k: keep the k most likely ids; 0 (or -1, vLLM's spelling) disables.
+        max_tokens: most tokens to generate, >= 1.
+        stop: strings that end the answer (not included in the text).
+        stop_token_ids: ids that end the answer, besides the model's EOS ids.
+        seed: seeds this request's generator: the same seed gives the same tokens alone or in a batch.
+        n: number of answers per prompt (answer i uses seed + i).
+        repetition_penalty: > 0; 1 disables (CTRL).
+        presence_penalty, frequency_penalty: in [-2, 2]; 0 disables (OpenAI).
+        logprobs: None, or how many top alternatives (0..20) to return with each token's logprob.
+        ignore_eos: keep generating after EOS (benchmarks).
+        skip_special_tokens: leave control tokens out of the text.
+
+    Raises:
+        ValidationError: a field out of range, naming the field.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    n: int = 1
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def number(name, value, *, integer=False):
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if not ok or isinstance(value, bool) or (not integer and not math.isfinite(value)):
+                kind = "an integer" if integer else "a finite number"
+                raise ValidationError(f"{name} must be {kind}, got {value!r}")
+
+        number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValidationError(f"temperature must be >= 0, got {self.temperature}")
+        number("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}")
+        number("top_k", self.top_k, integer=True)
+        if self.top_k < -1:
+            raise ValidationError(f"top_k must be >= 0 (0 or -1 disables), got {self.top_k}")
+        number("max_tokens", self.max_tokens, integer=True)
+        if self.max_tokens < 1:
+            raise ValidationError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        number("n", self.n, integer=True)
+        if self.n < 1:
+            raise ValidationError(f"n must be >= 1, got {self.n}")
+        number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValidationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            number(name, getattr(self, name))
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValidationError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None:
+            number("seed", self.seed, integer=True)
+        if self.logprobs is not None:
+            number("logprobs", self.logprobs, integer=True)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValidationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise ValidationError(f"stop[{i}] must be a non-empty string, got {s!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        for i, t in enumerate(self.stop_token_ids):
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValidationError(f"stop_token_ids[{i}] must be a non-negative integer, got {t!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes) -> "SamplingParams":
+        """A copy with some fields changed (validated again)."""
+        import dataclasses
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`sample` for a batch of ``B`` rows.
+
+    ``token_ids [B]`` (int64; -1 where the row failed), ``logprobs [B]`` (fp32, the chosen id's
+    log-probability under the model's distribution), ``errors`` (row index -> message),
+    ``top_logprobs`` (per row, a list of ``(id, logprob)`` or None).
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    errors: dict[int, str] = field(default_factory=dict)
+    top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+
+
+def sanitize_logits(logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1 of the module docstring on ``logits [B, V]`` (any float dtype) -> fp32 ``[B, V]``.
+
+    NaN -> -inf; rows with a +inf keep only their +inf ids (as 0, the rest -inf); ids where
+    ``allowed [V]`` is False -> -inf.
+    """
+    x = logits.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    posinf = x == math.inf
+    if allowed is not None:
+        posinf &= allowed
+    has_posinf = posinf.any(dim=-1, keepdim=True)
+    x = torch.where(has_posinf, torch.where(posinf, 0.0, -math.inf), x)
+    if allowed is not None:
+        x = x.masked_fill(~allowed, -math.inf)
+    return x
+
+
+def apply_penalties(logits: torch.Tensor, *, seen: torch.Tensor | None, counts: torch.Tensor | None,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Steps 2-3 on fp32 ``logits [B, V]``.
+
+    ``seen [B, V]`` bool (id in prompt or output), ``counts [B, V]`` fp32 (occurrences in the
+    output), ``repetition/presence/frequency [B]``. Results that overflow become +/-inf and are
+    sanitized again by the caller.
+    """
+    if seen is not None:
+        rep = repetition[:, None]
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen & (rep != 1.0), penalized, logits)
+    if counts is not None:
+        logits = logits - presence[:, None] * (counts > 0).float() - frequency[:, None] * counts
+        logits = logits.nan_to_num(nan=-math.inf)  # inf - inf from penalising an inf logit
+    return logits
+
+
+def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Step 5 on temperature-scaled fp32 ``scaled [B, V]``; masked ids -> -inf."""
+    V = scaled.shape[-1]
+    need_k = (top_k > 0) & (top_k < V)
+    need_p = top_p < 1.0
+    if not bool(need_k.any() or need_p.any()):
+        return scaled
+    sorted_vals, sorted_idx = scaled.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(V, device=scaled.device)[None, :]
+    remove = need_k[:, None] & (ranks >= top_k[:, None])
+    if bool(need_p.any()):
+        probs = sorted_vals.masked_fill(remove, -math.inf).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        remove |= need_p[:, None] & (mass_before >= top_p[:, None])
+    remove[:, 0] = False  # the most likely id always survives
+    sorted_vals = sorted_vals.masked_fill(remove, -math.inf)
+    return torch.empty_like(scaled).scatter_(-1, sorted_idx, sorted_vals)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], *,
+           allowed: torch.Tensor | None = None, prompt_ids: list[list[int]] | None = None,
+           output_ids: list[list[int]] | None = None) -> SampleResult:
+    """Pick the next id of each row (the module docstring gives the steps).
+
+    Args:
+        logits: ``[B, V]`` last-position logits, any float dtype, may hold NaN/inf.
+        params: one :class:`SamplingParams` per row.
+        generators: one ``torch.Generator`` per row (``None``: the global RNG).
+        allowed: ``[V]`` bool, ids the tokenizer can decode.
+        prompt_ids, output_ids: per row, for the penalties.
+
+    Returns:
+        :class:`SampleResult`. Never raises for non-finite logits: such rows are in ``errors``.
+    """
+    B, V = logits.shape
+    device = logits.device
+    x = sanitize_logits(logits, allowed)
+    model_logprobs = x.log_softmax(dim=-1)
+    rep = torch.tensor([p.repetition_penalty for p in params], device=device)
+    pres = torch.tensor([p.presence_penalty for p in params], device=device)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=device)
+    if bool((rep != 1).any() or (pres != 0).any() or (freq != 0).any()):
+        outputs = output_ids or [[] for _ in range(B)]
+        prompts = prompt_ids or [[] for _ in range(B)]
+        counts = torch.zeros(B, V, device=device)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=device)
+        for b in range(B):
+            if outputs[b]:
+                out = torch.tensor(outputs[b], device=device)
+                counts[b].index_add_(0, out, torch.ones(len(outputs[b]), device=device))
+                seen[b, out] = True
+            if prompts[b]:
+                seen[b, torch.tensor(prompts[b], device=device)] = True
+        x = apply_penalties(x, seen=seen, counts=counts, repetition=rep, presence=pres, frequency=freq)
+        x = sanitize_logits(x, allowed)
+    finite = torch.isfinite(x).any(dim=-1)  # rows with at least one candidate
+    temps = torch.tensor([p.temperature for p in params], device=device)
+    greedy = temps == 0
+    token_ids = x.argmax(dim=-1)
+    if not bool(greedy.all()):
+        row_max = x.max(dim=-1, keepdim=True).values.masked_fill(~finite[:, None], 0.0)
+        scaled = (x - row_max) / temps.clamp_min(1e-30)[:, None]  # greedy rows' values unused
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        scaled = _top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)
+        for b in range(B):
+            if greedy[b] or not finite[b]:
+                continue
+            row = probs[b]
+            if not bool(torch.isfinite(row).all()) or float(row.sum()) <= 0:
+                finite[b] = False
+                continue
+            token_ids[b] = torch.multinomial(row, 1, generator=generators[b])[0]
+    errors = {b: "the model produced no finite logit for any decodable token (NaN/inf); cannot sample"
+              for b in range(B) if not bool(finite[b])}
+    token_ids = token_ids.masked_fill(~finite, -1)
+    chosen = model_logprobs.gather(-1, token_ids.clamp_min(0)[:, None])[:, 0]
+    top: list[list[tuple[int, float]] | None] = []
+    for b, p in enumerate(params):
+        if p.logprobs:
+            vals, idx = model_logprobs[b].topk(min(p.logprobs, V))
+            top.append([(int(i), float(v)) for i, v in zip(idx, vals)])
+        else:
+            top.append(None)
+    return SampleResult(token_ids, chosen, errors, top)
