@@ -1,0 +1,74 @@
+"""``aquilachat chat [PROMPT]``: one streamed answer, or an interactive chat with history."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_model_args, add_sampling_args, sampling_params
+
+HELP_TEXT = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model (one answer, or interactive)",
+                       description="Chat with a model in its chat template. With PROMPT: print one "
+                                   "streamed answer and exit. Without: an interactive chat that keeps "
+                                   "the history (" + HELP_TEXT + ").")
+    p.add_argument("prompt", nargs="?", help="a single question; omit for an interactive chat")
+    p.add_argument("--system", default=None, help="replace the template's system message")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def _answer(llm, messages, params, out) -> tuple[str, object]:
+    text = []
+    for delta in llm.stream_chat(messages, params):
+        out.write(delta)
+        out.flush()
+        text.append(delta)
+    out.write("\n")
+    out.flush()
+    return "".join(text), llm.last_output
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..llm import LLM
+    params = sampling_params(args)  # validate before loading the model
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    if args.prompt is not None:
+        _, output = _answer(llm, system + [{"role": "user", "content": args.prompt}], params, sys.stdout)
+        if output.finish_reason == "error":
+            print(f"aquilachat chat: error: {output.error}", file=sys.stderr)
+            return 1
+        return 0
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"aquilachat chat with {args.model} ({llm.template.name}); {HELP_TEXT}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        messages = system + history + [{"role": "user", "content": line}]
+        try:
+            text, output = _answer(llm, messages, params, sys.stdout)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        if output.finish_reason == "error":
+            print(f"aquilachat chat: error: {output.error}", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": text}]
