@@ -8,11 +8,16 @@ system message, as in Aquila2's ``predict.py``):
 name              rendered conversation (S = system message, q = user text, a = assistant text)
 ================  =========================================================================
 aquila-chat       ``S###Human: q###Assistant: a###Human: q###Assistant:``
-aquila-legacy     ``S\\n\\n### Human: q\\n### Assistant: a</s>### Human: q\\n### Assistant: ``
+aquila-legacy     ``S\\n\\n### Human: q\\n### Assistant: a</s>### Human: q\\n### Assistant:`` (*)
 aquila            ``S###Human: q###Assistant: a</s>Human: q###Assistant:``
 aquila-v1         ``<|startofpiece|>q<|endofpiece|>a</s><|startofpiece|>q<|endofpiece|>``
 aquila-v2         ``S<|startofpiece|>q<|endofpiece|>a</s>...``
 ================  =========================================================================
+
+(*) FastChat's ``aquila-legacy`` prompt ends with ``"### Assistant: "``. A trailing space
+tokenizes as a lone ``" "`` token that never precedes an answer in the training data (where the
+answer's first word carries the space, ``" Hello"``), so the open turn here ends at the colon and
+the model writes the space itself, exactly as the data was tokenized.
 
 How text becomes ids (the same code for both directions, so training and serving cannot drift):
 
@@ -90,7 +95,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         stop=("###", "</s>", "[UNK]"), neutralize_hashes=True,
         description="AquilaChat-7B default (FastChat 'aquila-chat', ADD_COLON_SINGLE, sep '###')"),
     "aquila-legacy": ChatTemplate(
-        "aquila-legacy", AQUILA_SYSTEM + "\n\n", "", "### Human: ", "### Assistant: ", "", ("\n", "</s>"),
+        "aquila-legacy", AQUILA_SYSTEM + "\n\n", "", "### Human: ", "### Assistant:", " ", ("\n", "</s>"),
         stop=("</s>", "[UNK]"), special_texts=("</s>",), neutralize_hashes=True,
         description="the format AquilaChat's SFT data was trained in (NO_COLON_TWO, seps '\\n' / '</s>')"),
     "aquila": ChatTemplate(
@@ -170,51 +175,62 @@ def normalize_messages(messages: Sequence[Any], *, for_generation: bool) -> tupl
     return system, turns
 
 
+Segment = tuple[str, bool, bool]  # (text, is_control_token, is_supervised)
+
+
+def _template_parts(template: ChatTemplate, text: str, supervised: bool) -> list[Segment]:
+    """Split a string written by the template itself at its control tokens."""
+    if not template.special_texts or not text:
+        return [(text, False, supervised)] if text else []
+    pattern = "(" + "|".join(re.escape(s) for s in template.special_texts) + ")"
+    return [(piece, j % 2 == 1, supervised) for j, piece in enumerate(re.split(pattern, text)) if piece]
+
+
 def _segments(template: ChatTemplate, system: str | None, turns: list[tuple[str, str]],
-              generation_prompt: bool) -> list[tuple[str, bool]]:
-    """The conversation as ``(text, is_assistant_answer)`` pieces."""
-    segs: list[tuple[str, bool]] = []
-    sys_text = template.system if system is None else system
-    if sys_text or template.system_sep:
-        segs.append((sys_text + template.system_sep, False))
+              generation_prompt: bool) -> list[Segment]:
+    """The conversation as segments. Only strings of the template can be control tokens; message
+    text is always plain text."""
+    tp = _template_parts
+    segs: list[Segment] = []
+    sys_text = template.system if system is None else template.clean(system)
+    segs += [(sys_text, False, False)] if sys_text else []
+    segs += tp(template, template.system_sep, False)
     for role, content in turns:
         if role == "user":
-            segs.append((template.user_prefix + template.clean(content) + template.seps[0], False))
+            segs += tp(template, template.user_prefix, False)
+            segs.append((template.clean(content), False, False))
+            segs += tp(template, template.seps[0], False)
         else:
-            segs.append((template.assistant_prefix, False))
-            segs.append((template.answer_prefix + template.clean(content) + template.seps[1], True))
+            segs += tp(template, template.assistant_prefix, False)
+            segs.append((template.answer_prefix + template.clean(content), False, True))
+            segs += tp(template, template.seps[1], True)
     if generation_prompt:
-        segs.append((template.assistant_prefix, False))
+        segs += tp(template, template.assistant_prefix, False)
     return segs
 
 
-def _tokenize_segments(tokenizer, template: ChatTemplate, segs: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    # merge consecutive prompt pieces so they tokenize as one string
-    merged: list[tuple[str, bool]] = []
-    for text, sup in segs:
-        if merged and not sup and not merged[-1][1]:
-            merged[-1] = (merged[-1][0] + text, False)
-        else:
-            merged.append((text, sup))
-    specials = template.special_texts
-    pattern = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")") if specials else None
+def _tokenize_segments(tokenizer, template: ChatTemplate, segs: list[Segment]) -> tuple[list[int], list[int]]:
+    # Consecutive plain-text segments with the same supervision tokenize as one string (as the
+    # original tokenized its whole prompt); control tokens and supervision changes are boundaries.
+    merged: list[Segment] = []
+    for seg in segs:
+        if merged and not seg[1] and not merged[-1][1] and seg[2] == merged[-1][2]:
+            merged[-1] = (merged[-1][0] + seg[0], False, seg[2])
+        elif seg[0]:
+            merged.append(seg)
     ids: list[int] = []
     mask: list[int] = []
-    for text, sup in merged:
-        pieces = pattern.split(text) if pattern else [text]
-        for j, piece in enumerate(pieces):
-            if not piece:
-                continue
-            if pattern and j % 2 == 1:  # a control token of the template itself
-                tid = tokenizer.token_to_id(piece)
-                if tid is None:
-                    raise ValidationError(f"template {template.name!r} needs the token {piece!r}, "
-                                          "which this tokenizer lacks")
-                new = [tid]
-            else:
-                new = tokenizer.encode(piece)
-            ids.extend(new)
-            mask.extend([int(sup)] * len(new))
+    for text, control, sup in merged:
+        if control:
+            tid = tokenizer.token_to_id(text)
+            if tid is None:
+                raise ValidationError(f"template {template.name!r} needs the token {text!r}, "
+                                      "which this tokenizer lacks")
+            new = [tid]
+        else:
+            new = tokenizer.encode(text)
+        ids.extend(new)
+        mask.extend([int(sup)] * len(new))
     return ids, mask
 
 
@@ -238,7 +254,7 @@ def render_text(messages: Sequence[dict], template: str | ChatTemplate | None = 
     """The rendered conversation as a string (for display and for comparing with the published format)."""
     tpl = get_template(template)
     system, turns = normalize_messages(messages, for_generation=generation_prompt)
-    return "".join(t for t, _ in _segments(tpl, system, turns, generation_prompt))
+    return "".join(seg[0] for seg in _segments(tpl, system, turns, generation_prompt))
 
 
 def render_for_training(tokenizer, conversation: Sequence[dict],

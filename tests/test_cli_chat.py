@@ -1,0 +1,81 @@
+"""`aquilachat chat` and `aquilachat generate` as a user runs them."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aquilachat.cli import main
+from aquilachat.llm import LLM
+from aquilachat.sampling import SamplingParams
+from tests.helpers import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, byte_tokenizer_dir):
+    out = tmp_path_factory.mktemp("tiny_cli")
+    make_tiny_model(out, byte_tokenizer_dir)
+    return out
+
+
+def test_chat_one_answer_matches_llm(tiny_dir, capsys):
+    args = ["chat", "用golang实现冒泡排序算法", "--model", str(tiny_dir), "--temperature", "0", "--max-tokens", "30"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    want = LLM(str(tiny_dir), device="cpu").chat([{"role": "user", "content": "用golang实现冒泡排序算法"}],
+                                                  SamplingParams(temperature=0, top_p=0.9, max_tokens=30))[0].text
+    assert printed == want + "\n"
+
+
+def test_interactive_history_reset_exit(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand again\n/reset\nhello\n/exit\nnever\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--temperature", "0", "--max-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    answers = captured.out.splitlines()
+    llm = LLM(str(tiny_dir), device="cpu")
+    p = SamplingParams(temperature=0, top_p=0.9, max_tokens=12)
+    a1 = llm.chat([{"role": "user", "content": "hello"}], p)[0].text
+    a2 = llm.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": a1},
+                   {"role": "user", "content": "and again"}], p)[0].text
+    # after /reset the same question gets the first answer again (no history)
+    assert "\n".join(answers) == "\n".join([a1, a2, a1])
+    assert "history cleared" in captured.err
+
+
+def test_generate_json(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--prompt", "你好",
+                 "--temperature", "0", "--max-tokens", "5", "--json"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["prompt"] for l in lines] == ["hi", "你好"]
+    assert all(len(l["outputs"][0]["token_ids"]) <= 5 for l in lines)
+
+
+def test_bad_sampling_value_is_one_line(tiny_dir, capsys):
+    assert main(["chat", "hi", "--model", str(tiny_dir), "--top-p", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "top_p" in err and "Traceback" not in err
+
+
+def test_non_finite_model_cli_exit_code(tmp_path, byte_tokenizer_dir):
+    model = make_tiny_model(tmp_path / "nan", byte_tokenizer_dir)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(math.nan)
+    from aquilachat.checkpoint import save_hf
+    save_hf(model, tmp_path / "nan", tokenizer_dir=byte_tokenizer_dir)
+    proc = subprocess.run([sys.executable, "-m", "aquilachat", "chat", "你好", "--model", str(tmp_path / "nan")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    err_lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(err_lines) == 1 and "error" in err_lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_model_is_one_line(capsys):
+    assert main(["chat", "hi", "--model", "./definitely/not/here"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not/here" in err

@@ -1,0 +1,158 @@
+"""Sampling: validation, NaN/inf safety (property tests), penalties and filters against hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aquilachat.errors import ValidationError
+from aquilachat.sampling import SamplingParams, apply_penalties, sample, sanitize_logits
+
+V = 37
+SPECIAL = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-38, 0.0, 1e4, -1e4]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("temperature", -0.1, "temperature"), ("temperature", math.nan, "temperature"),
+    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("max_tokens", 0, "max_tokens"),
+    ("n", 0, "n must"), ("top_k", -2, "top_k"), ("repetition_penalty", 0.0, "repetition_penalty"),
+    ("presence_penalty", 2.5, "presence_penalty"), ("frequency_penalty", -3, "frequency_penalty"),
+    ("logprobs", 21, "logprobs"), ("stop", [""], "stop"), ("stop_token_ids", [-1], "stop_token_ids"),
+    ("max_tokens", 1.5, "max_tokens"), ("temperature", "hot", "temperature"), ("n", True, "n must"),
+])
+def test_validation_errors(field, value, match):
+    with pytest.raises(ValidationError, match=match):
+        SamplingParams(**{field: value})
+
+
+logit_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from(SPECIAL))
+params_strategy = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 1e-6, 0.5, 1.0, 100.0]),
+    top_p=st.sampled_from([1e-9, 0.1, 0.9, 1.0]),
+    top_k=st.sampled_from([0, 1, 5, V, V + 100]),
+    repetition_penalty=st.sampled_from([1.0, 0.5, 1.3, 1e3]),
+    presence_penalty=st.sampled_from([0.0, -2.0, 2.0]),
+    frequency_penalty=st.sampled_from([0.0, -2.0, 2.0]),
+    seed=st.integers(0, 2**31),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.lists(logit_values, min_size=V, max_size=V), min_size=1, max_size=4),
+       params=st.lists(params_strategy, min_size=4, max_size=4),
+       allowed_cut=st.integers(1, V),
+       history=st.lists(st.integers(0, V - 1), max_size=6))
+def test_never_raises_and_only_decodable_ids(rows, params, allowed_cut, history):
+    logits = torch.tensor(rows, dtype=torch.float32)
+    B = logits.shape[0]
+    allowed = torch.zeros(V, dtype=torch.bool)
+    allowed[:allowed_cut] = True
+    gens = [torch.Generator().manual_seed(p.seed) for p in params[:B]]
+    res = sample(logits, params[:B], gens, allowed=allowed, prompt_ids=[history] * B, output_ids=[history] * B)
+    for b in range(B):
+        tok = int(res.token_ids[b])
+        if b in res.errors:
+            assert tok == -1
+            # an error only when no decodable id has a non-NaN logit other than -inf
+            row = logits[b, :allowed_cut]
+            assert not bool(((row > -math.inf) & ~row.isnan()).any()) or params[b].repetition_penalty != 1 \
+                or params[b].presence_penalty or params[b].frequency_penalty
+        else:
+            assert 0 <= tok < allowed_cut
+            assert not math.isnan(logits[b, tok].item())
+
+
+def test_nan_is_impossible_and_posinf_is_certain():
+    logits = torch.tensor([[math.nan, 1.0, math.nan, 0.5], [0.0, math.inf, 5.0, math.inf],
+                           [math.nan] * 4, [-math.inf] * 4])
+    p = [SamplingParams(temperature=1.0, seed=i) for i in range(4)]
+    picks = {0: set(), 1: set()}
+    for s in range(50):
+        res = sample(logits, p, [torch.Generator().manual_seed(s) for _ in range(4)])
+        picks[0].add(int(res.token_ids[0]))
+        picks[1].add(int(res.token_ids[1]))
+        assert set(res.errors) == {2, 3} and "NaN" in res.errors[2]
+    assert picks[0] <= {1, 3} and picks[1] == {1, 3}
+
+
+def test_posinf_outside_allowed_is_ignored():
+    logits = torch.tensor([[1.0, 2.0, math.inf]])
+    allowed = torch.tensor([True, True, False])
+    res = sample(logits, [SamplingParams(temperature=0)], [None], allowed=allowed)
+    assert int(res.token_ids[0]) == 1
+
+
+def test_repetition_penalty_ctrl_handles_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_penalties(logits, seen=seen, counts=torch.zeros(1, 4), repetition=torch.tensor([2.0]),
+                          presence=torch.zeros(1), frequency=torch.zeros(1))
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]  # positive divided, negative multiplied
+
+
+def test_presence_and_frequency_as_openai_defines():
+    logits = torch.zeros(1, 4)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    out = apply_penalties(logits, seen=None, counts=counts, repetition=torch.ones(1),
+                          presence=torch.tensor([0.5]), frequency=torch.tensor([0.25]))
+    assert out.tolist() == [[0.0, -0.75, -1.25, 0.0]]
+
+
+def test_penalties_through_sample_change_greedy_choice():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    base = sample(logits, [SamplingParams(temperature=0)], [None], output_ids=[[0]])
+    pen = sample(logits, [SamplingParams(temperature=0, frequency_penalty=0.5)], [None], output_ids=[[0]])
+    rep = sample(logits, [SamplingParams(temperature=0, repetition_penalty=1.2)], [None], prompt_ids=[[0]])
+    assert int(base.token_ids[0]) == 0 and int(pen.token_ids[0]) == 1 and int(rep.token_ids[0]) == 1
+
+
+def test_top_k_and_top_p_supports():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen_k, seen_p = set(), set()
+    for s in range(300):
+        g = torch.Generator().manual_seed(s)
+        seen_k.add(int(sample(logits, [SamplingParams(top_k=2, seed=s)], [g]).token_ids[0]))
+        g = torch.Generator().manual_seed(s)
+        seen_p.add(int(sample(logits, [SamplingParams(top_p=0.75, seed=s)], [g]).token_ids[0]))
+    assert seen_k == {0, 1}
+    assert seen_p == {0, 1}  # 0.5 < 0.75 so id 1 is needed; 0.8 >= 0.75 so id 2 is not
+    g = torch.Generator().manual_seed(0)
+    assert int(sample(logits, [SamplingParams(top_p=1e-9)], [g]).token_ids[0]) == 0
+
+
+def test_temperature_distribution_matches_softmax():
+    """Empirical frequencies at temperature 2 match softmax(logits / 2) (chi-square-ish bound)."""
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    want = torch.softmax(logits / 2, -1)[0]
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    counts = torch.zeros(3)
+    for _ in range(n):
+        counts[int(sample(logits, [SamplingParams(temperature=2.0)], [g]).token_ids[0])] += 1
+    assert torch.allclose(counts / n, want, atol=0.03)
+
+
+def test_tiny_temperature_is_finite_and_near_greedy():
+    logits = torch.tensor([[1e4, 1e4 - 1, -3e38]])
+    res = sample(logits, [SamplingParams(temperature=1e-6)], [torch.Generator().manual_seed(0)])
+    assert not res.errors and int(res.token_ids[0]) == 0
+
+
+def test_same_seed_same_draws_alone_or_batched():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    p = SamplingParams(temperature=1.0, seed=7)
+    alone = [int(sample(logits[1:2], [p], [torch.Generator().manual_seed(7)]).token_ids[0])]
+    batch_gens = [torch.Generator().manual_seed(s) for s in (1, 7, 3)]
+    batched = sample(logits, [SamplingParams(seed=1), p, SamplingParams(seed=3)], batch_gens)
+    assert int(batched.token_ids[1]) == alone[0]
+
+
+def test_sanitize_rows():
+    x = sanitize_logits(torch.tensor([[math.nan, 1.0, math.inf, math.inf]]))
+    assert x.tolist() == [[-math.inf, -math.inf, 0.0, 0.0]]
