@@ -153,7 +153,10 @@ def sanitize_logits(logits: torch.Tensor, allowed: torch.Tensor | None = None) -
     NaN -> -inf; rows with a +inf keep only their +inf ids (as 0, the rest -inf); ids where
     ``allowed [V]`` is False -> -inf.
     """
-    x = logits.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    x = logits.float()
+    if allowed is None and bool(torch.isfinite(x).all()):
+        return x  # the common case: one pass over the logits
+    x = x.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     posinf = x == math.inf
     if allowed is not None:
         posinf &= allowed
@@ -178,7 +181,8 @@ def apply_penalties(logits: torch.Tensor, *, seen: torch.Tensor | None, counts: 
         logits = torch.where(seen & (rep != 1.0), penalized, logits)
     if counts is not None:
         logits = logits - presence[:, None] * (counts > 0).float() - frequency[:, None] * counts
-        logits = logits.nan_to_num(nan=-math.inf)  # inf - inf from penalising an inf logit
+        # inf - inf from penalising an inf logit; keep the infinities (nan_to_num would clamp them)
+        logits = logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return logits
 
 
