@@ -293,9 +293,10 @@ def load_model(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
         if tuple(sd[key].shape) != tuple(param.shape):
             raise CheckpointError(f"{origin.get(key, files)}: tensor {key!r} has shape {tuple(sd[key].shape)}, "
                                   f"expected {tuple(param.shape)} from config.json")
-    state = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
-    sd.clear()
     raw.clear()
+    # convert one tensor at a time and drop the source at once: peak memory ~ one copy + one tensor
+    state = {k: sd.pop(k).to(device=device, dtype=dtype) for k in expected}
+    sd.clear()
     m.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         m.lm_head.weight = m.model.embed_tokens.weight
