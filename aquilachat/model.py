@@ -211,6 +211,7 @@ class AquilaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self._rotary_tables: dict = {}  # (device, dtype) -> (cos, sin) [positions, head_dim]
 
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for linear and embedding weights, ones for norms (as HF)."""
@@ -259,7 +260,7 @@ class AquilaForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self._rotary(positions, x.dtype)
         mask = cache_index = None
         if kv_cache is not None:
             if kv_len is None:
@@ -269,8 +270,10 @@ class AquilaForCausalLM(nn.Module):
             if slots is None:
                 slots = slice(0, B)
             cache_index = (slots, positions)
-            key_pos = torch.arange(kv_len, device=device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S) True = attend
+            if not (B == 1 and T == 1 and kv_len == int(positions[0, 0]) + 1):
+                # (a single row decoding at the end of its cache attends to everything: no mask)
+                key_pos = torch.arange(kv_len, device=device)
+                mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S) True = attend
         for i, layer in enumerate(self.model.layers):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
@@ -281,6 +284,20 @@ class AquilaForCausalLM(nn.Module):
             x = x[torch.arange(B, device=device), logits_index][:, None]  # (B, 1, hidden)
         x = self.model.norm(x)
         return self.lm_head(x).float()
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[B, T, head_dim]`` looked up in a table of all positions, built once per
+        device and dtype (the same fp32 values :func:`rotary_cos_sin` computes per call)."""
+        key = (positions.device, dtype)
+        table = self._rotary_tables.get(key)
+        n = self.config.max_position_embeddings
+        if table is None or int(positions.max()) >= table[0].shape[0]:
+            size = max(n, int(positions.max()) + 1)
+            pos = torch.arange(size, device=positions.device)[None]
+            cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
+            table = (cos[0], sin[0])
+            self._rotary_tables[key] = table
+        return table[0][positions], table[1][positions]
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied weights counted once)."""

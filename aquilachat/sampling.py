@@ -137,7 +137,7 @@ class SampleResult:
     """Output of :func:`sample` for a batch of ``B`` rows.
 
     ``token_ids [B]`` (int64; -1 where the row failed), ``logprobs [B]`` (fp32, the chosen id's
-    log-probability under the model's distribution), ``errors`` (row index -> message),
+    log-probability under the model's distribution; NaN unless a row asked for logprobs), ``errors`` (row index -> message),
     ``top_logprobs`` (per row, a list of ``(id, logprob)`` or None).
     """
 
@@ -223,7 +223,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     B, V = logits.shape
     device = logits.device
     x = sanitize_logits(logits, allowed)
-    model_logprobs = x.log_softmax(dim=-1)
+    want_logprobs = any(p.logprobs is not None for p in params)
+    model_logprobs = x.log_softmax(dim=-1) if want_logprobs else None
     rep = torch.tensor([p.repetition_penalty for p in params], device=device)
     pres = torch.tensor([p.presence_penalty for p in params], device=device)
     freq = torch.tensor([p.frequency_penalty for p in params], device=device)
@@ -263,7 +264,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     errors = {b: "the model produced no finite logit for any decodable token (NaN/inf); cannot sample"
               for b in range(B) if not bool(finite[b])}
     token_ids = token_ids.masked_fill(~finite, -1)
-    chosen = model_logprobs.gather(-1, token_ids.clamp_min(0)[:, None])[:, 0]
+    if model_logprobs is not None:
+        chosen = model_logprobs.gather(-1, token_ids.clamp_min(0)[:, None])[:, 0]
+    else:
+        chosen = torch.full((B,), math.nan, device=device)
     top: list[list[tuple[int, float]] | None] = []
     for b, p in enumerate(params):
         if p.logprobs:
