@@ -253,10 +253,10 @@ def test_shared_tokenizers_give_published_ids(shared_tokenizers):
         "llama/tokenizer.model": [[22172, 3186], [15043, 3186]],
         "cl100k/cl100k_base.tiktoken": [[15339, 1917], [9906, 1917]],
     }
+    counters = {rel: load_token_counter(shared_tokenizers / rel) for rel in [*expected, "aquila"]}
     for rel, ids in expected.items():
-        assert load_token_counter(shared_tokenizers / rel).encode_batch(["hello world", "Hello world"]) == ids, rel
-    sizes = {rel: load_token_counter(shared_tokenizers / rel).vocab_size
-             for rel in ("gpt2", "llama/tokenizer.model", "aquila", "cl100k/cl100k_base.tiktoken")}
+        assert counters[rel].encode_batch(["hello world", "Hello world"]) == ids, rel
+    sizes = {rel: counters[rel].vocab_size for rel in ("gpt2", "llama/tokenizer.model", "aquila", "cl100k/cl100k_base.tiktoken")}
     # cl100k: the file holds ranks 0..100255 only; OpenAI's special tokens (100257..) are not in it.
     assert sizes == {"gpt2": 50257, "llama/tokenizer.model": 32000, "aquila": 100008,
                      "cl100k/cl100k_base.tiktoken": 100256}

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files",
                         description="Train a GPT-2-style byte-level BPE tokenizer on UTF-8 text files "
                                     "(streamed). Runs of CJK characters are cut into chunks of at most "
-                                    "--max-cjk-run characters before the GPT-2 regex, which keeps memory "
-                                    "bounded on Chinese. Writes tokenizer.json, vocab.json, merges.txt, "
+                                    "--max-cjk-run characters before the GPT-2 regex, so that no word is "
+                                    "longer than that and training stays linear in the corpus on Chinese "
+                                    "without spaces or punctuation. Writes tokenizer.json, vocab.json, merges.txt, "
                                     "special_tokens_map.json and tokenizer_config.json: <|endoftext|> is id 0, "
                                     "Aquila's 8 special tokens follow the learned vocabulary.")
     t.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files")
