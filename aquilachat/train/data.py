@@ -121,13 +121,16 @@ class DataReport:
         for f in self.files:
             lines.append(f"  {f['path']}: {f['format']}, {f['rows']} rows" +
                          (f", {f['skipped']} skipped" if f['skipped'] else ""))
-        lines.append(f"  samples: {self.samples}" + (f" ({self.bad_rows} bad rows skipped)" if self.bad_rows else "")
+        noun = "documents" if self.mode == "pretrain" else "samples"
+        lines.append(f"  {noun}: {self.samples}" + (f" ({self.bad_rows} bad rows skipped)" if self.bad_rows else "")
                      + (f"; unanswered last questions dropped: {self.trailing_user_dropped}"
                         if self.trailing_user_dropped else ""))
         lines.append(f"  tokens: {self.tokens}, supervised: {self.supervised_tokens} "
                      f"({100 * self.supervised_share:.1f}%)")
-        lines.append(f"  truncated to max_seq_len: {self.truncated}" +
-                     (f"; dropped (no supervised token left): {self.dropped_no_target}" if self.dropped_no_target else ""))
+        if self.mode != "pretrain":
+            lines.append(f"  truncated to max_seq_len: {self.truncated}" +
+                         (f"; dropped (no supervised token left): {self.dropped_no_target}"
+                          if self.dropped_no_target else ""))
         if self.end_of_turn is not None:
             status = "OK" if self.eot_supervised == self.eot_expected else "MISSING"
             lines.append(f"  end-of-turn {self.end_of_turn!r} supervised: {self.eot_supervised}/"
@@ -377,6 +380,9 @@ def build_sft_dataset(paths: Sequence[Path], tokenizer, *, template: str, max_se
         rows = kept = 0
         before = report.bad_rows
         fmt = None if data_format == "auto" else data_format
+        if path.suffix == ".txt" and fmt in (None, "text"):
+            raise DataError(f"{path}: holds plain text (pretraining data); sft needs conversations "
+                            "(use 'aquilachat pretrain', or set data_format)")
         for line, row in iter_rows(path):
             rows += 1
             if isinstance(row, DataError):

@@ -532,8 +532,9 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
     if rank0:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
         say(f"done: {total_steps} steps; model in {final_dir}" + (f"; loss curve {png}" if png else "")
-            + f"\ntry: aquilachat chat --model {final_dir}" + (f" --template {config.template}" if mode == "sft"
-                                                                 and config.template != "aquila-chat" else ""))
+            + (f"\ntry: aquilachat chat --model {final_dir}" + (f" --template {config.template}"
+                                                                  if config.template != "aquila-chat" else "")
+               if mode == "sft" else f"\ntry: aquilachat generate --model {final_dir} --prompt '...'"))
     return TrainResult(run_dir, final_dir, start_step, total_steps, losses, report)
 
 
