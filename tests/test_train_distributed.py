@@ -79,6 +79,19 @@ def test_node_commands_uneven_slots(tmp_path):
     assert "/usr/bin/python3 -m torch.distributed.run" in cmds[0].remote
 
 
+def test_nproc_per_node_dry_run_and_local_rank_flag(tmp_path, capsys, byte_tokenizer_dir):
+    setup = make_setup(tmp_path, byte_tokenizer_dir)
+    cfg = write_config(setup / "cfg.yaml")
+    assert cli_main(["sft", str(cfg), "--nproc-per-node", "4", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "-m torch.distributed.run --standalone --nproc_per_node 4 -m aquilachat sft " + str(cfg.resolve()) in err
+    # torch.distributed.launch's legacy flag parses (and is ignored: LOCAL_RANK is read instead)
+    from aquilachat.cli import build_parser
+    for flag in ("--local-rank=3", "--local_rank=3"):
+        args = build_parser().parse_args(["pretrain", str(cfg), flag])
+        assert args.local_rank == 3
+
+
 # ---------------------------------------------------------------------------- torchrun
 def _torchrun(setup, cfg, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -117,10 +130,50 @@ def test_two_process_fsdp_equals_one_process_and_resumes(tmp_path, byte_tokenize
     common = dict(max_steps=4, lr=5e-3, warm_up=0.25)
     cfg = write_config(setup / "fsdp.yaml", experiment_name="fsdp", batch_size=2, gradient_accumulation_steps=2,
                        strategy="fsdp", save_interval=2, **common)
-    proc = _torchrun(setup, cfg, "--set", "max_steps=2")
+    proc = _torchrun(setup, cfg)
     assert "fsdp on cpu" in proc.stderr
-    _torchrun(setup, cfg, "--resume")
     single = _single(setup, "one", batch_size=8, **common)
-    rows = read_metrics(setup / "runs" / "fsdp")
+    run = setup / "runs" / "fsdp"
+    first = [r["loss"] for r in read_metrics(run)]
+    assert first == pytest.approx(single.losses, abs=1e-5)
+    # as if the job had died after the step-2 checkpoint: resume the sharded optimizer from it
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    shutil.rmtree(run / "final")
+    proc = _torchrun(setup, cfg, "--resume")
+    assert "resumed from" in proc.stderr and "step_00000002" in proc.stderr
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx(first, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_hostfile_launch_two_local_nodes(tmp_path, byte_tokenizer_dir, monkeypatch, capsys):
+    """--hostfile without --dry-run, with an ``ssh`` that runs the command locally: two
+    one-process "nodes" train together and equal one process."""
+    import socket
+    setup = make_setup(tmp_path, byte_tokenizer_dir, n_rows=32)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_ssh = bin_dir / "ssh"
+    fake_ssh.write_text('#!/bin/sh\nshift\nexec /bin/sh -c "$*"\n')
+    fake_ssh.chmod(0o755)
+    for key, value in subprocess_env().items():
+        if key in ("PYTHONPATH", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{subprocess_env()['PATH']}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    common = dict(max_steps=3, lr=5e-3)
+    cfg = write_config(setup / "nodes.yaml", experiment_name="nodes", batch_size=4, **common)
+    monkeypatch.chdir(setup)
+    assert cli_main(["sft", str(cfg), "--hostfile", str(hf), "--master-port", str(port), "--no-progress"]) == 0
+    logs = sorted((setup / "runs" / "nodes").glob("*/node*.log"))
+    assert [p.name for p in logs] == ["node0_127.0.0.1.log", "node1_localhost.log"]
+    assert "global batch 8 = 4 x 1 accumulation x 2 processes" in logs[0].read_text()
+    single = _single(setup, "one", batch_size=8, **common)
+    rows = read_metrics(setup / "runs" / "nodes")
     assert [r["loss"] for r in rows] == pytest.approx(single.losses, abs=1e-5)

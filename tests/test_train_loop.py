@@ -237,3 +237,31 @@ def test_cli_errors_are_one_line(setup, capsys):
     assert cli_main(["sft", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("aquilachat sft: error:") and "unknown key 'batch_sise'" in err and "\n" not in err
+
+
+def test_logits_mask_selects_positions(byte_tokenizer_dir, tmp_path):
+    """``forward(..., logits_mask=m)`` equals the full logits indexed by ``m`` (row-major)."""
+    from tests.helpers import make_tiny_model
+    model = make_tiny_model(tmp_path / "m", byte_tokenizer_dir)
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(2)) < 0.4
+    with torch.no_grad():
+        full = model(ids)
+        part = model(ids, logits_mask=mask)
+    assert part.shape == (int(mask.sum()), model.config.vocab_size) and part.dtype == torch.float32
+    torch.testing.assert_close(part, full[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_on_cpu(setup):
+    res = _run(setup, "bf16", max_steps=2, bf16=True)
+    assert all(math.isfinite(x) for x in res.losses)
+    w = load_weights(res.final_dir)
+    assert all(v.dtype == torch.float32 for v in w.values())  # fp32 master weights and export
+    ref = _run(setup, "fp32", max_steps=2)
+    assert res.losses[0] == pytest.approx(ref.losses[0], abs=0.05)  # same model, bf16 rounding only
+
+
+def test_packing_run(setup):
+    res = _run(setup, "packed", max_steps=2, packing=True, batch_size=2)
+    assert res.report.packing and res.report.units < res.report.samples
+    assert len(res.losses) == 2

@@ -605,6 +605,12 @@ def _wrap(model: torch.nn.Module, core: torch.nn.Module, config: TrainConfig, in
     return model
 
 
+def _unwrap(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (FSDP2 and peft keep the module itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+
+
 def _sync_context(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo, last: bool):
     """Reduce gradients only on the last micro-batch of a step (DDP ``no_sync``; FSDP2
     ``set_requires_gradient_sync``)."""
@@ -637,7 +643,7 @@ def _full_state_dict(wrapped: torch.nn.Module, model: torch.nn.Module, info: Dis
 
 def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, info: DistInfo, tokenizer,
           plan: DataPlan, n_units: int, total_steps: int, warmup_steps: int, scaling, mode: str) -> Path:
-    model = wrapped.module if hasattr(wrapped, "module") else wrapped
+    model = _unwrap(wrapped)
     sd = _full_state_dict(wrapped, model, info, config)
     adapter = None
     if sd is not None and config.lora:
@@ -688,11 +694,11 @@ def _export(run_dir: Path, *, wrapped, model, core, config: TrainConfig, info: D
     final = run_dir / "final"
     if config.lora and not (info.distributed and config.strategy == "fsdp"):
         if info.is_main:
-            base = (wrapped.module if hasattr(wrapped, "module") else wrapped).merge_and_unload()
+            base = _unwrap(wrapped).merge_and_unload()
             sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
             export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype)
     else:
-        unwrapped = wrapped.module if hasattr(wrapped, "module") else wrapped
+        unwrapped = _unwrap(wrapped)
         sd = _full_state_dict(wrapped, unwrapped, info, config)
         if sd is not None:
             if config.lora:
