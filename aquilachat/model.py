@@ -235,7 +235,8 @@ class AquilaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, *, slots: torch.Tensor | None = None,
-                kv_len: int | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                kv_len: int | None = None, logits_index: torch.Tensor | None = None,
+                logits_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder.
 
         Args:
@@ -248,9 +249,13 @@ class AquilaForCausalLM(nn.Module):
                 ``positions.max() + 1`` (a device sync; the engine passes it from host state).
             logits_index: ``[B]`` index along T of the single position whose logits are wanted
                 (e.g. the last prompt token of each right-padded row); returns ``[B, 1, V]``.
+            logits_mask: ``[B, T]`` bool; only the logits of the True positions are computed,
+                returned as ``[N, V]`` in row-major order (training computes the vocabulary
+                projection only where a loss is taken).
 
         Returns:
-            Logits ``[B, T, vocab]`` (or ``[B, 1, vocab]`` with ``logits_index``), fp32.
+            Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``logits_index``, ``[N, vocab]`` with
+            ``logits_mask``), fp32.
 
         Raises:
             ValueError: positions outside the cache or the model's context window.
@@ -282,6 +287,8 @@ class AquilaForCausalLM(nn.Module):
                 x = layer(x, cos, sin, cache, cache_index, mask, kv_len or 0)
         if logits_index is not None:
             x = x[torch.arange(B, device=device), logits_index][:, None]  # (B, 1, hidden)
+        elif logits_mask is not None:
+            x = x[logits_mask]  # (N, hidden): the selected positions only
         x = self.model.norm(x)
         return self.lm_head(x).float()
 
