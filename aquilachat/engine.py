@@ -179,6 +179,26 @@ class Engine:
             if not seq.finished:
                 self._pending_finish[seq.seq_id] = (reason, stop_reason)
 
+    def abort_all(self, reason: str = "error", error: str | None = None) -> list[Sequence]:
+        """Retire every waiting and running sequence at once and free all slots; return them.
+
+        For a caller whose :meth:`step` raised (the engine's state is then unknown): the server
+        fails the affected requests with ``error`` and keeps serving with a clean engine.
+        """
+        with self._lock:
+            seqs = list(self.waiting) + [s for s in self.running if s not in self.waiting]
+            self.waiting.clear()
+            for seq in seqs:
+                seq.slot = None
+                if not seq.finished:
+                    seq.finish_reason, seq.error = reason, error
+            self.running = []
+            self._pending_finish.clear()
+            self.free_slots = list(range(self.max_num_seqs))
+            for slot in self.free_slots:  # a failed step may have left anything in the cache
+                self._clear_slot(slot)
+        return seqs
+
     def has_unfinished(self) -> bool:
         with self._lock:
             return bool(self.waiting or self.running)
@@ -196,9 +216,23 @@ class Engine:
         return sum(len(s.prompt_ids) + s.max_tokens for s in self.running)
 
     # ------------------------------------------------------------------ stepping
+    def _clear_slot(self, slot: int, num_positions: int | None = None) -> None:
+        """Zero a slot's cache entries (the first ``num_positions``, default all).
+
+        Needed after a sequence failed on non-finite values: the causal mask hides stale entries
+        from the next occupant, but masked attention still multiplies their values by 0, and
+        0 * NaN is NaN. Finite stale entries need no clearing.
+        """
+        with torch.inference_mode():
+            for k, v in zip(self.cache.k, self.cache.v):
+                k[slot, :, :num_positions].zero_()
+                v[slot, :, :num_positions].zero_()
+
     def _retire(self, seq: Sequence, reason: str, stop_reason=None, error: str | None = None) -> None:
         seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
         if seq.slot is not None:
+            if reason == "error":
+                self._clear_slot(seq.slot, seq.num_tokens)
             self.free_slots.append(seq.slot)
             seq.slot = None
         if seq in self.running:

@@ -33,6 +33,8 @@ class LLM:
         template: chat template name for :meth:`chat` (default ``aquila-chat``).
         max_num_seqs: sequences decoded together (KV cache slots).
         max_model_len: context window in tokens (default: the model's).
+        kv_cache_tokens: KV-token budget for admitting sequences (default: ``max_num_seqs *
+            max_model_len``, i.e. no limit beyond the slots); see :class:`~aquilachat.engine.Engine`.
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: the model cannot be loaded (message names the file).
@@ -40,7 +42,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                  device: str = "auto", template: str | None = None, max_num_seqs: int = 16,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, kv_cache_tokens: int | None = None) -> None:
         path = resolve_model_path(model)
         self.model_name = str(model)
         self.model = load_model(path, dtype=dtype, device=device)
@@ -52,7 +54,8 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = Engine(self.model, eos_token_ids=sorted(eos),
                              allowed=self.tokenizer.decodable_mask(self.config.vocab_size),
-                             max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+                             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             kv_cache_tokens=kv_cache_tokens)
 
     # ------------------------------------------------------------------ helpers
     def default_params(self, params: SamplingParams | None) -> SamplingParams:
