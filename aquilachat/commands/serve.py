@@ -1,0 +1,94 @@
+"""``aquilachat serve``: the HTTP server (original AquilaChat API and OpenAI-compatible API)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from ._common import add_model_args
+
+#: The port of the original AquilaChat server.
+DEFAULT_PORT = 7000
+#: Environment variable holding the API key when ``--api-key`` is not given.
+API_KEY_ENV = "AQUILACHAT_API_KEY"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..server.limits import DEFAULT_MAX_WAITING
+    p = sub.add_parser("serve", help="serve a model over HTTP (original API and OpenAI-compatible API)",
+                       description="Serve a model over HTTP: POST / (the original AquilaChat API), "
+                                   "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
+                                   "GET /health, GET /metrics. Requests are batched continuously.")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                        f"(default: ${API_KEY_ENV} if set, else no authentication)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model as given)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV-token budget for admission (prompt + max_tokens per sequence; "
+                        "default max-num-seqs * context)")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
+                   help=f"sequences that may queue for a slot before requests get 429 (default {DEFAULT_MAX_WAITING})")
+    p.add_argument("--log-prompts", action="store_true", help="log prompts and answers (off by default)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..checkpoint import resolve_model_path
+    from ..errors import ValidationError
+    from ..llm import LLM
+    from ..server.app import ServerSettings, create_app
+
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValidationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.max_waiting < 0:
+        raise ValidationError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    resolve_model_path(args.model)  # a wrong --model fails here, in one line, before the server starts
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and api_key is None:
+        logging.getLogger("aquilachat.server").warning(
+            "serving on %s without an API key: anyone who can reach this address can use the model", args.host)
+    settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=api_key,
+                              max_waiting=args.max_waiting, log_prompts=args.log_prompts)
+
+    def loader() -> LLM:
+        return LLM(args.model, dtype=args.dtype, device=args.device, template=args.template,
+                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                   kv_cache_tokens=args.kv_cache_tokens)
+
+    failed: list[BaseException] = []
+
+    def on_load_error(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(loader, settings, on_load_error=on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failed:
+        print(f"aquilachat serve: error: loading {args.model} failed: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,393 @@
+"""The FastAPI application: a thin router over :class:`~aquilachat.server.serving.Serving`.
+
+What lives here and nowhere else: reading the body (size limit, UTF-8, JSON), parsing it into the
+:mod:`~aquilachat.server.protocol` model, authentication, turning errors into JSON bodies (the
+OpenAI error object on ``/v1/*``, the original shape on ``POST /``), cancelling a request whose
+client has gone, ``/health`` and ``/metrics``.
+
+The model loads in a background thread after the server starts: until it is loaded ``/health``
+and every API route answer 503 with ``Retry-After``. No request body, prompt or answer is logged
+unless ``log_prompts`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import threading
+import time
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .async_engine import AsyncEngine
+from .limits import DEFAULT_MAX_WAITING, LOADING_RETRY_AFTER_S, MAX_BODY_BYTES
+from .protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
+from .serving import APIError, Serving, Stream
+
+__all__ = ["create_app", "ServerSettings", "ServerMetrics"]
+
+log = logging.getLogger("aquilachat.server")
+
+#: Histogram buckets, in seconds.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class ServerSettings:
+    """How the server behaves (the ``aquilachat serve`` options).
+
+    Attributes:
+        model_name: the model id of ``/v1/models``; requests naming another model get 404.
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``.
+        max_waiting: sequences that may wait for a slot beyond ``max_num_seqs`` (then 429).
+        log_prompts: log prompts and answers.
+        max_body_bytes: largest request body (then 413).
+    """
+
+    model_name: str
+    api_key: str | None = None
+    max_waiting: int = DEFAULT_MAX_WAITING
+    log_prompts: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+class ServerMetrics:
+    """Prometheus metrics of one app (its own registry, so several apps can live in one process).
+
+    Exposed: ``aquilachat_requests_total{endpoint,status}``, ``aquilachat_prompt_tokens_total``,
+    ``aquilachat_generation_tokens_total``, ``aquilachat_sampling_errors_total``,
+    ``aquilachat_running_sequences``, ``aquilachat_waiting_sequences``, ``aquilachat_model_loaded``,
+    and the histograms ``aquilachat_time_to_first_token_seconds`` (request arrival to a sequence's
+    first token) and ``aquilachat_inter_token_latency_seconds``.
+    """
+
+    def __init__(self, state: "_State") -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aquilachat_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.ttft = Histogram("aquilachat_time_to_first_token_seconds",
+                              "Seconds from a request's arrival to the first token of each of its answers",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("aquilachat_inter_token_latency_seconds",
+                             "Seconds between consecutive tokens of an answer", buckets=ITL_BUCKETS,
+                             registry=self.registry)
+        self.registry.register(_EngineCollector(state))
+
+    # EngineObserver (called from the engine thread; prometheus_client is thread-safe)
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Reads the engine's counters and queue lengths at scrape time."""
+
+    def __init__(self, state: "_State") -> None:
+        self.state = state
+
+    def collect(self):
+        engine = self.state.async_engine.engine if self.state.async_engine is not None else None
+        stats = engine.stats if engine is not None else None
+        for name, doc, attr in (("aquilachat_prompt_tokens", "Prompt tokens prefilled", "prompt_tokens"),
+                                ("aquilachat_generation_tokens", "Tokens generated", "generated_tokens"),
+                                ("aquilachat_sampling_errors", "Sequences that failed in sampling "
+                                                               "(non-finite logits)", "sampling_errors")):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+        yield GaugeMetricFamily("aquilachat_running_sequences", "Sequences in the running batch",
+                                value=engine.num_running if engine else 0)
+        yield GaugeMetricFamily("aquilachat_waiting_sequences", "Sequences waiting for a slot",
+                                value=engine.num_waiting if engine else 0)
+        yield GaugeMetricFamily("aquilachat_model_loaded", "1 once the model is loaded",
+                                value=1 if engine else 0)
+
+
+class _State:
+    """What the routes share: the serving layer once loaded, or the load error."""
+
+    def __init__(self) -> None:
+        self.serving: Serving | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.load_error: str | None = None
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def _error_response(exc: APIError, legacy: bool) -> JSONResponse:
+    body = exc.legacy_body() if legacy else exc.openai_body()
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _pydantic_error(exc: PydanticValidationError) -> APIError:
+    """One readable 400 from pydantic's errors: the most specific one, its location dotted
+    (union-member tags dropped), e.g. ``stop.1: String should have at least 1 character``."""
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {errors[0]['msg'].removeprefix('Invalid JSON: ')}")
+
+    def loc(err) -> str:
+        parts = [str(p) for p in err["loc"]
+                 if isinstance(p, int) or (_FIELD.fullmatch(p) and p not in ("str", "int", "float", "bool"))]
+        return ".".join(parts)
+
+    def score(err) -> tuple[int, int]:  # prefer range errors over "wrong type" of another union member
+        return (0 if err["type"].endswith("_type") else 1, len(loc(err)))
+
+    best = max(errors, key=score)
+    where = loc(best)
+    if not where:
+        return APIError(400, f"the body must be a JSON object ({best['msg']})")
+    if best["type"] == "extra_forbidden":
+        return APIError(400, f"{where}: unknown field (not supported by this server)", param=where)
+    return APIError(400, f"{where}: {best['msg']}", param=where)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (a declared larger ``Content-Length`` was already refused
+    by :class:`_GuardMiddleware`; this catches chunked bodies)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"the body is not UTF-8 (invalid byte at offset {exc.start})") from None
+    if not text.strip():
+        raise APIError(400, "the body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(text)
+    except PydanticValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
+async def _cancel_on_disconnect(request: Request, work) -> Any:
+    """Await ``work``; cancel it (which aborts its generation) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError, Exception):
+        await task
+    raise _ClientGone()
+
+
+class _EventStreamResponse(StreamingResponse):
+    """Server-sent events; ``on_close`` runs however the response ends (done, client gone, error)."""
+
+    def __init__(self, stream: Stream) -> None:
+        super().__init__(stream.chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = stream.close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+class _GuardMiddleware:
+    """Pure ASGI (so streaming and disconnects pass through untouched): Bearer authentication on
+    everything but ``/health``, and a 413 for a declared ``Content-Length`` over the limit."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self._key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = dict(scope.get("headers") or [])
+        error = None
+        if self._key is not None and path != "/health":
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+                error = APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                 type="authentication_error", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+        if error is None:
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+                error = APIError(413, f"the body is larger than {self.settings.max_body_bytes} bytes",
+                                 code="body_too_large", headers={"Connection": "close"})
+        if error is None:
+            return await self.app(scope, receive, send)
+        self.metrics.requests.labels(_endpoint(path), str(error.status)).inc()
+        await _error_response(error, legacy=path == "/")(scope, receive, send)
+
+
+_ENDPOINTS = {"/": "legacy", "/v1/chat/completions": "chat", "/v1/completions": "completions",
+              "/v1/models": "models", "/health": "health", "/metrics": "metrics"}
+
+
+def _endpoint(path: str) -> str:
+    return _ENDPOINTS.get(path, "other")
+
+
+def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    """The server application.
+
+    Args:
+        loader: returns the :class:`~aquilachat.llm.LLM` to serve; called once, in a background
+            thread, when the app starts (``/health`` is 503 until it returns).
+        settings: see :class:`ServerSettings`.
+        on_load_error: called (in the loader thread) if ``loader`` raises; the server then keeps
+            answering 503 with the error on ``/health``.
+    """
+    state = _State()
+    metrics = ServerMetrics(state)
+
+    def load(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            started = time.monotonic()
+            llm = loader()
+            engine = AsyncEngine(llm.engine, llm.tokenizer, loop, max_waiting=settings.max_waiting,
+                                 observer=metrics)
+            state.async_engine = engine
+            state.serving = Serving(llm, engine, model_name=settings.model_name, log_prompts=settings.log_prompts)
+            log.info("model %s loaded in %.1f s (max_num_seqs %d, context %d tokens)", settings.model_name,
+                     time.monotonic() - started, llm.engine.max_num_seqs, llm.engine.max_model_len)
+        except BaseException as exc:  # noqa: BLE001 - reported on /health and to the caller
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("loading the model failed: %s", state.load_error)
+            if on_load_error is not None:
+                on_load_error(exc)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=load, args=(asyncio.get_running_loop(),), name="aquilachat-loader",
+                         daemon=True).start()
+        yield
+        if state.async_engine is not None:
+            state.async_engine.shutdown()
+
+    app = FastAPI(title="aquilachat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.aquilachat = state
+    app.state.metrics = metrics
+    app.add_middleware(_GuardMiddleware, settings=settings, metrics=metrics)
+
+    def serving_or_503() -> Serving:
+        if state.serving is not None:
+            return state.serving
+        if state.load_error is not None:
+            raise APIError(503, f"the model failed to load: {state.load_error}", type="service_unavailable",
+                           code="model_load_failed")
+        raise APIError(503, "the model is loading; retry later", type="service_unavailable",
+                       code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
+
+    async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call) -> Response:
+        legacy = endpoint == "legacy"
+        try:
+            serving = serving_or_503()
+            if model is None:
+                result = call(serving, None)
+            else:
+                req = _parse(model, await _read_body(request, settings.max_body_bytes))
+                result = await _cancel_on_disconnect(request, call(serving, req))
+            if isinstance(result, Stream):
+                response: Response = _EventStreamResponse(result)
+            else:
+                response = JSONResponse(result.model_dump(mode="json", exclude_none=legacy))
+        except APIError as exc:
+            response = _error_response(exc, legacy)
+        except _ClientGone:
+            response = Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+        except Exception:  # noqa: BLE001 - the server keeps serving
+            log.exception("internal error in %s", endpoint)
+            response = _error_response(APIError(500, "internal server error; see the server log",
+                                                type="internal_error", code="internal_error"), legacy)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.post("/")
+    async def legacy_generate(request: Request) -> Response:
+        """The original AquilaChat API."""
+        return await handle(request, "legacy", LegacyRequest, lambda s, r: s.legacy(r))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "chat", ChatCompletionRequest, lambda s, r: s.chat(r))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completions", CompletionRequest, lambda s, r: s.completion(r))
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await handle(request, "models", None, lambda s, r: s.models())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.serving is not None:
+            return JSONResponse({"status": "ok"})
+        if state.load_error is not None:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503,
+                            headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        metrics.requests.labels(_endpoint(request.url.path), str(exc.status_code)).inc()
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {message}",
+                                        type="not_found_error" if exc.status_code == 404 else "invalid_request_error",
+                                        headers=dict(exc.headers or {})), legacy=False)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
+        return _error_response(APIError(500, "internal server error; see the server log",
+                                        type="internal_error", code="internal_error"), legacy=request.url.path == "/")
+
+    return app

@@ -1,0 +1,31 @@
+"""The server's limits and defaults, as named constants (no imports: the CLI reads them for --help)."""
+
+#: Largest request body accepted, in bytes (larger -> 413).
+MAX_BODY_BYTES = 1 << 20
+#: Most messages in one chat request.
+MAX_MESSAGES = 256
+#: Most characters in one message or prompt string.
+MAX_TEXT_CHARS = 200_000
+#: Upper bound of ``max_tokens`` (the context window usually binds first).
+MAX_TOKENS_LIMIT = 8192
+#: Most answers per prompt (``n``).
+MAX_N = 16
+#: Most prompts in one ``/v1/completions`` request.
+MAX_PROMPTS = 64
+#: Most stop strings, and most characters in one.
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+#: Most ``[human, assistant]`` pairs in a legacy ``history``.
+MAX_HISTORY = 128
+#: Largest seed (torch generators take 64-bit seeds; answer ``i`` uses ``seed + i``).
+MAX_SEED = 2**63 - 1
+#: ``max_tokens`` of ``/v1/completions`` when the request gives none (as OpenAI).
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+#: ``max_new_tokens`` of ``POST /`` when the request gives none (as the original server).
+DEFAULT_LEGACY_MAX_NEW_TOKENS = 256
+#: Sequences that may wait for a slot beyond the running ones before requests get 429 (``--max-waiting``).
+DEFAULT_MAX_WAITING = 64
+#: ``Retry-After`` (seconds) of a 429 when the queue is full.
+QUEUE_FULL_RETRY_AFTER_S = 1
+#: ``Retry-After`` (seconds) of a 503 while the model is loading.
+LOADING_RETRY_AFTER_S = 5
