@@ -151,11 +151,14 @@ def sanitize_logits(logits: torch.Tensor, allowed: torch.Tensor | None = None) -
     """Step 1 of the module docstring on ``logits [B, V]`` (any float dtype) -> fp32 ``[B, V]``.
 
     NaN -> -inf; rows with a +inf keep only their +inf ids (as 0, the rest -inf); ids where
-    ``allowed [V]`` is False -> -inf.
+    ``allowed [V]`` is False -> -inf. Logits with nothing to replace are returned as they are
+    (fp32 input is not copied when ``allowed`` is None).
     """
     x = logits.float()
-    if allowed is None and bool(torch.isfinite(x).all()):
-        return x  # the common case: one pass over the logits
+    top = x.amax(dim=-1)  # (B,) max propagates NaN
+    if not bool(((top != top) | (top == math.inf)).any()):
+        # no NaN and no +inf (the common case; -inf needs no change): one reduction over the logits
+        return x if allowed is None else x.masked_fill(~allowed, -math.inf)
     x = x.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     posinf = x == math.inf
     if allowed is not None:
@@ -242,10 +245,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 seen[b, torch.tensor(prompts[b], device=device)] = True
         x = apply_penalties(x, seen=seen, counts=counts, repetition=rep, presence=pres, frequency=freq)
         x = sanitize_logits(x, allowed)
-    finite = torch.isfinite(x).any(dim=-1)  # rows with at least one candidate
+    token_ids = x.argmax(dim=-1)
+    # rows with at least one candidate: sanitized logits hold no NaN or +inf, so a row has a
+    # finite logit iff its largest one is not -inf (a gather, not another pass over the logits)
+    finite = x.gather(-1, token_ids[:, None])[:, 0] > -math.inf
     temps = torch.tensor([p.temperature for p in params], device=device)
     greedy = temps == 0
-    token_ids = x.argmax(dim=-1)
     if not bool(greedy.all()):
         row_max = x.max(dim=-1, keepdim=True).values.masked_fill(~finite[:, None], 0.0)
         scaled = (x - row_max) / temps.clamp_min(1e-30)[:, None]  # greedy rows' values unused
