@@ -414,25 +414,44 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
 
     # ---- model
     device = info.device
-    if config.architecture is not None and state is None:
-        from ..model import AquilaForCausalLM
+    fsdp = info.distributed and config.strategy == "fsdp"
+    # Under FSDP only rank 0 reads the weights; the other ranks build the model on the meta
+    # device (no memory) and receive their shards from rank 0 after sharding.
+    on_meta = fsdp and not rank0
+    from ..model import AquilaForCausalLM
+    if on_meta:
+        with torch.device("meta"):
+            core = AquilaForCausalLM(model_config)
+    elif state is not None and not config.lora:  # the checkpoint holds the trained weights
+        from ..checkpoint import load_model
+        core = load_model(latest, dtype=torch.float32, device="cpu")
+    elif config.architecture is not None:
         core = AquilaForCausalLM(model_config)
         core.init_weights(config.seed)
     else:
         from ..checkpoint import load_model
-        source = latest if (state is not None and not config.lora) else config.model
-        core = load_model(source, dtype=torch.float32, device="cpu")
+        core = load_model(config.model, dtype=torch.float32, device="cpu")
     core.gradient_checkpointing = config.gradient_checkpointing
     core.train()
     model: torch.nn.Module = core
     scaling = None
     if config.lora:
         model, scaling = _apply_lora(core, config)
-        if state is not None:
+        if state is not None and not on_meta:
             _load_adapter(model, latest / "adapter.safetensors")
-    model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    wrapped = _wrap(model, core, config, info)
+    if fsdp:
+        full_state = model.state_dict() if rank0 else {}
+        wrapped = _wrap(model, core, config, info)
+        if on_meta:
+            wrapped.to_empty(device=device)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(wrapped, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                           broadcast_from_rank0=True))
+        del full_state
+    else:
+        model.to(device)
+        wrapped = _wrap(model, core, config, info)
 
     # ---- optimizer
     decay, no_decay = [], []
