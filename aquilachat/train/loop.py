@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import export_final, find_latest, load_training_state, save_checkpoint, write_hf
+from .checkpoint import export_final, find_latest, load_optimizer_state, load_training_state, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, DataReport, TokenDataset, collate
 from .distributed import DistInfo, setup_distributed
@@ -407,9 +407,8 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
 
     # ---- training state to resume from
     state = rng_state = None
-    rank_files: dict[str, Any] = {}
     if resume and latest is not None:
-        state, rng_state, rank_files = load_training_state(latest, info.rank)
+        state, rng_state = load_training_state(latest, info.rank)
         _check_resumable(state, latest, plan=plan, n_units=len(dataset), config=config, mode=mode)
 
     # ---- model
@@ -463,7 +462,7 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.eps)
     start_step = 0
     if state is not None:
-        _load_optimizer(opt, wrapped, state, config, info)
+        _load_optimizer(opt, wrapped, latest, state, config, info)
         start_step = int(state["step"])
         _set_rng_state(rng_state, device)
         say(f"resumed from {latest} at step {start_step}")
@@ -672,6 +671,7 @@ def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim_state = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True,
                                                                                       cpu_offload=True))
+        optim_state = optim_state if info.is_main else None
     else:
         optim_state = opt.state_dict() if info.is_main else None
     training_state = None
@@ -685,26 +685,28 @@ def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, 
             "strategy": config.strategy if info.distributed else "single",
             "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps, "lr": config.lr,
                          "min_lr": config.min_lr, "kind": "linear warm-up + cosine"},
-            "optimizer": optim_state, "config": config.to_yaml_dict(),
+            "config": config.to_yaml_dict(),
         }
     return save_checkpoint(run_dir, step, dist_info=info, config=core.config, tokenizer=tokenizer,
                            model_state=sd, training_state=training_state,
-                           rank_state=_rng_state(info.device), adapter_state=adapter,
+                           rank_state=_rng_state(info.device), optimizer_state=optim_state, adapter_state=adapter,
                            keep=config.keep_checkpoints)
 
 
-def _load_optimizer(opt, wrapped, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+def _load_optimizer(opt, wrapped, ckpt: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
     if info.distributed and config.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         if state.get("strategy") != "fsdp":
             raise ConfigError("cannot resume an FSDP run from a checkpoint written with strategy "
                               f"{state.get('strategy')!r}")
-        set_optimizer_state_dict(wrapped, opt, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        # rank 0 reads the full state and sends each rank its shards
+        full = load_optimizer_state(ckpt) if info.is_main else {}
+        set_optimizer_state_dict(wrapped, opt, optim_state_dict=full,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
     if state.get("strategy") == "fsdp":
         raise ConfigError("this checkpoint was written with strategy 'fsdp'; resume it with fsdp")
-    opt.load_state_dict(state["optimizer"])
+    opt.load_state_dict(load_optimizer_state(ckpt))
 
 
 def _export(run_dir: Path, *, wrapped, model, core, config: TrainConfig, info: DistInfo, tokenizer,
