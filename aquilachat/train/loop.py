@@ -479,9 +479,7 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                disable=not (progress and rank0), file=sys.stderr)
     sleep_s = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
     losses: list[float] = []
-    W = info.world_size
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    last_saved = start_step if state is not None else None
     params = [p for p in wrapped.parameters() if p.requires_grad]
     try:
         for step in range(start_step, total_steps):
@@ -489,35 +487,12 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
             lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=config.lr, min_lr=config.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro = plan.micro_batches(step, info.rank)
-            batches = [collate([dataset[i] for i in rows], pad_id) for rows in micro]
-            # count supervised tokens of the whole global batch before any backward pass
-            counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches),
-                                   sum(int(len(dataset[i])) for rows in micro for i in rows)],
-                                  dtype=torch.int64, device=device)
-            _all_reduce(counts, info)
-            n_targets, n_tokens = int(counts[0]), int(counts[1])
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for m, (x, y) in enumerate(batches):
-                last = m == len(batches) - 1
-                with _sync_context(wrapped, config, info, last):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sel = y != IGNORE_INDEX
-                    with autocast:
-                        logits = wrapped(x, logits_mask=sel)  # (N, V) fp32: supervised positions only
-                    token_loss = F.cross_entropy(logits.float(), y[sel], reduction="sum")
-                    (token_loss * (W / n_targets)).backward()
-                loss_sum += token_loss.detach().double()
-            _all_reduce(loss_sum, info)
-            loss = float(loss_sum) / n_targets
-            grad_norm = _clip(params, config.clip_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, grad_norm, n_targets, n_tokens = _train_step(
+                wrapped, opt, [[dataset[i] for i in rows] for rows in plan.micro_batches(step, info.rank)],
+                params=params, pad_id=pad_id, autocast=autocast, config=config, info=info, step=step)
             done = step + 1
             dt = time.perf_counter() - t0
             losses.append(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {done}: the loss is {loss}; lower lr or check the data")
             if rank0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -532,17 +507,12 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                 _save(run_dir, done, wrapped=wrapped, core=core, opt=opt, config=config, info=info,
                       tokenizer=tokenizer, plan=plan, n_units=len(dataset), total_steps=total_steps,
                       warmup_steps=warmup_steps, scaling=scaling, mode=mode)
-                last_saved = done
             if sleep_s:
                 time.sleep(sleep_s)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    if last_saved != total_steps and total_steps > start_step:
-        _save(run_dir, total_steps, wrapped=wrapped, core=core, opt=opt, config=config, info=info,
-              tokenizer=tokenizer, plan=plan, n_units=len(dataset), total_steps=total_steps,
-              warmup_steps=warmup_steps, scaling=scaling, mode=mode)
 
     # ---- export
     final_dir = _export(run_dir, wrapped=wrapped, model=model, core=core, config=config, info=info,
@@ -557,6 +527,51 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
 
 
 # ---------------------------------------------------------------------------- helpers of train()
+def _train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[list],
+                *, params: list[torch.Tensor], pad_id: int, autocast, config: TrainConfig, info: DistInfo,
+                step: int) -> tuple[float, float, int, int]:
+    """One optimizer step over this rank's micro-batches (lists of :class:`Unit`).
+
+    The supervised tokens of the global batch are counted and all-reduced first (``N``); each
+    micro-batch back-propagates ``sum(token cross-entropy) * world_size / N``. Gradients are
+    reduced across ranks on the last micro-batch only.
+
+    Returns:
+        ``(loss, grad_norm, N, tokens)``: the mean token loss over the global batch, the global
+        gradient norm before clipping, the global supervised-token and non-padding token counts.
+
+    Raises:
+        FloatingPointError: a non-finite loss (the weights are left unchanged).
+    """
+    device = info.device
+    batches = [collate(units, pad_id) for units in micro_batches]
+    counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches),
+                           sum(len(u) for units in micro_batches for u in units)],
+                          dtype=torch.int64, device=device)
+    _all_reduce(counts, info)
+    n_targets, n_tokens = int(counts[0]), int(counts[1])
+    scale = info.world_size / n_targets  # undoes DDP/FSDP's gradient averaging over ranks
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for m, (x, y) in enumerate(batches):
+        with _sync_context(wrapped, config, info, last=m == len(batches) - 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sel = y != IGNORE_INDEX
+            with autocast:
+                logits = wrapped(x, logits_mask=sel)  # (N_micro, V) fp32: supervised positions only
+            token_loss = F.cross_entropy(logits.float(), y[sel], reduction="sum")
+            (token_loss * scale).backward()
+        loss_sum += token_loss.detach().double()
+    _all_reduce(loss_sum, info)
+    loss = float(loss_sum) / n_targets
+    if not math.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"step {step + 1}: the loss is {loss}; lower lr or check the data")
+    grad_norm = _clip(params, config.clip_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm, n_targets, n_tokens
+
+
 def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_units: int,
                      config: TrainConfig, mode: str) -> None:
     if state.get("version") != STATE_VERSION:
