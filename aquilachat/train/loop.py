@@ -515,7 +515,7 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
             metrics.close()
 
     # ---- export
-    final_dir = _export(run_dir, wrapped=wrapped, model=model, core=core, config=config, info=info,
+    final_dir = _export(run_dir, wrapped=wrapped, core=core, config=config, info=info,
                         tokenizer=tokenizer, scaling=scaling)
     if rank0:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -724,7 +724,7 @@ def _load_optimizer(opt, wrapped, ckpt: Path, state: dict[str, Any], config: Tra
     opt.load_state_dict(load_optimizer_state(ckpt))
 
 
-def _export(run_dir: Path, *, wrapped, model, core, config: TrainConfig, info: DistInfo, tokenizer,
+def _export(run_dir: Path, *, wrapped, core, config: TrainConfig, info: DistInfo, tokenizer,
             scaling) -> Path:
     """Write ``run_dir/final``: plain Hugging Face weights; LoRA merged with ``merge_and_unload``."""
     final = run_dir / "final"
