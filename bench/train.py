@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="bench-20m")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
+    p.add_argument("--steps", type=int, default=6, help="measured optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps run but not measured")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")

@@ -17,7 +17,7 @@ from aquilachat.train.data import (IGNORE_INDEX, build_pretrain_dataset, build_s
                                    detect_format, iter_rows, pack_units)
 from tests.train_helpers import synthetic_rows, write_jsonl
 
-ROWS_PER_FILE = 25
+ROWS_PER_FILE = 15
 
 # real files of ../shared/data/sft: (path, container, expected format)
 REAL_FILES = [
@@ -269,6 +269,8 @@ def test_sft_refuses_plain_text(tmp_path, byte_tokenizer_dir):
     (tmp_path / "a.txt").write_text("just text")
     with pytest.raises(DataError, match="pretraining data"):
         build_sft_dataset([tmp_path / "a.txt"], tok, template="aquila-chat", max_seq_len=64)
+    with pytest.raises(DataError, match="aquilachat pretrain"):
+        build_sft_dataset([tmp_path / "a.txt"], tok, template="aquila-chat", max_seq_len=64, data_format="text")
     write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(DataError, match=r"cannot tell the format.*'question'"):
         build_sft_dataset([tmp_path / "odd.jsonl"], tok, template="aquila-chat", max_seq_len=64)

@@ -5,9 +5,9 @@ Layout of a run directory (``output_dir/experiment_name``)::
     checkpoints/step_00000100/     a complete checkpoint
         config.json  model.safetensors  generation_config.json  tokenizer files
                                    -> servable as is (aquilachat serve / chat, transformers)
-        training_state.pt          step, data position, optimizer, schedule, config (rank 0)
+        training_state.pt          step, data position, schedule, config
+        optimizer.pt               the optimizer state (full, also under FSDP: gathered on rank 0)
         rng_rank<R>.pt             each rank's RNG states
-        optimizer_rank<R>.pt       FSDP only: each rank's optimizer shard
         adapter.safetensors        LoRA only: the adapter weights (the model files hold the merge)
     checkpoints/latest             name of the newest complete checkpoint
     final/                         the exported model after the last step
@@ -35,10 +35,11 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 
 __all__ = ["write_hf", "save_checkpoint", "find_latest", "load_training_state", "export_final",
-           "CHECKPOINT_DIR", "TRAINING_STATE", "list_checkpoints"]
+           "load_optimizer_state", "CHECKPOINT_DIR", "TRAINING_STATE", "OPTIMIZER_STATE", "list_checkpoints"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"
+OPTIMIZER_STATE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,16 +125,16 @@ def _barrier(dist_info) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig, tokenizer,
                     model_state: dict[str, torch.Tensor] | None, training_state: dict[str, Any] | None,
-                    rank_state: dict[str, Any], rank_files: dict[str, Any] | None = None,
+                    rank_state: dict[str, Any], optimizer_state: dict[str, Any] | None = None,
                     adapter_state: dict[str, torch.Tensor] | None = None,
                     keep: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it).
 
     Args:
         model_state: full (merged) weights, on rank 0 (``None`` elsewhere).
-        training_state: step, data position, optimizer, ... (rank 0).
+        training_state: step, data position, schedule, ... (rank 0).
         rank_state: this rank's RNG states (written as ``rng_rank<R>.pt``).
-        rank_files: extra per-rank objects, ``{"optimizer": ...}`` -> ``optimizer_rank<R>.pt``.
+        optimizer_state: the full optimizer state dict (rank 0), ``optimizer.pt``.
         adapter_state: LoRA weights (rank 0), ``adapter.safetensors``.
         keep: delete all but the newest ``keep`` checkpoints afterwards.
 
@@ -151,14 +152,13 @@ def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig,
         tmp.mkdir()
     _barrier(dist_info)
     torch.save(rank_state, tmp / f"rng_rank{rank}.pt")
-    for key, obj in (rank_files or {}).items():
-        torch.save(obj, tmp / f"{key}_rank{rank}.pt")
     if rank == 0:
         write_hf(model_state, config, tmp, tokenizer=tokenizer)
         if adapter_state is not None:
             from safetensors.torch import save_file
             save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()},
                       str(tmp / "adapter.safetensors"))
+        torch.save(optimizer_state, tmp / OPTIMIZER_STATE)
         torch.save(training_state, tmp / TRAINING_STATE)
     _barrier(dist_info)
     if rank == 0:
@@ -182,29 +182,34 @@ def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig,
     return final
 
 
-def load_training_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """``(training_state, rng_state, rank_files)`` of checkpoint ``ckpt`` for ``rank``.
+def _load(path: Path, required: bool = True):
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read: {exc}") from None
+
+
+def load_training_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(training_state, rng_state)`` of checkpoint ``ckpt`` for ``rank`` (the RNG state is empty
+    when the checkpoint was written by fewer processes).
 
     Raises:
         CheckpointError: a file is missing or unreadable, naming it.
     """
-    def load(path: Path, required: bool = True):
-        if not path.exists():
-            if required:
-                raise CheckpointError(f"{path}: missing from the checkpoint (was it written with "
-                                      "another number of processes?)")
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read: {exc}") from None
-    state = load(ckpt / TRAINING_STATE)
-    rng = load(ckpt / f"rng_rank{rank}.pt", required=False) or {}
-    files = {}
-    opt = load(ckpt / f"optimizer_rank{rank}.pt", required=False)
-    if opt is not None:
-        files["optimizer"] = opt
-    return state, rng, files
+    return _load(ckpt / TRAINING_STATE), _load(ckpt / f"rng_rank{rank}.pt", required=False) or {}
+
+
+def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
+    """The optimizer state dict of checkpoint ``ckpt``.
+
+    Raises:
+        CheckpointError: missing or unreadable, naming the file.
+    """
+    return _load(ckpt / OPTIMIZER_STATE)
 
 
 def export_final(run_dir: Path, state_dict: dict[str, torch.Tensor], config: ModelConfig, tokenizer, *,

@@ -31,7 +31,6 @@ Loss convention: ``mask[t] == 1`` means token ``t`` is a target, predicted from 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -371,6 +370,9 @@ def build_sft_dataset(paths: Sequence[Path], tokenizer, *, template: str, max_se
             template whose end-of-turn marker is not supervised in an untruncated sample.
     """
     from ..chat_format import get_template, render_for_training
+    if data_format == "text":
+        raise DataError("data_format 'text' is pretraining data; sft needs conversations "
+                        "(use 'aquilachat pretrain')")
     tpl = get_template(template)
     report = DataReport(mode="sft", template=tpl.name, max_seq_len=max_seq_len, packing=packing,
                         end_of_turn=tpl.end_of_turn)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import export_final, find_latest, load_training_state, save_checkpoint, write_hf
+from .checkpoint import export_final, find_latest, load_optimizer_state, load_training_state, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, DataReport, TokenDataset, collate
 from .distributed import DistInfo, setup_distributed
@@ -407,32 +407,50 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
 
     # ---- training state to resume from
     state = rng_state = None
-    rank_files: dict[str, Any] = {}
     if resume and latest is not None:
-        state, rng_state, rank_files = load_training_state(latest, info.rank)
+        state, rng_state = load_training_state(latest, info.rank)
         _check_resumable(state, latest, plan=plan, n_units=len(dataset), config=config, mode=mode)
 
     # ---- model
     device = info.device
-    if config.architecture is not None and state is None:
-        from ..model import AquilaForCausalLM
+    fsdp = info.distributed and config.strategy == "fsdp"
+    # Under FSDP only rank 0 reads the weights; the other ranks build the model on the meta
+    # device (no memory) and receive their shards from rank 0 after sharding.
+    on_meta = fsdp and not rank0
+    from ..model import AquilaForCausalLM
+    if on_meta:
+        with torch.device("meta"):
+            core = AquilaForCausalLM(model_config)
+    elif state is not None and not config.lora:  # the checkpoint holds the trained weights
+        from ..checkpoint import load_model
+        core = load_model(latest, dtype=torch.float32, device="cpu")
+    elif config.architecture is not None:
         core = AquilaForCausalLM(model_config)
         core.init_weights(config.seed)
     else:
         from ..checkpoint import load_model
-        source = latest if (state is not None and not config.lora) else config.model
-        core = load_model(source, dtype=torch.float32, device="cpu")
+        core = load_model(config.model, dtype=torch.float32, device="cpu")
     core.gradient_checkpointing = config.gradient_checkpointing
     core.train()
     model: torch.nn.Module = core
     scaling = None
     if config.lora:
         model, scaling = _apply_lora(core, config)
-        if state is not None:
+        if state is not None and not on_meta:
             _load_adapter(model, latest / "adapter.safetensors")
-    model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    wrapped = _wrap(model, core, config, info)
+    if fsdp:
+        full_state = model.state_dict() if rank0 else {}
+        wrapped = _wrap(model, core, config, info)
+        if on_meta:
+            wrapped.to_empty(device=device)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(wrapped, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                           broadcast_from_rank0=True))
+        del full_state
+    else:
+        model.to(device)
+        wrapped = _wrap(model, core, config, info)
 
     # ---- optimizer
     decay, no_decay = [], []
@@ -444,7 +462,7 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.eps)
     start_step = 0
     if state is not None:
-        _load_optimizer(opt, wrapped, state, config, info)
+        _load_optimizer(opt, wrapped, latest, state, config, info)
         start_step = int(state["step"])
         _set_rng_state(rng_state, device)
         say(f"resumed from {latest} at step {start_step}")
@@ -461,9 +479,7 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                disable=not (progress and rank0), file=sys.stderr)
     sleep_s = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
     losses: list[float] = []
-    W = info.world_size
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    last_saved = start_step if state is not None else None
     params = [p for p in wrapped.parameters() if p.requires_grad]
     try:
         for step in range(start_step, total_steps):
@@ -471,35 +487,12 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
             lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=config.lr, min_lr=config.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            micro = plan.micro_batches(step, info.rank)
-            batches = [collate([dataset[i] for i in rows], pad_id) for rows in micro]
-            # count supervised tokens of the whole global batch before any backward pass
-            counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches),
-                                   sum(int(len(dataset[i])) for rows in micro for i in rows)],
-                                  dtype=torch.int64, device=device)
-            _all_reduce(counts, info)
-            n_targets, n_tokens = int(counts[0]), int(counts[1])
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for m, (x, y) in enumerate(batches):
-                last = m == len(batches) - 1
-                with _sync_context(wrapped, config, info, last):
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sel = y != IGNORE_INDEX
-                    with autocast:
-                        logits = wrapped(x, logits_mask=sel)  # (N, V) fp32: supervised positions only
-                    token_loss = F.cross_entropy(logits.float(), y[sel], reduction="sum")
-                    (token_loss * (W / n_targets)).backward()
-                loss_sum += token_loss.detach().double()
-            _all_reduce(loss_sum, info)
-            loss = float(loss_sum) / n_targets
-            grad_norm = _clip(params, config.clip_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, grad_norm, n_targets, n_tokens = _train_step(
+                wrapped, opt, [[dataset[i] for i in rows] for rows in plan.micro_batches(step, info.rank)],
+                params=params, pad_id=pad_id, autocast=autocast, config=config, info=info, step=step)
             done = step + 1
             dt = time.perf_counter() - t0
             losses.append(loss)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {done}: the loss is {loss}; lower lr or check the data")
             if rank0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -514,20 +507,15 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                 _save(run_dir, done, wrapped=wrapped, core=core, opt=opt, config=config, info=info,
                       tokenizer=tokenizer, plan=plan, n_units=len(dataset), total_steps=total_steps,
                       warmup_steps=warmup_steps, scaling=scaling, mode=mode)
-                last_saved = done
             if sleep_s:
                 time.sleep(sleep_s)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    if last_saved != total_steps and total_steps > start_step:
-        _save(run_dir, total_steps, wrapped=wrapped, core=core, opt=opt, config=config, info=info,
-              tokenizer=tokenizer, plan=plan, n_units=len(dataset), total_steps=total_steps,
-              warmup_steps=warmup_steps, scaling=scaling, mode=mode)
 
     # ---- export
-    final_dir = _export(run_dir, wrapped=wrapped, model=model, core=core, config=config, info=info,
+    final_dir = _export(run_dir, wrapped=wrapped, core=core, config=config, info=info,
                         tokenizer=tokenizer, scaling=scaling)
     if rank0:
         png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
@@ -539,6 +527,51 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
 
 
 # ---------------------------------------------------------------------------- helpers of train()
+def _train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[list],
+                *, params: list[torch.Tensor], pad_id: int, autocast, config: TrainConfig, info: DistInfo,
+                step: int) -> tuple[float, float, int, int]:
+    """One optimizer step over this rank's micro-batches (lists of :class:`Unit`).
+
+    The supervised tokens of the global batch are counted and all-reduced first (``N``); each
+    micro-batch back-propagates ``sum(token cross-entropy) * world_size / N``. Gradients are
+    reduced across ranks on the last micro-batch only.
+
+    Returns:
+        ``(loss, grad_norm, N, tokens)``: the mean token loss over the global batch, the global
+        gradient norm before clipping, the global supervised-token and non-padding token counts.
+
+    Raises:
+        FloatingPointError: a non-finite loss (the weights are left unchanged).
+    """
+    device = info.device
+    batches = [collate(units, pad_id) for units in micro_batches]
+    counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches),
+                           sum(len(u) for units in micro_batches for u in units)],
+                          dtype=torch.int64, device=device)
+    _all_reduce(counts, info)
+    n_targets, n_tokens = int(counts[0]), int(counts[1])
+    scale = info.world_size / n_targets  # undoes DDP/FSDP's gradient averaging over ranks
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for m, (x, y) in enumerate(batches):
+        with _sync_context(wrapped, config, info, last=m == len(batches) - 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sel = y != IGNORE_INDEX
+            with autocast:
+                logits = wrapped(x, logits_mask=sel)  # (N_micro, V) fp32: supervised positions only
+            token_loss = F.cross_entropy(logits.float(), y[sel], reduction="sum")
+            (token_loss * scale).backward()
+        loss_sum += token_loss.detach().double()
+    _all_reduce(loss_sum, info)
+    loss = float(loss_sum) / n_targets
+    if not math.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"step {step + 1}: the loss is {loss}; lower lr or check the data")
+    grad_norm = _clip(params, config.clip_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm, n_targets, n_tokens
+
+
 def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_units: int,
                      config: TrainConfig, mode: str) -> None:
     if state.get("version") != STATE_VERSION:
@@ -653,6 +686,7 @@ def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim_state = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True,
                                                                                       cpu_offload=True))
+        optim_state = optim_state if info.is_main else None
     else:
         optim_state = opt.state_dict() if info.is_main else None
     training_state = None
@@ -666,29 +700,31 @@ def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, 
             "strategy": config.strategy if info.distributed else "single",
             "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps, "lr": config.lr,
                          "min_lr": config.min_lr, "kind": "linear warm-up + cosine"},
-            "optimizer": optim_state, "config": config.to_yaml_dict(),
+            "config": config.to_yaml_dict(),
         }
     return save_checkpoint(run_dir, step, dist_info=info, config=core.config, tokenizer=tokenizer,
                            model_state=sd, training_state=training_state,
-                           rank_state=_rng_state(info.device), adapter_state=adapter,
+                           rank_state=_rng_state(info.device), optimizer_state=optim_state, adapter_state=adapter,
                            keep=config.keep_checkpoints)
 
 
-def _load_optimizer(opt, wrapped, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
+def _load_optimizer(opt, wrapped, ckpt: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
     if info.distributed and config.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         if state.get("strategy") != "fsdp":
             raise ConfigError("cannot resume an FSDP run from a checkpoint written with strategy "
                               f"{state.get('strategy')!r}")
-        set_optimizer_state_dict(wrapped, opt, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        # rank 0 reads the full state and sends each rank its shards
+        full = load_optimizer_state(ckpt) if info.is_main else {}
+        set_optimizer_state_dict(wrapped, opt, optim_state_dict=full,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return
     if state.get("strategy") == "fsdp":
         raise ConfigError("this checkpoint was written with strategy 'fsdp'; resume it with fsdp")
-    opt.load_state_dict(state["optimizer"])
+    opt.load_state_dict(load_optimizer_state(ckpt))
 
 
-def _export(run_dir: Path, *, wrapped, model, core, config: TrainConfig, info: DistInfo, tokenizer,
+def _export(run_dir: Path, *, wrapped, core, config: TrainConfig, info: DistInfo, tokenizer,
             scaling) -> Path:
     """Write ``run_dir/final``: plain Hugging Face weights; LoRA merged with ``merge_and_unload``."""
     final = run_dir / "final"
