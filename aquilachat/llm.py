@@ -135,14 +135,20 @@ class LLM:
         items = [(None, self.encode_chat(c)) for c in conversations]
         return self._run(items, self.default_params(params), on_delta=on_delta)
 
-    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
+                    cap_to_context: bool = False) -> Iterator[str]:
         """Answer one conversation, yielding text deltas as they are generated (never half a
         UTF-8 character, never a piece of a stop string). After the iterator ends,
-        :attr:`last_output` holds the :class:`RequestOutput`."""
+        :attr:`last_output` holds the :class:`RequestOutput`.
+
+        Raises:
+            ValidationError: malformed messages, or prompt + max_tokens beyond the context window
+                (with ``cap_to_context``, max_tokens is capped instead: finish_reason "length").
+        """
         params = self.default_params(params).replace(n=1)
         ids = self.encode_chat(messages)
-        self.engine.check_request(ids, params)
-        seq = self.engine.add(ids, params)
+        self.engine.check_request(ids, params, cap_to_context=cap_to_context)
+        seq = self.engine.add(ids, params, cap_to_context=cap_to_context)
         tracker = OutputTracker(seq, self.tokenizer)
         self.last_output = None
         try:

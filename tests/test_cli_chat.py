@@ -79,3 +79,14 @@ def test_missing_model_is_one_line(capsys):
     assert main(["chat", "hi", "--model", "./definitely/not/here"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not/here" in err
+
+
+def test_interactive_history_longer_than_context_is_trimmed(tiny_dir, capsys, monkeypatch):
+    """The tiny model has a 256-token window: a long conversation drops its oldest exchanges
+    instead of failing, and an answer that reaches the window ends with finish_reason length."""
+    long_line = "人工智能是计算机科学的一个分支。" * 6
+    monkeypatch.setattr(sys, "stdin", io.StringIO((long_line + "\n") * 4 + "/exit\n"))
+    assert main(["chat", "--model", str(tiny_dir), "--temperature", "0", "--max-tokens", "100"]) == 0
+    captured = capsys.readouterr()
+    assert "no longer fit" in captured.err and "error" not in captured.err
+    assert len(captured.out.splitlines()) >= 4

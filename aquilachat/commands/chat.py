@@ -7,7 +7,8 @@ import sys
 
 from ._common import add_model_args, add_sampling_args, sampling_params
 
-HELP_TEXT = "commands: /reset clears the history, /exit (or Ctrl-D) quits"
+HELP_TEXT = ("commands: /reset clears the history, /exit (or Ctrl-D) quits; the oldest exchanges are "
+             "dropped when the history outgrows the context window, and an answer is cut at the window")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +23,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _fit_history(llm, system, history, line, params) -> list[dict]:
+    """Drop the oldest exchanges until the prompt leaves room for an answer (at least a quarter of
+    the context window, or max_tokens if smaller); says so on stderr."""
+    dropped = 0
+    room = min(params.max_tokens, llm.engine.max_model_len // 4)
+    while history and len(llm.encode_chat(system + history + [{"role": "user", "content": line}])) + room > llm.engine.max_model_len:
+        history[:2] = []
+        dropped += 1
+    if dropped:
+        print(f"(the {dropped} oldest exchange(s) no longer fit the {llm.engine.max_model_len}-token "
+              "context and were dropped)", file=sys.stderr)
+    return system + history + [{"role": "user", "content": line}]
+
+
 def _answer(llm, messages, params, out) -> tuple[str, object]:
     text = []
-    for delta in llm.stream_chat(messages, params):
+    for delta in llm.stream_chat(messages, params, cap_to_context=True):
         out.write(delta)
         out.flush()
         text.append(delta)
@@ -62,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             history.clear()
             print("(history cleared)", file=sys.stderr)
             continue
-        messages = system + history + [{"role": "user", "content": line}]
+        messages = _fit_history(llm, system, history, line, params)
         try:
             text, output = _answer(llm, messages, params, sys.stdout)
         except KeyboardInterrupt:

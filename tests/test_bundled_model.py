@@ -1,0 +1,55 @@
+"""The bundled aquila-tiny model: it ships, loads by default, matches transformers, and answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aquilachat.checkpoint import BUNDLED_MODELS
+from aquilachat.llm import LLM
+from aquilachat.sampling import SamplingParams
+
+ASSET = BUNDLED_MODELS["aquila-tiny"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu")
+
+
+def test_ships_small_and_complete():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "special_tokens_map.json"):
+        assert (ASSET / name).exists(), name
+    assert (ASSET / "model.safetensors").stat().st_size <= 60 * 2**20
+
+
+def test_default_llm_is_the_bundled_model(llm):
+    assert llm.model_name == "aquila-tiny"
+    assert llm.tokenizer.vocab_size == llm.config.vocab_size
+    assert llm.template.name == "aquila-chat"
+
+
+def test_logits_equal_transformers(llm):
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(ASSET).eval()
+    ids = torch.tensor([llm.encode_chat([{"role": "user", "content": "你好"}])])
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(ids), ref(ids).logits.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", ["你好", "Write a short poem about rivers."])
+def test_greedy_answers_end_by_themselves(llm, prompt):
+    out = llm.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_tokens=256))[0]
+    assert out.text.strip()
+    assert out.finish_reason == "stop"  # the model's own end-of-turn, not the length limit
+    assert "###" not in out.text
+
+
+def test_cli_chat_without_model_flag():
+    proc = subprocess.run([sys.executable, "-m", "aquilachat", "chat", "你好", "--max-tokens", "64"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
