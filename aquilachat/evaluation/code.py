@@ -49,6 +49,7 @@ class CodeEvalConfig:
         n: completions per problem; ``ks``: the k of each pass@k (only ``k <= n`` are reported).
         self_test: run the canonical solutions instead of a model (n = 1, k = 1).
         limit: evaluate only the first ``limit`` problems of each language.
+        tasks: evaluate only these problems: full ids (``"CPP/22"``) or numbers (``"22"``, every language).
         workers: samples executed at once.
         timeout_s: wall-clock limit of each run step (seconds); compile steps get ``compile_timeout_s``.
         memory_mb: ``RLIMIT_DATA`` of run steps (MiB); ``None`` keeps each language's default.
@@ -62,6 +63,7 @@ class CodeEvalConfig:
     ks: Sequence[int] = (1,)
     self_test: bool = False
     limit: int | None = None
+    tasks: Sequence[str] | None = None
     workers: int = 2
     timeout_s: float = 10.0
     compile_timeout_s: float = 90.0
@@ -169,6 +171,11 @@ def run_code_eval(cfg: CodeEvalConfig, generator: Generator | None = None, *, sa
         raise ValidationError("a model (--model or --url) is needed unless --self-test is given")
     datasets = resolve_code_datasets(cfg.dataset, list(cfg.languages), data_dir=cfg.data_dir)
     for ds in datasets:
+        if cfg.tasks:
+            wanted = set(cfg.tasks)
+            ds.problems = [p for p in ds.problems if p.task_id in wanted or p.task_id.rpartition("/")[2] in wanted]
+            if not ds.problems:
+                raise ValidationError(f"--tasks {','.join(cfg.tasks)}: no such {ds.language} problem in {ds.path}")
         if cfg.limit:
             ds.problems = ds.problems[: cfg.limit]
     log = log or (lambda msg: None)
@@ -244,6 +251,7 @@ def run_code_eval(cfg: CodeEvalConfig, generator: Generator | None = None, *, sa
             "n": cfg.n,
             "k": list(cfg.ks),
             "limit": cfg.limit,
+            "tasks": list(cfg.tasks) if cfg.tasks else None,
             "languages": languages,
             "skipped": {lang: e["reason"] for lang, e in languages.items() if e["status"] == "skipped"},
             "sandbox": sandbox.describe(),

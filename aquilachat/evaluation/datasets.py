@@ -129,6 +129,8 @@ def _detect_kind(row: dict[str, Any]) -> str:
         return "humaneval-x"
     if "entry_point" in row:
         return "humaneval"
+    if "/" in task and "canonical_solution" in row:
+        return "humaneval-x"  # with an unknown language prefix: reported as such below
     return "unknown"
 
 

@@ -106,9 +106,15 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 
 def _brace_truncate(text: str, closes: int) -> str:
-    """Cut ``text`` right after the brace that closes ``closes`` levels opened before it (the
-    function, or method and class for Java); if fewer close, add the missing ones provided at
-    least the function itself was closed (CodeGeeX ``cleanup_code`` adds Java's class brace)."""
+    """Cut a brace-language completion right after the brace that closes the ``closes`` levels
+    the prompt left open (the function; for Java the method and class ``Solution``), as CodeGeeX's
+    ``cleanup_code`` does.
+
+    Generation stops at the stop string ``"\n}"`` (MultiPL-E's convention), which removes the
+    final brace from the text; when the completion's own blocks are balanced but the function
+    is still open, the missing closing braces are added back. A completion with an unclosed
+    inner block (cut off by ``max_tokens``) is left as it is and fails to compile.
+    """
     depth = 0
     for i, ch in enumerate(text):
         if ch == "{":
@@ -117,7 +123,7 @@ def _brace_truncate(text: str, closes: int) -> str:
             depth -= 1
             if depth == -closes:
                 return text[: i + 1] + "\n"
-    if depth <= -1:
+    if -closes < depth <= 0:
         return text.rstrip() + "\n" + "}\n" * (closes + depth)
     return text
 
@@ -232,7 +238,7 @@ class PythonSpec(LanguageSpec):
 class CppSpec(LanguageSpec):
     name = "cpp"
     hint = "Debian packages g++ libboost-dev libssl-dev"
-    stop = ("\n}\n",)
+    stop = ("\n}",)
     run_limits = Limits(timeout_s=10.0, memory_mb=1024, max_processes=16)
     compile_limits = Limits(timeout_s=60.0, memory_mb=2048, max_processes=32)
 
@@ -277,7 +283,7 @@ _JVM_FLAGS = ("-Xmx512m", "-Xss8m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1
 class JavaSpec(LanguageSpec):
     name = "java"
     hint = "Debian package default-jdk-headless"
-    stop = ("\n}\n",)
+    stop = ("\n}",)
     # The JVM reserves (not commits) gigabytes of address space: RLIMIT_DATA, not RLIMIT_AS,
     # bounds it; -Xmx keeps the heap inside that limit. Threads count against RLIMIT_NPROC.
     run_limits = Limits(timeout_s=10.0, memory_mb=2048, max_processes=64)
@@ -331,7 +337,7 @@ module.exports = md5;
 class JsSpec(LanguageSpec):
     name = "js"
     hint = "Debian package nodejs"
-    stop = ("\n}\n",)
+    stop = ("\n}",)
     # V8 reserves a large pointer cage: RLIMIT_DATA, not RLIMIT_AS.
     run_limits = Limits(timeout_s=10.0, memory_mb=2048, max_processes=32)
 
@@ -379,7 +385,7 @@ def _go_path() -> str | None:
 class GoSpec(LanguageSpec):
     name = "go"
     hint = "Debian packages golang-go golang-github-stretchr-testify-dev"
-    stop = ("\n}\n",)
+    stop = ("\n}",)
     run_limits = Limits(timeout_s=10.0, memory_mb=1024, max_processes=64)
     # The go command runs the compiler and linker as separate multi-threaded processes.
     compile_limits = Limits(timeout_s=90.0, memory_mb=2048, max_processes=128, max_file_mb=256)
@@ -450,7 +456,7 @@ def _rlib(deps: Path, crate: str) -> Path | None:
 class RustSpec(LanguageSpec):
     name = "rust"
     hint = "rustc usable by the sandbox user, and $AQUILACHAT_RUST_DEPS (docs/evaluation.md)"
-    stop = ("\n}\n",)
+    stop = ("\n}",)
     run_limits = Limits(timeout_s=10.0, memory_mb=1024, max_processes=32)
     compile_limits = Limits(timeout_s=120.0, memory_mb=2048, max_processes=64, max_file_mb=256)
 
