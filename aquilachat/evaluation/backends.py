@@ -85,7 +85,11 @@ class LocalGenerator:
 
     def __init__(self, model: str, *, template: str | None = None, llm: Any = None, **llm_kwargs: Any) -> None:
         if llm is None:
-            from aquilachat import LLM  # lazy: loading torch and a model only when used
+            try:
+                from aquilachat import LLM  # lazy: loading torch and a model only when used
+            except (ImportError, AttributeError) as exc:
+                raise BackendError(f"the local engine (aquilachat.LLM) is not available in this build ({exc}); "
+                                   "use --url with an OpenAI-compatible server") from None
             llm = LLM(model, template=template, **llm_kwargs)
         self.llm = llm
         self.description = {"backend": "local", "model": str(model), "template": template}
