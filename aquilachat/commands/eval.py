@@ -213,7 +213,7 @@ def run_code(args: argparse.Namespace) -> int:
     paths = write_report(out, "code_eval", report, code_report_markdown(report, markdown_metadata(meta)))
     samples = write_samples(out / "code_eval_samples.jsonl", results)
     labels, values, notes = chart_values(report)
-    png = bar_chart(out / "code_eval.png", labels, values, notes=notes, ymax=1.05,
+    png = bar_chart(out / "code_eval.png", labels, values, notes=notes, ymax=1.12,
                     title=f"{report['dataset']} pass@{report['k'][0]}" + (" (self-test)" if args.self_test else ""),
                     ylabel=f"pass@{report['k'][0]}")
     for lang, e in report["languages"].items():

@@ -184,16 +184,22 @@ def run_code_eval(cfg: CodeEvalConfig, generator: Generator | None = None, *, sa
     results: list[SampleResult] = []
     languages: dict[str, Any] = {}
     try:
+        # Probe every language's toolchain first, in parallel (each probe builds and runs a program).
+        p0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
+            toolchains = dict(zip([ds.language for ds in datasets],
+                                  pool.map(lambda ds: detect_toolchain(ds.language, sandbox), datasets)))
+        probe_s = time.monotonic() - p0
         for ds in datasets:
             lang = ds.language
             t0 = time.monotonic()
-            tc = detect_toolchain(lang, sandbox)
+            tc = toolchains[lang]
             entry: dict[str, Any] = {"dataset": ds.name, "file": str(ds.path), "problems": len(ds.problems),
                                      "toolchain": tc.version or None, "tools": tc.tools}
             if not tc.available:
                 entry.update(status="skipped", reason=tc.reason)
                 languages[lang] = entry
-                log(f"{lang}: skipped ({tc.reason})")
+                log(f"[eval code] {lang} skipped: {tc.reason}")
                 continue
             if cfg.self_test:
                 completions = [[p.canonical_solution] for p in ds.problems]
@@ -242,8 +248,8 @@ def run_code_eval(cfg: CodeEvalConfig, generator: Generator | None = None, *, sa
             if omitted:
                 entry["omitted_k"] = omitted
             languages[lang] = entry
-            log(f"{lang}: " + ", ".join(f"{k} {entry[k]:.4f}" for k in entry if k.startswith("pass@"))
-                + f" ({status_counts['passed']}/{len(lang_results)} samples passed, {exec_s:.1f}s)")
+            log(f"[eval code] {lang} done: {status_counts['passed']}/{len(lang_results)} samples passed "
+                f"in {exec_s:.1f} s")
         report = {
             "kind": "code",
             "dataset": cfg.dataset,
@@ -261,6 +267,7 @@ def run_code_eval(cfg: CodeEvalConfig, generator: Generator | None = None, *, sa
                                                "compile": dataclasses.asdict(LANGUAGE_SPECS[lang].compile_limits)}
                                         for lang in languages}},
             "truncate": cfg.truncate,
+            "toolchain_probe_seconds": round(probe_s, 2),
         }
         return report, results
     finally:

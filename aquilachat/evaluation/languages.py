@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class LanguageSpec:
     name = ""
     #: What to install when the probe fails (Debian package names).
     hint = ""
+    #: A workspace directory the probe warms up, kept and copied into every workspace.
+    template_name: str | None = None
     #: Stop strings for generation (at most 4: the OpenAI API's limit).
     stop: tuple[str, ...] = ()
     #: Default run-step limits (the timeout is replaced by the user's ``--timeout``).
@@ -397,6 +400,7 @@ def _go_path() -> str | None:
 class GoSpec(LanguageSpec):
     name = "go"
     hint = "Debian packages golang-go golang-github-stretchr-testify-dev"
+    template_name = "gocache"  # a cold `go test` build of testify takes ~10 s
     stop = ("\n}",)
     run_limits = Limits(timeout_s=10.0, memory_mb=1024, max_processes=64)
     # The go command runs the compiler and linker as separate multi-threaded processes.
@@ -513,10 +517,11 @@ def _rlib(deps: Path, crate: str) -> Path | None:
     return found[-1] if found else None
 
 
-def rust_deps_cache_root() -> Path:
-    """Where prebuilt crates are cached: ``$AQUILACHAT_CACHE`` or, as root, ``/var/cache/aquilachat``
-    (the sandbox users must be able to read it, and it must not be under ``/tmp``, which the
-    sandbox replaces), else ``~/.cache/aquilachat``."""
+def cache_root() -> Path:
+    """Where toolchain artefacts are cached between runs (prebuilt Rust crates, Go's warm build
+    cache): ``$AQUILACHAT_CACHE`` or, as root, ``/var/cache/aquilachat`` (sandbox users must be
+    able to read the crates, and it must not be under ``/tmp``, which the sandbox replaces), else
+    ``~/.cache/aquilachat``."""
     if os.environ.get("AQUILACHAT_CACHE"):
         return Path(os.environ["AQUILACHAT_CACHE"])
     return Path("/var/cache/aquilachat") if os.geteuid() == 0 else Path.home() / ".cache" / "aquilachat"
@@ -527,7 +532,7 @@ def build_rust_deps(rustc: str, *, registry: str | None = None, root: Path | Non
     from Debian's packaged crate sources) once; return the directory holding ``externs.json``
     (crate -> rlib) and ``target/debug/deps``, or the reason it cannot.
 
-    Cached per rustc version under :func:`rust_deps_cache_root`. Runs ``cargo`` in this process's
+    Cached per rustc version under :func:`cache_root`. Runs ``cargo`` in this process's
     identity (not sandboxed): it compiles distribution-packaged crates, never model output.
     """
     import hashlib
@@ -546,7 +551,7 @@ def build_rust_deps(rustc: str, *, registry: str | None = None, root: Path | Non
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{rustc} -vV failed: {exc}"
     key = hashlib.sha256((vv + RUST_CARGO_TOML + RUST_RAND_COMPAT_LIB + str(reg)).encode()).hexdigest()[:16]
-    base = (root or rust_deps_cache_root()) / f"rust-deps-{key}"
+    base = (root or cache_root()) / f"rust-deps-{key}"
     deps = base / "target" / "debug" / "deps"
     manifest = base / "externs.json"
     if manifest.exists():
@@ -707,6 +712,9 @@ def detect_toolchain(language: str, sandbox: Sandbox) -> Toolchain:
                 reasons.append(extra)
                 continue
             tools.update(extra)
+            cached = _template_cache(spec, tools, tc.version) if spec.template_name else None
+            if cached is not None and cached.is_dir():
+                tc.template = cached  # a warm template from an earlier run
             steps = run_steps(spec, tc, ws, spec.files(problem, solution), spec.run_limits, spec.compile_limits)
             step, last = steps[-1]
             if step.kind != "run" or not spec.passed(last):
@@ -714,15 +722,36 @@ def detect_toolchain(language: str, sandbox: Sandbox) -> Toolchain:
                 reasons.append(f"probe program failed at {step.kind} ({last.describe()}): {detail}"
                                + (f" [needs: {spec.hint}]" if spec.hint else ""))
                 continue
-            if language == "go":  # keep the warm build cache (testify compiled) as a template
-                tc.template = _save_template(sandbox, ws.path / "gocache", "gocache")
+            if spec.template_name and tc.template is None:
+                tc.template = _persist_template(ws.path / spec.template_name, cached)
         return tc
     return Toolchain(language, False, "; ".join(reasons))
 
 
-def _save_template(sandbox: Sandbox, src: Path, name: str) -> Path:
-    dst = sandbox.private_dir(f"template-{name}") / name
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
+def _template_cache(spec: LanguageSpec, tools: dict[str, str], version: str) -> Path:
+    """Where a language's workspace template (Go: the build cache after compiling testify) is
+    kept between runs, keyed by the tool version and paths."""
+    import hashlib
+    extra = json.dumps(spec.extra_env(tools, None), sort_keys=True)
+    gopath = os.environ.get("AQUILACHAT_GOPATH") or "/usr/share/gocode"
+    stamp = str(Path(gopath).stat().st_mtime) if Path(gopath).exists() else ""
+    key = hashlib.sha256(f"{version}|{json.dumps(tools, sort_keys=True)}|{extra}|{stamp}".encode()).hexdigest()[:16]
+    return cache_root() / f"{spec.name}-template-{key}" / spec.template_name
+
+
+def _persist_template(src: Path, dst: Path) -> Path:
+    """Copy a probe's warm template to the cache (readable by us only; copied into workspaces by
+    us). It was produced in the sandbox from trusted inputs only (the probe program and the
+    distribution's packages). Falls back to ``src``'s copy in a temporary place on failure."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(dst.parent, 0o700)
+        tmp = dst.parent / f".{dst.name}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, symlinks=True)
+        os.replace(tmp, dst) if not dst.exists() else shutil.rmtree(tmp, ignore_errors=True)
+        return dst
+    except OSError:
+        fallback = Path(tempfile.mkdtemp(prefix="aquilachat-template-")) / dst.name
+        shutil.copytree(src, fallback, symlinks=True)
+        return fallback

@@ -39,6 +39,16 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
     return out
 
 
+def _command_line() -> str:
+    """This process's command line, with ``python -m aquilachat`` shown as ``aquilachat``."""
+    if not sys.argv:
+        return ""
+    prog = Path(sys.argv[0]).name
+    if prog in ("__main__.py", "cli.py") and "aquilachat" in sys.argv[0]:
+        prog = "aquilachat"
+    return " ".join([prog, *sys.argv[1:]])
+
+
 def run_metadata(*, model: dict[str, Any] | None, template: str | None, sampling: dict[str, Any] | None,
                  datasets: Sequence[str | os.PathLike], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The reproducibility block of a report.
@@ -51,7 +61,7 @@ def run_metadata(*, model: dict[str, Any] | None, template: str | None, sampling
         files.append({"path": str(path), "sha256": file_sha256(path), "bytes": path.stat().st_size})
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": _command_line(),
         "model": model,
         "template": template,
         "sampling": sampling,
@@ -76,13 +86,14 @@ def bar_chart(path: str | os.PathLike, labels: Sequence[str], values: Sequence[f
     bars = ax.bar(range(len(labels)), heights, color=["#4477aa" if v is not None else "#dddddd" for v in values])
     for i, (bar, v) in enumerate(zip(bars, values)):
         note = notes[i] if notes and i < len(notes) and notes[i] else None
-        text = note if v is None else f"{v:.3g}"
+        text = note if v is None else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), text, ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=30 if max((len(x) for x in labels), default=0) > 8 else 0, ha="right" if max((len(x) for x in labels), default=0) > 8 else "center")
+    long_labels = max((len(x) for x in labels), default=0) > 8
+    ax.set_xticklabels(labels, rotation=30 if long_labels else 0, ha="right" if long_labels else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    top = ymax if ymax is not None else max([h for h in heights] + [1e-9]) * 1.15
+    top = ymax if ymax is not None else max([*heights, 1e-9]) * 1.15
     ax.set_ylim(0, top)
     fig.tight_layout()
     path = Path(path)
