@@ -165,3 +165,32 @@ def test_cli_writing_belle_and_mt_bench(tmp_path, capsys):
         assert rep["scale"] == [0.0, 1.0] and rep["overall"]["graded"] == 3
         recs = [json.loads(x) for x in (out2 / "writing_judgments.jsonl").read_text().splitlines()]
         assert all("请针对模型回答给出得分" in r["judge_messages"][0]["content"] for r in recs)
+
+
+def test_writing_end_to_end_against_our_own_server(tmp_path, byte_tokenizer_dir):
+    """Student and judge are both our real server (uvicorn on 127.0.0.1) with a tiny random model:
+    the pipeline runs end to end, keeps every prompt and raw judge output, and a judge answer
+    without a grade is counted as "no grade", not as a score."""
+    from aquilachat.evaluation.backends import GenParams
+    from aquilachat.llm import LLM
+    from aquilachat.server.app import ServerSettings
+    from tests.helpers import make_tiny_model
+    from tests.server_utils import serve
+    data = shared_data_or_skip()
+    model_dir = tmp_path / "tiny"
+    make_tiny_model(model_dir, byte_tokenizer_dir, max_position_embeddings=2048)
+    qfile = _write_jsonl(tmp_path / "question.jsonl", [
+        {"question_id": 1, "category": "writing", "turns": ["Write a haiku about rivers.", "Now make it rhyme."]},
+        {"question_id": 2, "category": "humanities", "turns": ["用golang实现冒泡排序算法"]}])
+    with serve(lambda: LLM(str(model_dir), device="cpu", max_num_seqs=4), ServerSettings(model_name="tiny")) as s:
+        student = OpenAIHTTPGenerator(s.url, "tiny", concurrency=2)
+        judge = OpenAIHTTPGenerator(s.url, "tiny", concurrency=2)
+        cfg = WritingEvalConfig(questions=qfile, judge_prompts=data / "eval_writing/mt_bench/judge_prompts.jsonl",
+                                params=GenParams(max_tokens=16), judge_params=GenParams(temperature=0.0, max_tokens=16))
+        report, records = run_writing_eval(cfg, student, judge, progress=False)
+    assert len(records) == 3
+    for r in records:
+        assert r["judge_messages"] and isinstance(r["judge_output"], str)
+        assert r["score"] is None or 1 <= r["score"] <= 10
+    o = report["overall"]
+    assert o["graded"] + o["no_grade"] == 3
