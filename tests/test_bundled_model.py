@@ -40,12 +40,20 @@ def test_logits_equal_transformers(llm):
         torch.testing.assert_close(llm.model(ids), ref(ids).logits.float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prompt", ["你好", "Write a short poem about rivers."])
-def test_greedy_answers_end_by_themselves(llm, prompt):
-    out = llm.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0, max_tokens=256))[0]
-    assert out.text.strip()
-    assert out.finish_reason == "stop"  # the model's own end-of-turn, not the length limit
-    assert "###" not in out.text
+PROMPTS = ["你好", "介绍一下北京。", "写一首关于春天的诗。", "什么是人工智能？", "如何保持健康？",
+           "Write a short poem about rivers.", "What is the capital of France?", "Give me three tips for studying.",
+           "Who are you?", "Explain what a computer is."]
+
+
+def test_most_sampled_answers_end_by_themselves(llm):
+    """The fine-tuning supervised the end-of-turn marker: most sampled answers end with it
+    (finish_reason "stop"), not at the length limit, and the marker never shows in the text."""
+    outs = [llm.chat([{"role": "user", "content": p}],
+                     SamplingParams(temperature=0.7, top_p=0.9, max_tokens=128, seed=i))[0]
+            for i, p in enumerate(PROMPTS)]
+    assert all(o.finish_reason in ("stop", "length") and o.text.strip() for o in outs)
+    assert sum(o.finish_reason == "stop" for o in outs) >= 6
+    assert not any("###" in o.text for o in outs)
 
 
 def test_cli_chat_without_model_flag():

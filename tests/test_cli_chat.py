@@ -30,7 +30,7 @@ def test_chat_one_answer_matches_llm(tiny_dir, capsys):
     printed = capsys.readouterr().out
     want = LLM(str(tiny_dir), device="cpu").chat([{"role": "user", "content": "用golang实现冒泡排序算法"}],
                                                   SamplingParams(temperature=0, top_p=0.9, max_tokens=30))[0].text
-    assert printed == want + "\n"
+    assert printed == want.lstrip() + "\n"
 
 
 def test_interactive_history_reset_exit(tiny_dir, capsys, monkeypatch):
@@ -41,10 +41,10 @@ def test_interactive_history_reset_exit(tiny_dir, capsys, monkeypatch):
     llm = LLM(str(tiny_dir), device="cpu")
     p = SamplingParams(temperature=0, top_p=0.9, max_tokens=12)
     a1 = llm.chat([{"role": "user", "content": "hello"}], p)[0].text
-    a2 = llm.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": a1},
+    a2 = llm.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": a1.lstrip()},
                    {"role": "user", "content": "and again"}], p)[0].text
     # after /reset the same question gets the first answer again (no history)
-    assert "\n".join(answers) == "\n".join([a1, a2, a1])
+    assert "\n".join(answers) == "\n".join([a1.lstrip(), a2.lstrip(), a1.lstrip()])
     assert "history cleared" in captured.err
 
 

@@ -40,6 +40,10 @@ def _fit_history(llm, system, history, line, params) -> list[dict]:
 def _answer(llm, messages, params, out) -> tuple[str, object]:
     text = []
     for delta in llm.stream_chat(messages, params, cap_to_context=True):
+        if not text:  # the answer starts after "Assistant:" with a space; not worth printing
+            delta = delta.lstrip()
+            if not delta:
+                continue
         out.write(delta)
         out.flush()
         text.append(delta)

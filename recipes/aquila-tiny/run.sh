@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The aquila-tiny recipe, every step in order (about 1.5 hours on a 2-core CPU):
+# The aquila-tiny recipe, every step in order (about 40 minutes on an otherwise idle 2-core CPU):
 #   1. gather the corpus and SFT conversations from ../shared/data (held-out slice kept apart)
 #   2. train the bilingual byte-level BPE tokenizer (8000 + 8 special tokens)
 #   3. filter the SFT conversations to those that fit 512 tokens
