@@ -244,17 +244,19 @@ def test_cli_code_needs_a_model(capsys):
 
 
 @pytest.mark.slow
-def test_full_self_test_every_language():
-    """All 164 problems x every present toolchain (several minutes on two cores)."""
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("dataset,language", [("humaneval-x", lang) for lang in ALL]
+                         + [("humaneval", "python"), ("mbpp", "python")])
+def test_full_self_test(dataset, language):
+    """Every problem of a dataset and language (minutes per language on two cores): pass@1 = 1.0
+    except the documented upstream-broken canonical solutions; skipped without the toolchain."""
     data = shared_data_or_skip()
     sb = sandbox_or_skip()
-    cfg = CodeEvalConfig(dataset="humaneval-x", languages=ALL, self_test=True, workers=2, data_dir=data)
+    cfg = CodeEvalConfig(dataset=dataset, languages=[language], self_test=True, workers=2, data_dir=data)
     report, results = run_code_eval(cfg, sandbox=sb, progress=False)
-    for lang, e in report["languages"].items():
-        if e["status"] == "evaluated":
-            assert e["problems"] == 164
-            assert e["self_test_ok"], (lang, e["not_passed"])
-    for dataset in ("humaneval", "mbpp"):
-        rep, res = run_code_eval(CodeEvalConfig(dataset=dataset, languages=["python"], self_test=True, data_dir=data),
-                                 sandbox=sb, progress=False)
-        assert rep["languages"]["python"]["self_test_ok"], [r.task_id for r in res if not r.passed]
+    e = report["languages"][language]
+    if e["status"] == "skipped":
+        pytest.skip(f"{language}: {e['reason']}")
+    assert e["problems"] == (974 if dataset == "mbpp" else 164)
+    assert e["self_test_ok"], (e["not_passed"], [r.detail[:300] for r in results if not r.passed][:5])
+    assert set(e["not_passed"]) <= set(KNOWN_BROKEN_CANONICAL)

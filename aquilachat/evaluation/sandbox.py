@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -298,6 +299,8 @@ class Sandbox:
         self._out_dir.mkdir(mode=0o700)
         self._counter = itertools.count()
         self._closed = False
+        # removes the directory at interpreter exit too, if close() was never called
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         self.isolation = self._probe()
         self.network_isolated = bool(self.isolation.get("network_blocked"))
         if not self.network_isolated and not allow_network:
@@ -430,14 +433,10 @@ class Sandbox:
         """Remove the sandbox's directory (idempotent)."""
         if not self._closed:
             self._closed = True
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._finalizer()
 
     def __enter__(self) -> "Sandbox":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
-            self.close()
