@@ -95,20 +95,12 @@ class StreamOptions(BaseModel):
         "Send one more chunk before [DONE] with empty choices and the request's usage."))
 
 
-class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``: answer a conversation in the model's chat template."""
+class _SamplingRequest(BaseModel):
+    """Sampling fields shared by chat and text completions (OpenAI names; vLLM extensions)."""
 
     model_config = _STRICT
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=(
-        f"The conversation, 1 to {MAX_MESSAGES} messages."))
-    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
         "Subtracted from a token's logit once per previous occurrence in the answer."))
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
-        "Most tokens to generate (the newer name of max_tokens; wins when both are given)."))
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
-        "Most tokens to generate; default: up to the end of the context window."))
-    n: int = Field(default=1, ge=1, le=MAX_N, description=f"Answers to generate, 1 to {MAX_N} (answer i uses seed + i).")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
         "Subtracted from a token's logit if it already occurs in the answer."))
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description=(
@@ -126,9 +118,24 @@ class ChatCompletionRequest(BaseModel):
         "CTRL repetition penalty on tokens of the prompt and answer; 1 disables. Extension."))
     ignore_eos: bool = Field(default=False, description="Keep generating after the end-of-answer token (benchmarks). Extension.")
 
+
     def stop_list(self) -> list[str]:
         """``stop`` as a list."""
         return _stop_list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``: answer a conversation in the model's chat template."""
+
+    model_config = _STRICT
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=(
+        f"The conversation, 1 to {MAX_MESSAGES} messages."))
+    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
+        "Most tokens to generate (the newer name of max_tokens; wins when both are given)."))
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
+        "Most tokens to generate; default: up to the end of the context window."))
+    n: int = Field(default=1, ge=1, le=MAX_N, description=f"Answers to generate, 1 to {MAX_N} (answer i uses seed + i).")
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` or ``max_tokens`` (None: not given)."""
@@ -205,7 +212,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 # ---------------------------------------------------------------------------- completions
-class CompletionRequest(BaseModel):
+class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``: continue raw text (no chat template)."""
 
     model_config = _STRICT
@@ -213,31 +220,9 @@ class CompletionRequest(BaseModel):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(description=(
         f"A string, a list of up to {MAX_PROMPTS} strings, token ids, or a list of token-id lists."))
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
-        "Subtracted from a token's logit once per previous occurrence in the answer."))
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
         f"Most tokens to generate per answer (default {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI)."))
     n: int = Field(default=1, ge=1, le=MAX_N, description=f"Answers per prompt, 1 to {MAX_N} (answer i uses seed + i).")
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
-        "Subtracted from a token's logit if it already occurs in the answer."))
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description=(
-        "Seeds the sampler: the same seed gives the same answer, alone or among concurrent requests."))
-    stop: Stop = Field(default=None, description=(
-        f"Up to {MAX_STOP} strings that end the answer; the stop string itself is not returned."))
-    stream: bool = Field(default=False, description="Stream the answer as server-sent events.")
-    stream_options: StreamOptions | None = Field(default=None, description="Only with stream.")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy (argmax).")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
-    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
-    # extensions (vLLM names)
-    top_k: int = Field(default=0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables. Extension.")
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description=(
-        "CTRL repetition penalty on tokens of the prompt and answer; 1 disables. Extension."))
-    ignore_eos: bool = Field(default=False, description="Keep generating after the end-of-answer token (benchmarks). Extension.")
-
-    def stop_list(self) -> list[str]:
-        """``stop`` as a list."""
-        return _stop_list(self.stop)
 
 
 class CompletionChoice(BaseModel):
