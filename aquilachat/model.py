@@ -26,7 +26,51 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
-__all__ = ["AquilaForCausalLM", "KVCache", "RMSNorm", "rotary_cos_sin", "apply_rotary"]
+__all__ = ["AquilaForCausalLM", "KVCache", "Linear", "RMSNorm", "rotary_cos_sin", "apply_rotary"]
+
+# A weight at least this large (elements) takes the split matrix product for a few rows (Linear).
+SPLIT_LINEAR_MIN_ELEMENTS = 1 << 19
+# Largest number of rows (tokens in the batch) that take the split product.
+SPLIT_LINEAR_MAX_ROWS = 32
+
+
+def linear_no_bias(x: torch.Tensor, weight: torch.Tensor, split: bool = False) -> torch.Tensor:
+    """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]`` -> ``[..., out]``.
+
+    With ``split``, a weight stored column-major (``weight.t()`` contiguous, ``[in, out]``) and
+    at most :data:`SPLIT_LINEAR_MAX_ROWS` rows, the product is computed as ``k`` partial products
+    over slices of the input dimension in one batched matrix multiply, then summed (split-K):
+    ``y = sum_c x[:, c] @ W^T[c]`` with ``k`` = torch's thread count. BLAS runs a matrix-vector
+    product on one thread; the batched product runs the ``k`` slices on ``k`` threads (measured on
+    2 cores: 13.7 -> 9.4 ms for a 100008 x 448 output projection at one row, 63 -> 35 ms at 8
+    rows). Results equal ``F.linear`` up to summation order (~1e-6 relative in fp32).
+    """
+    if split:
+        k = torch.get_num_threads()
+        out_features, in_features = weight.shape
+        rows = x.numel() // in_features
+        wt = weight.t()  # [in, out], contiguous when the weight is stored column-major
+        if k > 1 and rows <= SPLIT_LINEAR_MAX_ROWS and in_features % k == 0 and wt.is_contiguous():
+            x2 = x.reshape(rows, k, in_features // k).transpose(0, 1)  # [k, rows, in/k]
+            parts = torch.bmm(x2, wt.view(k, in_features // k, out_features))  # [k, rows, out]
+            return parts.sum(0).view(*x.shape[:-1], out_features)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) whose product switches to
+    :func:`linear_no_bias`'s split form when ``split_rows`` is set (by
+    :meth:`AquilaForCausalLM.prepare_for_cpu_decode`, for large weights).
+
+    Input ``[..., in]``, output ``[..., out]``.
+    """
+
+    split_rows: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return linear_no_bias(x, self.weight, self.split_rows)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -73,6 +117,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` for ``x [B, T, heads, D]`` and tables ``[B, T, D]`` where
+    ``signed_sin = cat(-sin[:D/2], sin[D/2:])``: ``rotate_half(x) * sin`` equals
+    ``roll(x, D/2) * signed_sin`` element for element (a sign moved between exact factors), so
+    the result is bit-identical in 4 ops instead of 8."""
+    cos, signed_sin = cos[:, :, None], signed_sin[:, :, None]  # broadcast over heads
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
 @dataclass
 class KVCache:
     """Preallocated key/value cache for every layer, written by index.
@@ -109,6 +162,41 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def _fuse_column_major(linears: list[nn.Linear]) -> torch.Tensor:
+    """Store the weights ``[out_i, in]`` of ``linears`` in one column-major ``[sum out_i, in]``
+    tensor and make each module's weight a view of its rows (values and shapes unchanged);
+    return the fused weight."""
+    wt = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous()  # [in, sum out]
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = wt[:, start:start + n].t()
+        start += n
+    return wt.t()
+
+
+class _Fused:
+    """A weight fused from several :class:`Linear` modules for the decode path (not a parameter:
+    the modules' own weights are views of it, so the state dict is unchanged). ``usable`` is False
+    with autograd on, or once a module was replaced (e.g. wrapped by peft) or given other storage;
+    the caller then runs the separate modules."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        self.weight = _fuse_column_major(linears)  # [sum out, in], column-major
+        self.sizes = [m.weight.shape[0] for m in linears]
+        self.ptrs = [m.weight.data_ptr() for m in linears]
+        self.split = self.weight.numel() >= SPLIT_LINEAR_MIN_ELEMENTS
+
+    def usable(self, linears: list[nn.Module]) -> bool:
+        # the fused tensor is no parameter: with autograd on, the modules run (their gradients)
+        return not torch.is_grad_enabled() and all(
+            type(m) is Linear and m.weight.data_ptr() == p for m, p in zip(linears, self.ptrs))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in]`` -> ``[..., sum out]``: the modules' outputs side by side."""
+        return linear_no_bias(x, self.weight, self.split)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention (Ainslie et al. 2023) with rotary positions."""
 
@@ -118,40 +206,45 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         h, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(h, q, bias=False)
-        self.k_proj = nn.Linear(h, kv, bias=False)
-        self.v_proj = nn.Linear(h, kv, bias=False)
-        self.o_proj = nn.Linear(q, h, bias=False)
+        self.q_proj = Linear(h, q, bias=False)
+        self.k_proj = Linear(h, kv, bias=False)
+        self.v_proj = Linear(h, kv, bias=False)
+        self.o_proj = Linear(q, h, bias=False)
+        self.fused_qkv: _Fused | None = None  # set by AquilaForCausalLM.prepare_for_cpu_decode
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, cache_index: tuple | None,
                 mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        gqa = self.num_kv_heads != self.num_heads
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv is not None and self.fused_qkv.usable(projs):
+            qkv = self.fused_qkv.product(x)  # (B, T, (H + 2 Hkv) D): q and k rotate in one go
+            qk = _rotate(qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        else:
+            q = _rotate(self.q_proj(x).view(B, T, H, D), cos, sin)  # (B, T, H, D)
+            k = _rotate(self.k_proj(x).view(B, T, Hkv, D), cos, sin)  # (B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        gqa = Hkv != H
         if cache is None:
             # Whole sequences, no cache: plain causal attention (right padding never affects real tokens).
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=T > 1,
+                                                 enable_gqa=gqa)
         else:
             k_cache, v_cache = cache
-            rows, pos = cache_index  # slots (slice or [B]) and positions [B, T]
-            contiguous = isinstance(rows, slice)
-            if contiguous:  # contiguous slots: work on views, no gather
-                k_cache, v_cache = k_cache[rows], v_cache[rows]
-                rows = torch.arange(B, device=x.device)
-            # write position pos[b, t] of slot rows[b]; indexed shape (B, T, Hkv, D)
-            k_cache[rows[:, None], :, pos] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache[rows[:, None], :, pos] = v.transpose(1, 2).to(v_cache.dtype)
-            if contiguous:
-                k_all, v_all = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # (B, Hkv, S, D) views
-            else:
-                k_all, v_all = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]  # (B, Hkv, S, D)
+            rows, flat_index = cache_index  # slots (slice or [B]); [B * T * Hkv] rows of the flat cache
+            # (slot rows[b], head h, position pos[b, t]) is row (rows[b] * Hkv + h) * S + pos[b, t]
+            # of the cache viewed as [slots * Hkv * S, D]; sources in (b, t, h) order
+            k_cache.view(-1, D).index_copy_(0, flat_index, k.reshape(-1, D).to(k_cache.dtype))
+            v_cache.view(-1, D).index_copy_(0, flat_index, v.reshape(-1, D).to(v_cache.dtype))
+            # (B, Hkv, S, D): views for a slice of slots, a gather for a slot tensor
+            k_all, v_all = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
             out = F.scaled_dot_product_attention(q, k_all.to(q.dtype), v_all.to(q.dtype),
                                                  attn_mask=mask, enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.o_proj(out)
 
 
@@ -160,12 +253,18 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused_gate_up: _Fused | None = None  # set by AquilaForCausalLM.prepare_for_cpu_decode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        projs = (self.gate_proj, self.up_proj)
+        if self.fused_gate_up is not None and self.fused_gate_up.usable(projs):
+            gate, up = self.fused_gate_up.product(x).split(self.fused_gate_up.sizes, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -207,11 +306,11 @@ class AquilaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = AquilaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
-        self._rotary_tables: dict = {}  # (device, dtype) -> (cos, sin) [positions, head_dim]
+        self._rotary_tables: dict = {}  # (device, dtype) -> (cos, signed sin) [positions, head_dim]
 
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for linear and embedding weights, ones for norms (as HF)."""
@@ -274,7 +373,13 @@ class AquilaForCausalLM(nn.Module):
                 raise ValueError(f"position {kv_len - 1} is outside the KV cache ({kv_cache.max_seq_len} positions)")
             if slots is None:
                 slots = slice(0, B)
-            cache_index = (slots, positions)
+            slot_ids = (torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, slice)
+                        else slots)
+            hkv, S = self.config.num_key_value_heads, kv_cache.max_seq_len
+            heads = torch.arange(hkv, device=device)
+            # row of (slot, head, position) in a layer's cache viewed as [slots * Hkv * S, head_dim]
+            flat_index = ((slot_ids[:, None, None] * hkv + heads) * S) + positions[:, :, None]  # (B, T, Hkv)
+            cache_index = (slots, flat_index.reshape(-1))
             if not (B == 1 and T == 1 and kv_len == int(positions[0, 0]) + 1):
                 # (a single row decoding at the end of its cache attends to everything: no mask)
                 key_pos = torch.arange(kv_len, device=device)
@@ -293,8 +398,9 @@ class AquilaForCausalLM(nn.Module):
         return self.lm_head(x).float()
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[B, T, head_dim]`` looked up in a table of all positions, built once per
-        device and dtype (the same fp32 values :func:`rotary_cos_sin` computes per call)."""
+        """cos and signed sin (see :func:`_rotate`) ``[B, T, head_dim]`` looked up in a table of
+        all positions, built once per device and dtype (the same fp32 values
+        :func:`rotary_cos_sin` computes per call)."""
         key = (positions.device, dtype)
         table = self._rotary_tables.get(key)
         n = self.config.max_position_embeddings
@@ -302,9 +408,39 @@ class AquilaForCausalLM(nn.Module):
             size = max(n, int(positions.max()) + 1)
             pos = torch.arange(size, device=positions.device)[None]
             cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
-            table = (cos[0], sin[0])
+            half = self.config.head_dim // 2
+            table = (cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1))
             self._rotary_tables[key] = table
         return table[0][positions], table[1][positions]
+
+    def prepare_for_cpu_decode(self) -> None:
+        """Re-lay the weights for fast few-token steps on the CPU, in place (the engine calls it).
+
+        Every linear weight ``[out, in]`` is stored column-major (same shape, values and
+        state-dict keys; strides ``(1, out)``): BLAS multiplies a vector by a weight about twice as
+        fast in that layout (measured: 13 vs 30 ms for a 100008 x 448 output projection at one
+        row; equal from 8 rows up). The q/k/v projections of each layer share one
+        ``[q + 2 kv, hidden]`` weight, and so do the gate/up projections (one product instead of
+        three or two; the modules' weights become views of it). Weights of at least
+        :data:`SPLIT_LINEAR_MIN_ELEMENTS` elements also take :func:`linear_no_bias`'s split
+        product. Calling it again changes nothing. Results equal the row-major ones up to
+        summation order (~1e-6 relative in fp32). Training is unaffected (gradients keep the
+        parameters' layout); :func:`~aquilachat.checkpoint.save_hf` writes contiguous
+        tensors.
+        """
+        with torch.no_grad():
+            for layer in self.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+                for group, owner, name in ((qkv, attn, "fused_qkv"), (gate_up, mlp, "fused_gate_up")):
+                    done = getattr(owner, name)
+                    if all(type(m) is Linear for m in group) and not (done and done.usable(group)):
+                        setattr(owner, name, _Fused(group))
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
+                    module.weight.data = module.weight.data.t().contiguous().t()
+                if isinstance(module, Linear):
+                    module.split_rows = module.weight.numel() >= SPLIT_LINEAR_MIN_ELEMENTS
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied weights counted once)."""

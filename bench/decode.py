@@ -6,7 +6,9 @@ memory-bandwidth bound at batch 1.
 For each config a random model with that shape is built once; ours runs it through the engine
 (prefill + single-token decode over the preallocated KV cache), transformers runs the same
 weights through ``LlamaForCausalLM.generate(do_sample=False)`` with its default dynamic cache.
-Both generate exactly ``--new-tokens`` tokens per sequence (EOS ignored) from a 16-token prompt.
+Both generate exactly ``--new-tokens`` tokens per sequence (EOS ignored) from a 16-token prompt;
+the two sides run alternately ``--repeats`` times and the medians are reported (this machine's
+speed drifts by +-20% over minutes).
 
 Bandwidth bound (batch 1): every decoded token must read every weight except the embedding table
 (one row of it), so tokens/s <= copy_bandwidth / weight_bytes, where copy_bandwidth is measured
@@ -16,6 +18,7 @@ here as (bytes read + bytes written) / time of a large ``torch`` tensor copy.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--configs", default="bench-20m,bench-100m")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per row; medians reported")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args()
     if args.threads:
@@ -95,8 +99,9 @@ def main() -> None:
         bound = bw / wb
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, cfg.vocab_size, (b, 16), generator=torch.Generator().manual_seed(b))
-            ours = bench_ours(model, prompts, args.new_tokens)
-            hf = bench_hf(ref, prompts, args.new_tokens)
+            runs = [(bench_ours(model, prompts, args.new_tokens), bench_hf(ref, prompts, args.new_tokens))
+                    for _ in range(args.repeats)]  # alternated, so machine noise hits both sides alike
+            ours, hf = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             rows.append((name, cfg.num_parameters() / 1e6, b, ours, hf, ours / hf,
                          f"{bound:.0f} ({ours / bound:.0%})" if b == 1 else "-"))
     print()

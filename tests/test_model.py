@@ -135,3 +135,80 @@ def test_bad_configs_are_named():
         ModelConfig(hidden_size=66, num_attention_heads=4)
     with pytest.raises(ConfigError, match="unknown model preset"):
         ModelConfig.from_preset("nope")
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Every linear takes the split product (2 threads), whatever its size."""
+    import aquilachat.model as model_module
+    monkeypatch.setattr(model_module, "SPLIT_LINEAR_MIN_ELEMENTS", 0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _decode_logits(model, prompts, steps):
+    """Prefill a ragged batch into a cache, then ``steps`` greedy single-token steps; all logits."""
+    cache = KVCache.allocate(model.config, num_slots=len(prompts), max_seq_len=64)
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    out = []
+    with torch.inference_mode():
+        logits = model(ids, torch.arange(T).expand(len(prompts), T), cache,
+                       logits_index=torch.tensor([len(p) - 1 for p in prompts]))[:, 0]
+        pos = torch.tensor([[len(p)] for p in prompts])
+        for _ in range(steps):
+            out.append(logits)
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, pos, cache, kv_len=int(pos.max()) + 1)[:, 0]
+            pos = pos + 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", ["gqa-untied", "mqa-tied"])
+def test_cpu_decode_layout_equals_plain_model_and_transformers(case, split_everything):
+    """prepare_for_cpu_decode (column-major, fused q/k/v and gate/up, split products) changes no
+    value: same state dict, same logits as the plain model and as transformers."""
+    plain, ref = pair(**CASES[case])
+    fast, _ = pair(**CASES[case])
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    fast.prepare_for_cpu_decode()
+    fused = fast.model.layers[0].self_attn.fused_qkv
+    fast.prepare_for_cpu_decode()  # idempotent
+    assert fast.model.layers[0].self_attn.fused_qkv is fused and fused.split
+    after = fast.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    prompts = [[5, 17, 33, 2, 250, 9, 1], [44, 3], [7, 7, 7, 8, 9]]
+    want = _decode_logits(plain, prompts, 6)
+    torch.testing.assert_close(_decode_logits(fast, prompts, 6), want, atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_decode_layout_follows_weight_changes_and_trains(split_everything):
+    """Loading weights into a prepared model reaches the fused storage; a replaced weight makes
+    the layer fall back to its own modules; with autograd on, gradients equal the plain model's."""
+    plain, _ = pair(**CASES["gqa-untied"])
+    other, _ = pair(seed=1, **CASES["gqa-untied"])
+    fast, _ = pair(**CASES["gqa-untied"])
+    fast.prepare_for_cpu_decode()
+    fast.load_state_dict(other.state_dict())
+    prompts = [[5, 17, 33, 2], [44, 3, 9]]
+    torch.testing.assert_close(_decode_logits(fast, prompts, 3), _decode_logits(other, prompts, 3),
+                               atol=1e-5, rtol=1e-5)
+    new_q = torch.randn_like(plain.model.layers[1].self_attn.q_proj.weight) * 0.02
+    for m in (plain, fast):
+        m.model.layers[1].self_attn.q_proj.weight = torch.nn.Parameter(new_q.clone())
+    plain.load_state_dict({k: v for k, v in other.state_dict().items() if "layers.1.self_attn.q_proj" not in k},
+                          strict=False)
+    torch.testing.assert_close(_decode_logits(fast, prompts, 3), _decode_logits(plain, prompts, 3),
+                               atol=1e-5, rtol=1e-5)
+    ids = torch.tensor([[5, 17, 33, 2, 9]])
+    for m in (plain, fast):
+        m.train()
+        m.zero_grad()
+        m(ids).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

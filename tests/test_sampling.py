@@ -67,6 +67,20 @@ def test_never_raises_and_only_decodable_ids(rows, params, allowed_cut, history)
             assert not math.isnan(logits[b, tok].item())
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.lists(logit_values, min_size=V, max_size=V), min_size=1, max_size=4))
+def test_plain_greedy_shortcut_equals_full_path(rows):
+    """All-greedy batches without penalties take a one-pass shortcut; with the same logits (NaN,
+    infinities, ties) it must pick what the full path picks (forced here by an all-True mask)."""
+    logits = torch.tensor(rows, dtype=torch.float32)
+    B = logits.shape[0]
+    params = [SamplingParams(temperature=0)] * B
+    fast = sample(logits, params, [None] * B)
+    full = sample(logits, params, [None] * B, allowed=torch.ones(V, dtype=torch.bool))
+    assert fast.token_ids.tolist() == full.token_ids.tolist()
+    assert fast.errors == full.errors
+
+
 def test_nan_is_impossible_and_posinf_is_certain():
     logits = torch.tensor([[math.nan, 1.0, math.nan, 0.5], [0.0, math.inf, 5.0, math.inf],
                            [math.nan] * 4, [-math.inf] * 4])
