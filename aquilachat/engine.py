@@ -9,6 +9,8 @@ Each :meth:`Engine.step` gives every running sequence exactly one new token:
    the pad positions are overwritten by the row's later tokens before they become visible);
 3. **decode** the sequences that were already running, one token each, in one batch; rows at
    different positions share the step through per-row positions and a causal mask over the cache;
+   the final hidden states of steps 2 and 3 go through the vocabulary projection together (one
+   product for all rows: for small models it is most of a step's work);
 4. sample all rows together (:func:`aquilachat.sampling.sample`), append, and retire sequences
    that hit EOS, a stop id, ``max_tokens``, the context window, or a sampling error. A retired
    sequence frees its slot at once; the next step can admit a new one.
@@ -265,26 +267,31 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits ``[B, V]`` at each new sequence's last prompt token; fills its cache slot."""
+        """Hidden states ``[B, hidden]`` at each new sequence's last prompt token; fills its cache slot."""
         lengths = [len(s.prompt_ids) for s in seqs]
         T = max(lengths)
         pad = self.config.pad_token_id or 0
         ids = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
         positions = torch.arange(T, device=self.device).expand(len(seqs), T)
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        logits = self.model(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
-                            kv_len=T, logits_index=last)
-        return logits[:, 0]
+        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+                                           kv_len=T, logits_index=last)
+        return hidden[:, 0]
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits ``[B, V]`` after feeding each running sequence's last token."""
+        """Hidden states ``[B, hidden]`` after feeding each running sequence's last token."""
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         pos = [s.num_tokens - 1 for s in seqs]
         positions = torch.tensor(pos, device=self.device)[:, None]
-        logits = self.model(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
-                            kv_len=max(pos) + 1)
-        return logits[:, 0]
+        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+                                           kv_len=max(pos) + 1)
+        return hidden[:, 0]
+
+    @torch.inference_mode()
+    def _logits(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, V]`` of the prefill and decode rows, in one vocabulary product."""
+        return self.model.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def step(self) -> list[StepOutput]:
         """Run one step (module docstring); returns what happened to each sequence it touched,
@@ -304,7 +311,7 @@ class Engine:
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in new)
         if old:
             parts.append(self._decode(old))
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        logits = self._logits(parts)
         result = sample(logits, [s.params for s in batch], [s.generator for s in batch], allowed=self.allowed,
                         prompt_ids=[s.prompt_ids for s in batch], output_ids=[s.output_ids for s in batch])
         token_ids = result.token_ids.tolist()

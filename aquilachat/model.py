@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import cpu_blas
 from .config import ModelConfig
 
 __all__ = ["AquilaForCausalLM", "KVCache", "Linear", "RMSNorm", "rotary_cos_sin", "apply_rotary"]
@@ -37,23 +38,35 @@ SPLIT_LINEAR_MAX_ROWS = 32
 def linear_no_bias(x: torch.Tensor, weight: torch.Tensor, split: bool = False) -> torch.Tensor:
     """``x @ weight.T`` for ``x [..., in]`` and ``weight [out, in]`` -> ``[..., out]``.
 
-    With ``split``, a weight stored column-major (``weight.t()`` contiguous, ``[in, out]``) and
-    at most :data:`SPLIT_LINEAR_MAX_ROWS` rows, the product is computed as ``k`` partial products
-    over slices of the input dimension in one batched matrix multiply, then summed (split-K):
-    ``y = sum_c x[:, c] @ W^T[c]`` with ``k`` = torch's thread count. BLAS runs a matrix-vector
-    product on one thread; the batched product runs the ``k`` slices on ``k`` threads (measured on
-    2 cores: 13.7 -> 9.4 ms for a 100008 x 448 output projection at one row, 63 -> 35 ms at 8
-    rows). Results equal ``F.linear`` up to summation order (~1e-6 relative in fp32).
+    ``split`` marks a large weight stored column-major (``weight.t()`` contiguous, ``[in, out]``;
+    see :meth:`AquilaForCausalLM.prepare_for_cpu_decode`). For at most
+    :data:`SPLIT_LINEAR_MAX_ROWS` rows such a product then runs:
+
+    * with ``k > 1`` torch threads, as ``k`` partial products over slices of the input dimension
+      in one batched matrix multiply, summed (split-K): ``y = sum_c x[:, c] @ W^T[c]``. BLAS runs
+      a matrix-vector product on one thread; the batched product runs the ``k`` slices on ``k``
+      threads (measured on 2 cores: 13.7 -> 9.4 ms for a 100008 x 448 output projection at one
+      row, 63 -> 35 ms at 8 rows);
+    * with one torch thread, in fp32 without autograd, through numpy's OpenBLAS when
+      :func:`aquilachat.cpu_blas.enable` found it (its few-row kernels are up to 2x faster than
+      MKL's here: see :mod:`aquilachat.cpu_blas`; with two threads split-K was as fast or faster
+      at 8 and 16 rows, so OpenBLAS is kept to the one-thread case).
+
+    Results equal ``F.linear`` up to summation order (~1e-6 relative in fp32).
     """
     if split:
-        k = torch.get_num_threads()
         out_features, in_features = weight.shape
         rows = x.numel() // in_features
         wt = weight.t()  # [in, out], contiguous when the weight is stored column-major
-        if k > 1 and rows <= SPLIT_LINEAR_MAX_ROWS and in_features % k == 0 and wt.is_contiguous():
-            x2 = x.reshape(rows, k, in_features // k).transpose(0, 1)  # [k, rows, in/k]
-            parts = torch.bmm(x2, wt.view(k, in_features // k, out_features))  # [k, rows, out]
-            return parts.sum(0).view(*x.shape[:-1], out_features)
+        if rows <= SPLIT_LINEAR_MAX_ROWS and wt.is_contiguous():
+            k = torch.get_num_threads()
+            if k == 1 and cpu_blas.enabled() and x.dtype == torch.float32 == weight.dtype \
+                    and x.device.type == "cpu" and not torch.is_grad_enabled():
+                return cpu_blas.matmul(x.reshape(rows, in_features), wt).view(*x.shape[:-1], out_features)
+            if k > 1 and in_features % k == 0:
+                x2 = x.reshape(rows, k, in_features // k).transpose(0, 1)  # [k, rows, in/k]
+                parts = torch.bmm(x2, wt.view(k, in_features // k, out_features))  # [k, rows, out]
+                return parts.sum(0).view(*x.shape[:-1], out_features)
     return F.linear(x, weight)
 
 
@@ -359,6 +372,23 @@ class AquilaForCausalLM(nn.Module):
         Raises:
             ValueError: positions outside the cache or the model's context window.
         """
+        return self.compute_logits(self.forward_hidden(
+            input_ids, positions, kv_cache, slots=slots, kv_len=kv_len, logits_index=logits_index,
+            logits_mask=logits_mask))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The vocabulary projection: final-norm hidden states ``[..., hidden]`` (from
+        :meth:`forward_hidden`) -> fp32 logits ``[..., vocab]``. Rows of several forward passes
+        may be concatenated first (the engine projects prefill and decode rows in one product)."""
+        return self.lm_head(hidden).float()
+
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       kv_cache: KVCache | None = None, *, slots: torch.Tensor | None = None,
+                       kv_len: int | None = None, logits_index: torch.Tensor | None = None,
+                       logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` up to the final norm: hidden states ``[B, T, hidden]`` (``[B, 1,
+        hidden]`` with ``logits_index``, ``[N, hidden]`` with ``logits_mask``) in the model's
+        dtype; arguments and errors as :meth:`forward`."""
         B, T = input_ids.shape
         device = input_ids.device
         if positions is None:
@@ -394,8 +424,7 @@ class AquilaForCausalLM(nn.Module):
             x = x[torch.arange(B, device=device), logits_index][:, None]  # (B, 1, hidden)
         elif logits_mask is not None:
             x = x[logits_mask]  # (N, hidden): the selected positions only
-        x = self.model.norm(x)
-        return self.lm_head(x).float()
+        return self.model.norm(x)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (see :func:`_rotate`) ``[B, T, head_dim]`` looked up in a table of
@@ -422,12 +451,14 @@ class AquilaForCausalLM(nn.Module):
         row; equal from 8 rows up). The q/k/v projections of each layer share one
         ``[q + 2 kv, hidden]`` weight, and so do the gate/up projections (one product instead of
         three or two; the modules' weights become views of it). Weights of at least
-        :data:`SPLIT_LINEAR_MIN_ELEMENTS` elements also take :func:`linear_no_bias`'s split
-        product. Calling it again changes nothing. Results equal the row-major ones up to
+        :data:`SPLIT_LINEAR_MIN_ELEMENTS` elements also take :func:`linear_no_bias`'s few-row
+        products (which may limit numpy's OpenBLAS to one thread: :func:`aquilachat.cpu_blas.enable`).
+        Calling it again changes nothing. Results equal the row-major ones up to
         summation order (~1e-6 relative in fp32). Training is unaffected (gradients keep the
         parameters' layout); :func:`~aquilachat.checkpoint.save_hf` writes contiguous
         tensors.
         """
+        cpu_blas.enable()
         with torch.no_grad():
             for layer in self.model.layers:
                 attn, mlp = layer.self_attn, layer.mlp

@@ -208,6 +208,36 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(scaled).scatter_(-1, sorted_idx, sorted_vals)
 
 
+#: Width of the blocks :func:`_max_rows` reduces first.
+_MAX_BLOCK = 256
+
+
+def _max_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.max(dim=-1)`` for ``x [B, V]``: the largest value of each row (NaN if the row holds a
+    NaN) and the index of its first occurrence, both ``[B]``.
+
+    Same result as ``torch.max``, faster for a large V on the CPU: ``torch.max`` with indices runs
+    a scalar loop (1.9 ms for 16 x 100008 fp32 on one thread), so the rows are reduced in blocks
+    of :data:`_MAX_BLOCK` with the vectorised ``amax``, then only the winning block is searched
+    (0.5 ms). The first block holding the maximum holds its first occurrence.
+    """
+    B, V = x.shape
+    n = V // _MAX_BLOCK * _MAX_BLOCK
+    if n < 4 * _MAX_BLOCK:
+        return x.max(dim=-1)
+    x = x.contiguous()
+    blocks = x[:, :n].view(B, n // _MAX_BLOCK, _MAX_BLOCK)
+    block_max = blocks.amax(dim=-1)  # (B, n / block); NaN propagates
+    best = block_max.argmax(dim=-1)  # first block with the maximum (NaN counts as the maximum)
+    values = block_max.gather(1, best[:, None])[:, 0]
+    index = blocks[torch.arange(B, device=x.device), best].argmax(dim=-1) + best * _MAX_BLOCK
+    if n < V:
+        tail_values, tail_index = x[:, n:].max(dim=-1)
+        index = torch.where(tail_values > values, tail_index + n, index)  # ties: the earlier one
+        values = torch.maximum(values, tail_values)  # NaN propagates
+    return values, index
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], *,
            allowed: torch.Tensor | None = None, prompt_ids: list[list[int]] | None = None,
            output_ids: list[list[int]] | None = None) -> SampleResult:
@@ -229,7 +259,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                                and p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params):
         # plain greedy (benchmarks, evaluation): one pass. max propagates NaN, so finite maxima
         # mean no NaN, no +inf and a finite candidate in every row: steps 1-3 change nothing.
-        values, token_ids = logits.max(dim=-1)
+        values, token_ids = _max_rows(logits)
         if bool(torch.isfinite(values).all()):
             return SampleResult(token_ids, torch.full((B,), math.nan, device=device), {}, [None] * B)
     x = sanitize_logits(logits, allowed)

@@ -137,14 +137,19 @@ def test_bad_configs_are_named():
         ModelConfig.from_preset("nope")
 
 
-@pytest.fixture
-def split_everything(monkeypatch):
-    """Every linear takes the split product (2 threads), whatever its size."""
+@pytest.fixture(params=[1, 2], ids=["1-thread-openblas", "2-threads-split-k"])
+def split_everything(request, monkeypatch):
+    """Every linear takes the few-row products whatever its size: with 1 torch thread numpy's
+    OpenBLAS (calls counted in the returned list), with 2 the split-K batched product."""
+    import aquilachat.cpu_blas as cpu_blas
     import aquilachat.model as model_module
     monkeypatch.setattr(model_module, "SPLIT_LINEAR_MIN_ELEMENTS", 0)
+    calls = []
+    real = cpu_blas.matmul
+    monkeypatch.setattr(cpu_blas, "matmul", lambda x, wt: calls.append(1) or real(x, wt))
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
+    torch.set_num_threads(request.param)
+    yield calls
     torch.set_num_threads(old)
 
 
@@ -185,6 +190,9 @@ def test_cpu_decode_layout_equals_plain_model_and_transformers(case, split_every
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), ref(ids).logits, atol=1e-5, rtol=1e-5)
+    from aquilachat import cpu_blas
+    used_openblas = bool(split_everything)
+    assert used_openblas == (torch.get_num_threads() == 1 and cpu_blas.enabled())
 
 
 def test_cpu_decode_layout_follows_weight_changes_and_trains(split_everything):
@@ -212,3 +220,18 @@ def test_cpu_decode_layout_follows_weight_changes_and_trains(split_everything):
         m(ids).logsumexp(-1).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_numpy_openblas_is_limited_to_one_thread():
+    """cpu_blas uses numpy's OpenBLAS only after limiting it to one thread (two spinning pools on
+    few cores slowed decode steps 3x); torch's own threads are untouched."""
+    from aquilachat import cpu_blas
+    threads = torch.get_num_threads()
+    if not cpu_blas.enable():
+        pytest.skip("numpy here is not built on OpenBLAS (torch does every product)")
+    from threadpoolctl import threadpool_info
+    pools = [p for p in threadpool_info() if p.get("prefix") == "libscipy_openblas"]
+    assert pools and all(p["num_threads"] == 1 for p in pools)
+    assert torch.get_num_threads() == threads
+    x, wt = torch.randn(3, 40), torch.randn(40, 70)
+    torch.testing.assert_close(cpu_blas.matmul(x, wt), x @ wt, atol=1e-5, rtol=1e-5)

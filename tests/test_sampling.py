@@ -170,3 +170,20 @@ def test_same_seed_same_draws_alone_or_batched():
 def test_sanitize_rows():
     x = sanitize_logits(torch.tensor([[math.nan, 1.0, math.inf, math.inf]]))
     assert x.tolist() == [[-math.inf, -math.inf, 0.0, 0.0]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(B=st.integers(1, 3), V=st.sampled_from([1024, 1030, 2560, 5000]), data=st.data())
+def test_blockwise_row_max_equals_torch_max(B, V, data):
+    """The blocked maximum used by greedy sampling equals torch.max: values (NaN-propagating) and
+    the first index of the maximum, with ties, infinities and NaN in the head or the tail."""
+    from aquilachat.sampling import _max_rows
+    x = torch.randn(B, V)
+    for _ in range(data.draw(st.integers(0, 4))):
+        b, i = data.draw(st.integers(0, B - 1)), data.draw(st.integers(0, V - 1))
+        x[b, i] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 5.0, 5.0, 1e30]))
+    values, index = _max_rows(x)
+    want_values, want_index = x.max(dim=-1)
+    torch.testing.assert_close(values, want_values, equal_nan=True)
+    nan_rows = want_values.isnan()
+    assert index[~nan_rows].tolist() == want_index[~nan_rows].tolist()
