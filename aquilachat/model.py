@@ -42,8 +42,9 @@ def linear_no_bias(x: torch.Tensor, weight: torch.Tensor, split: bool = False) -
     see :meth:`AquilaForCausalLM.prepare_for_cpu_decode`). For at most
     :data:`SPLIT_LINEAR_MAX_ROWS` rows such a product then runs:
 
-    * with ``k > 1`` torch threads, as ``k`` partial products over slices of the input dimension
-      in one batched matrix multiply, summed (split-K): ``y = sum_c x[:, c] @ W^T[c]``. BLAS runs
+    * with ``k > 1`` torch threads, in fp32 (low-precision partial sums would be rounded twice),
+      as ``k`` partial products over slices of the input dimension in one batched matrix
+      multiply, summed (split-K): ``y = sum_c x[:, c] @ W^T[c]``. BLAS runs
       a matrix-vector product on one thread; the batched product runs the ``k`` slices on ``k``
       threads (measured on 2 cores: 13.7 -> 9.4 ms for a 100008 x 448 output projection at one
       row, 63 -> 35 ms at 8 rows);
@@ -63,7 +64,7 @@ def linear_no_bias(x: torch.Tensor, weight: torch.Tensor, split: bool = False) -
             if k == 1 and cpu_blas.enabled() and x.dtype == torch.float32 == weight.dtype \
                     and x.device.type == "cpu" and not torch.is_grad_enabled():
                 return cpu_blas.matmul(x.reshape(rows, in_features), wt).view(*x.shape[:-1], out_features)
-            if k > 1 and in_features % k == 0:
+            if k > 1 and in_features % k == 0 and x.dtype == torch.float32:
                 x2 = x.reshape(rows, k, in_features // k).transpose(0, 1)  # [k, rows, in/k]
                 parts = torch.bmm(x2, wt.view(k, in_features // k, out_features))  # [k, rows, out]
                 return parts.sum(0).view(*x.shape[:-1], out_features)
@@ -205,6 +206,17 @@ class _Fused:
         return not torch.is_grad_enabled() and all(
             type(m) is Linear and m.weight.data_ptr() == p for m, p in zip(linears, self.ptrs))
 
+    def release(self, linears: list[nn.Module]) -> None:
+        """Give each module still viewing the fused tensor its own dense copy of its weight (the
+        parameter objects stay, so optimizers keep them). Optimizers with fused kernels treat a
+        parameter as a dense block: on a view of the shared tensor they would write into its
+        neighbours."""
+        with torch.no_grad():
+            for m, ptr in zip(linears, self.ptrs):
+                weight = getattr(m, "weight", None)
+                if weight is not None and weight.data_ptr() == ptr:
+                    weight.data = weight.data.t().contiguous().t()  # column-major, dense
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` -> ``[..., sum out]``: the modules' outputs side by side."""
         return linear_no_bias(x, self.weight, self.split)
@@ -224,6 +236,12 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, kv, bias=False)
         self.o_proj = Linear(q, h, bias=False)
         self.fused_qkv: _Fused | None = None  # set by AquilaForCausalLM.prepare_for_cpu_decode
+
+    def train(self, mode: bool = True) -> "Attention":
+        if mode and self.fused_qkv is not None:
+            self.fused_qkv.release([self.q_proj, self.k_proj, self.v_proj])
+            self.fused_qkv = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, cache_index: tuple | None,
@@ -248,13 +266,18 @@ class Attention(nn.Module):
                                                  enable_gqa=gqa)
         else:
             k_cache, v_cache = cache
-            rows, flat_index = cache_index  # slots (slice or [B]); [B * T * Hkv] rows of the flat cache
-            # (slot rows[b], head h, position pos[b, t]) is row (rows[b] * Hkv + h) * S + pos[b, t]
-            # of the cache viewed as [slots * Hkv * S, D]; sources in (b, t, h) order
+            # rows: slots (slice or [B]); flat_index [B * T * Hkv]; slot_ids [B]; positions [B, T]
+            rows, flat_index, slot_ids, positions = cache_index
             if k.dtype != k_cache.dtype:
                 k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-            k_cache.view(-1, D).index_copy_(0, flat_index, k.reshape(-1, D))
-            v_cache.view(-1, D).index_copy_(0, flat_index, v.reshape(-1, D))
+            if k_cache.is_contiguous() and v_cache.is_contiguous():
+                # (slot s, head h, position p) is row (s * Hkv + h) * S + p of the cache viewed as
+                # [slots * Hkv * S, D]; sources in (b, t, h) order
+                k_cache.view(-1, D).index_copy_(0, flat_index, k.reshape(-1, D))
+                v_cache.view(-1, D).index_copy_(0, flat_index, v.reshape(-1, D))
+            else:  # a cache built from views: indexed assignment, shape (B, T, Hkv, D)
+                k_cache[slot_ids[:, None], :, positions] = k
+                v_cache[slot_ids[:, None], :, positions] = v
             # (B, Hkv, S, D): views for a slice of slots, a gather for a slot tensor
             k_all, v_all = k_cache[rows, :, :kv_len], v_cache[rows, :, :kv_len]
             if k_all.dtype != q.dtype:
@@ -273,6 +296,12 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.fused_gate_up: _Fused | None = None  # set by AquilaForCausalLM.prepare_for_cpu_decode
+
+    def train(self, mode: bool = True) -> "MLP":
+        if mode and self.fused_gate_up is not None:
+            self.fused_gate_up.release([self.gate_proj, self.up_proj])
+            self.fused_gate_up = None
+        return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projs = (self.gate_proj, self.up_proj)
@@ -397,22 +426,24 @@ class AquilaForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=device).expand(B, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = self._rotary(positions, x.dtype)
+        first, last = int(positions.min()), int(positions.max())
+        if first < 0:
+            raise ValueError(f"positions must be >= 0, got {first}")
+        cos, sin = self._rotary(positions, x.dtype, last)
         mask = cache_index = None
         if kv_cache is not None:
             if kv_len is None:
-                kv_len = int(positions.max()) + 1
+                kv_len = last + 1
             if kv_len > kv_cache.max_seq_len:
                 raise ValueError(f"position {kv_len - 1} is outside the KV cache ({kv_cache.max_seq_len} positions)")
-            if slots is None:
-                slots = slice(0, B)
-            slot_ids = (torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, slice)
-                        else slots)
+            if last >= kv_len:
+                raise ValueError(f"position {last} is not below kv_len={kv_len}")
+            slots, slot_ids = self._slot_rows(slots, B, kv_cache.num_slots, device)
             hkv, S = self.config.num_key_value_heads, kv_cache.max_seq_len
             heads = torch.arange(hkv, device=device)
             # row of (slot, head, position) in a layer's cache viewed as [slots * Hkv * S, head_dim]
             flat_index = ((slot_ids[:, None, None] * hkv + heads) * S) + positions[:, :, None]  # (B, T, Hkv)
-            cache_index = (slots, flat_index.reshape(-1))
+            cache_index = (slots, flat_index.reshape(-1), slot_ids, positions)
             if not (B == 1 and T == 1 and kv_len == int(positions[0, 0]) + 1):
                 # (a single row decoding at the end of its cache attends to everything: no mask)
                 key_pos = torch.arange(kv_len, device=device)
@@ -429,15 +460,40 @@ class AquilaForCausalLM(nn.Module):
             x = x[logits_mask]  # (N, hidden): the selected positions only
         return self.model.norm(x)
 
-    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _slot_rows(slots, B: int, num_slots: int, device) -> tuple[slice | torch.Tensor, torch.Tensor]:
+        """``slots`` (None, a slice or ``[B]`` ids) -> (a step-1 slice or an id tensor, ids ``[B]``).
+
+        Raises:
+            ValueError: not ``B`` slots, or an id outside ``0 .. num_slots - 1``.
+        """
+        if slots is None:
+            slots = slice(0, B)
+        if isinstance(slots, slice):
+            start, stop, step = slots.indices(num_slots)
+            ids = torch.arange(start, stop, step, device=device)
+            if step == 1:
+                slots = slice(start, stop)
+            else:
+                slots = ids
+        else:
+            ids = slots
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_slots):
+                raise ValueError(f"slot ids must be in 0..{num_slots - 1}, got {ids.tolist()}")
+        if ids.shape != (B,):
+            raise ValueError(f"{B} rows need {B} cache slots, got {tuple(ids.shape)} ({slots})")
+        return slots, ids
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype,
+                last: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (see :func:`_rotate`) ``[B, T, 1, head_dim]`` looked up in a table of
-        all positions, built once per device and dtype (the same fp32 values
-        :func:`rotary_cos_sin` computes per call)."""
+        all positions (``last`` = ``positions.max()``), built once per device and dtype (the same
+        fp32 values :func:`rotary_cos_sin` computes per call)."""
         key = (positions.device, dtype)
         table = self._rotary_tables.get(key)
         n = self.config.max_position_embeddings
-        if table is None or int(positions.max()) >= table[0].shape[0]:
-            size = max(n, int(positions.max()) + 1)
+        if table is None or last >= table[0].shape[0]:
+            size = max(n, last + 1)
             pos = torch.arange(size, device=positions.device)[None]
             cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, dtype)
             half = self.config.head_dim // 2
@@ -457,9 +513,10 @@ class AquilaForCausalLM(nn.Module):
         :data:`SPLIT_LINEAR_MIN_ELEMENTS` elements also take :func:`linear_no_bias`'s few-row
         products (which may limit numpy's OpenBLAS to one thread: :func:`aquilachat.cpu_blas.enable`).
         Calling it again changes nothing. Results equal the row-major ones up to
-        summation order (~1e-6 relative in fp32). Training is unaffected (gradients keep the
-        parameters' layout); :func:`~aquilachat.checkpoint.save_hf` writes contiguous
-        tensors.
+        summation order (~1e-6 relative in fp32). ``model.train()`` gives the fused weights
+        their own dense storage again (optimizers with fused kernels treat each parameter as a
+        dense block and would otherwise write into its neighbours); gradients keep the
+        parameters' layout; :func:`~aquilachat.checkpoint.save_hf` writes contiguous tensors.
         """
         cpu_blas.enable()
         with torch.no_grad():

@@ -235,3 +235,100 @@ def test_numpy_openblas_is_limited_to_one_thread():
     assert torch.get_num_threads() == threads
     x, wt = torch.randn(3, 40), torch.randn(40, 70)
     torch.testing.assert_close(cpu_blas.matmul(x, wt), x @ wt, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opt", ["adamw-fused", "sgd-fused"])
+def test_fused_optimizer_after_prepare_and_train_touches_only_its_parameter(opt):
+    """After prepare_for_cpu_decode, q/k/v share one tensor; model.train() gives each its own
+    dense storage again, so a fused optimizer step on q leaves k untouched."""
+    m, _ = pair(**CASES["gqa-untied"])
+    m.prepare_for_cpu_decode()
+    m.train()
+    attn = m.model.layers[0].self_attn
+    k_before, q_before = attn.k_proj.weight.detach().clone(), attn.q_proj.weight.detach().clone()
+    make = {"adamw-fused": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.0, fused=True),
+            "sgd-fused": lambda p: torch.optim.SGD(p, lr=1.0, fused=True)}[opt]
+    o = make([attn.q_proj.weight])
+    attn.q_proj.weight.grad = torch.ones_like(attn.q_proj.weight)
+    o.step()
+    assert torch.equal(attn.k_proj.weight.detach(), k_before)
+    assert (attn.q_proj.weight.detach() - q_before).abs().min() > 0
+
+
+def test_positions_outside_the_cache_or_kv_len_are_errors_not_writes():
+    m, _ = pair(**CASES["gqa-untied"])
+    cache = KVCache.allocate(m.config, num_slots=2, max_seq_len=8)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="not below kv_len"):
+            m(torch.tensor([[5]]), torch.tensor([[8]]), cache, slots=torch.tensor([0]), kv_len=8)
+        with pytest.raises(ValueError, match=">= 0"):
+            m(torch.tensor([[5]]), torch.tensor([[-1]]), cache, slots=torch.tensor([1]))
+        with pytest.raises(ValueError, match="slot ids"):
+            m(torch.tensor([[5]]), torch.tensor([[0]]), cache, slots=torch.tensor([2]))
+        with pytest.raises(ValueError, match="cache slots"):
+            m(torch.tensor([[5], [6]]), torch.tensor([[0], [0]]), cache, slots=slice(0, 1))
+    assert all(k.abs().sum() == 0 for k in cache.k)
+
+
+@pytest.mark.parametrize("slots", [slice(None, 2), slice(2, None), slice(-2, None), slice(0, 4, 2)])
+def test_any_slice_of_slots_equals_explicit_ids(slots):
+    m, _ = pair(**CASES["gqa-untied"])
+    cache = KVCache.allocate(m.config, num_slots=4, max_seq_len=8)
+    ref_cache = KVCache.allocate(m.config, num_slots=4, max_seq_len=8)
+    ids, pos = torch.tensor([[5], [6]]), torch.tensor([[0], [0]])
+    with torch.inference_mode():
+        got = m(ids, pos, cache, slots=slots)
+        want = m(ids, pos, ref_cache, slots=torch.tensor(list(range(4))[slots]))
+    torch.testing.assert_close(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v))
+
+
+def test_cache_built_from_views_works():
+    m, _ = pair(**CASES["gqa-untied"])
+    big = KVCache.allocate(m.config, num_slots=1, max_seq_len=16)
+    cache = KVCache([k[:, :, :8] for k in big.k], [v[:, :, :8] for v in big.v])
+    ref = KVCache.allocate(m.config, num_slots=1, max_seq_len=8)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids, None, cache), m(ids, None, ref))
+        torch.testing.assert_close(m(torch.tensor([[9]]), torch.tensor([[3]]), cache),
+                                   m(torch.tensor([[9]]), torch.tensor([[3]]), ref))
+
+
+def _teacher_forced(m, ids, slots, num_slots, dtype=torch.float32):
+    cache = KVCache.allocate(m.config, num_slots=num_slots, max_seq_len=32, dtype=dtype)
+    out = []
+    with torch.inference_mode():
+        out.append(m(ids[:, :3], torch.arange(3).expand(ids.shape[0], 3), cache, slots=slots)[:, -1])
+        for t in range(3, ids.shape[1]):
+            out.append(m(ids[:, t:t + 1], torch.full((ids.shape[0], 1), t), cache, slots=slots, kv_len=t + 1)[:, 0])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [None, torch.tensor([3, 0, 2])], ids=["slice", "tensor"])
+def test_prepared_equals_plain_teacher_forced(split_everything, dtype, slots):
+    ids = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(0))
+    plain, fast = pair(dtype=dtype, **CASES["gqa-untied"])[0], pair(dtype=dtype, **CASES["gqa-untied"])[0]
+    fast.prepare_for_cpu_decode()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(_teacher_forced(fast, ids, slots, 4, dtype), _teacher_forced(plain, ids, slots, 4, dtype),
+                               atol=tol, rtol=tol)
+
+
+def test_peft_lora_merged_after_prepare_equals_unprepared(split_everything):
+    peft = pytest.importorskip("peft")
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(1))
+    out = []
+    for prepare in (False, True):
+        m, _ = pair(**CASES["gqa-untied"])
+        if prepare:
+            m.prepare_for_cpu_decode()
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"],
+                              lora_dropout=0.0, init_lora_weights=False)
+        merged = peft.get_peft_model(m, cfg).eval().merge_and_unload()
+        if prepare:
+            merged.prepare_for_cpu_decode()
+        out.append(_teacher_forced(merged, ids, None, 2))
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)

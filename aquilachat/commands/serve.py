@@ -53,7 +53,6 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-    if os.environ.get("AQ_SWITCH"): sys.setswitchinterval(float(os.environ["AQ_SWITCH"]))
 
     from ..checkpoint import resolve_model_path
     from ..errors import ValidationError
