@@ -12,7 +12,8 @@ speed drifts by +-20% over minutes).
 
 Bandwidth bound (batch 1): every decoded token must read every weight except the embedding table
 (one row of it), so tokens/s <= copy_bandwidth / weight_bytes, where copy_bandwidth is measured
-here as (bytes read + bytes written) / time of a large ``torch`` tensor copy.
+here as (bytes read + bytes written) / time of a large ``torch`` tensor copy, once per round
+(median reported with the bound).
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s; torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {torch.get_num_threads()}")
     rows = []
     for name in args.configs.split(","):
         cfg = ModelConfig.from_preset(name)
@@ -96,12 +96,16 @@ def main() -> None:
         ref = LlamaForCausalLM(LlamaConfig(**cfg.to_hf_dict())).eval()
         ref.load_state_dict(model.state_dict())
         wb = weight_bytes_per_token(model)
-        bound = bw / wb
         for b in map(int, args.batches.split(",")):
             prompts = torch.randint(0, cfg.vocab_size, (b, 16), generator=torch.Generator().manual_seed(b))
-            runs = [(bench_ours(model, prompts, args.new_tokens), bench_hf(ref, prompts, args.new_tokens))
-                    for _ in range(args.repeats)]  # alternated, so machine noise hits both sides alike
+            # alternated, so machine noise hits both sides alike; the copy bandwidth is measured in
+            # the same rounds (it drifts with the machine too)
+            runs = [(bench_ours(model, prompts, args.new_tokens), bench_hf(ref, prompts, args.new_tokens),
+                     copy_bandwidth()) for _ in range(args.repeats)]
             ours, hf = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+            bw = statistics.median(r[2] for r in runs)
+            bound = bw / wb
+            print(f"{name} batch {b}: copy bandwidth {', '.join(f'{r[2] / 1e9:.1f}' for r in runs)} GB/s")
             rows.append((name, cfg.num_parameters() / 1e6, b, ours, hf, ours / hf,
                          f"{bound:.0f} ({ours / bound:.0%})" if b == 1 else "-"))
     print()
