@@ -49,3 +49,13 @@ def byte_tokenizer_dir(tmp_path_factory) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Two shared cores: one intra-op thread is many times faster than two competing ones
+    (training tests, several processes at once). Use with ``pytest.mark.usefixtures``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

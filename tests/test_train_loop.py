@@ -16,13 +16,7 @@ from aquilachat.train.loop import DataPlan, lr_at, train
 from tests.train_helpers import load_weights, make_setup, read_metrics, write_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one intra-op thread is many times faster than two competing ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -21,12 +21,7 @@ from tests.train_helpers import make_setup, read_metrics, subprocess_env, write_
 KILL_WAIT_S = 240  # bounded wait for the first checkpoint of the child run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()
