@@ -155,7 +155,7 @@ def split_everything(request, monkeypatch):
 
 def _decode_logits(model, prompts, steps):
     """Prefill a ragged batch into a cache, then ``steps`` greedy single-token steps; all logits."""
-    cache = KVCache.allocate(model.config, num_slots=len(prompts), max_seq_len=64)
+    cache = KVCache.allocate(model.config, num_slots=len(prompts), max_seq_len=64, dtype=model.dtype)
     T = max(len(p) for p in prompts)
     ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
     out = []
@@ -171,8 +171,18 @@ def _decode_logits(model, prompts, steps):
     return torch.stack(out)
 
 
+@pytest.fixture
+def plan_runs(monkeypatch):
+    """Counts the prepared model's decode-plan runs (one per cached forward that took it)."""
+    import aquilachat.model as model_module
+    runs = []
+    real = model_module._DecodePlan.run
+    monkeypatch.setattr(model_module._DecodePlan, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    return runs
+
+
 @pytest.mark.parametrize("case", ["gqa-untied", "mqa-tied"])
-def test_cpu_decode_layout_equals_plain_model_and_transformers(case, split_everything):
+def test_cpu_decode_layout_equals_plain_model_and_transformers(case, split_everything, plan_runs):
     """prepare_for_cpu_decode (column-major, fused q/k/v and gate/up, split products) changes no
     value: same state dict, same logits as the plain model and as transformers."""
     plain, ref = pair(**CASES[case])
@@ -187,6 +197,7 @@ def test_cpu_decode_layout_equals_plain_model_and_transformers(case, split_every
     prompts = [[5, 17, 33, 2, 250, 9, 1], [44, 3], [7, 7, 7, 8, 9]]
     want = _decode_logits(plain, prompts, 6)
     torch.testing.assert_close(_decode_logits(fast, prompts, 6), want, atol=1e-5, rtol=1e-5)
+    assert len(plan_runs) == 7  # the prefill and every step took the decode plan
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), ref(ids).logits, atol=1e-5, rtol=1e-5)
@@ -307,13 +318,101 @@ def _teacher_forced(m, ids, slots, num_slots, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("slots", [None, torch.tensor([3, 0, 2])], ids=["slice", "tensor"])
-def test_prepared_equals_plain_teacher_forced(split_everything, dtype, slots):
+def test_prepared_equals_plain_teacher_forced(split_everything, plan_runs, dtype, slots):
     ids = torch.randint(0, 300, (3, 10), generator=torch.Generator().manual_seed(0))
     plain, fast = pair(dtype=dtype, **CASES["gqa-untied"])[0], pair(dtype=dtype, **CASES["gqa-untied"])[0]
     fast.prepare_for_cpu_decode()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(_teacher_forced(fast, ids, slots, 4, dtype), _teacher_forced(plain, ids, slots, 4, dtype),
                                atol=tol, rtol=tol)
+    assert len(plan_runs) == 8
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_plan_equals_the_layer_modules(case, dtype, plan_runs):
+    """The prepared model's cached forward runs the decode plan (one function over all layers'
+    tensors, products as mm/addmm at these sizes); the same model through its modules gives the
+    same logits (ragged prefill, then steps at different positions), fp32 and bf16."""
+    fast = pair(dtype=dtype, **CASES[case])[0]
+    fast.prepare_for_cpu_decode()
+    prompts = [[5, 17, 33, 2, 250, 9, 1], [44, 3], [7, 7, 7, 8, 9]]
+    got = _decode_logits(fast, prompts, 5)
+    assert len(plan_runs) == 6
+    plan, fast._decode_plan = fast._decode_plan, None
+    want = _decode_logits(fast, prompts, 5)
+    assert len(plan_runs) == 6
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def _steps(model, ids, cache_dtype, grad=False):
+    """Prefill 3 tokens of each row into a cache, then feed the rest one at a time; logits."""
+    cache = KVCache.allocate(model.config, num_slots=ids.shape[0], max_seq_len=16, dtype=cache_dtype)
+    with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+        out = [model(ids[:, :3], None, cache)[:, -1]]
+        for t in range(3, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], torch.full((ids.shape[0], 1), t), cache)[:, 0])
+    return torch.stack(out, 1).detach()
+
+
+CHANGES = ["forward-hook", "forward-pre-hook", "global-hook", "peft-lora", "weight-storage", "module-replaced",
+           "layer-removed", "fp32-cache", "autograd", "train-mode"]
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_decode_plan_steps_aside_when_the_model_changes(change, plan_runs):
+    """After prepare_for_cpu_decode, anything the decode plan would not see (hooks, wrapped or
+    replaced modules, weights given new storage, a layer less, a cache of another dtype,
+    autograd, training mode) makes the model run its modules: the logits equal an unprepared
+    model's with the same change, and the plan does not run."""
+    if change == "peft-lora":
+        peft = pytest.importorskip("peft")
+    dtype = torch.bfloat16 if change == "fp32-cache" else torch.float32
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    handles = []
+    out = []
+    for prepare in (False, True):
+        m = pair(dtype=dtype, **CASES["gqa-untied"])[0]
+        if prepare:
+            m.prepare_for_cpu_decode()
+        layer = m.model.layers[1]
+        cache_dtype = dtype
+        if change == "forward-hook":
+            handles.append(layer.mlp.register_forward_hook(lambda mod, args, y: y * 0.5))
+        elif change == "forward-pre-hook":
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2,)))
+        elif change == "global-hook":
+            handles.append(torch.nn.modules.module.register_module_forward_hook(
+                lambda mod, args, y: y * 0.5 if isinstance(mod, torch.nn.Linear) and y.shape[-1] == 176 else None))
+        elif change == "peft-lora":
+            torch.manual_seed(0)
+            cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0,
+                                  init_lora_weights=False)
+            m = peft.get_peft_model(m, cfg).eval()
+        elif change == "weight-storage":
+            with torch.no_grad():
+                layer.self_attn.k_proj.weight.data = layer.self_attn.k_proj.weight.data * 1.5
+        elif change == "module-replaced":
+            new = torch.nn.Linear(176, 64, bias=False)
+            with torch.no_grad():
+                new.weight.copy_(torch.randn(64, 176, generator=torch.Generator().manual_seed(4)) * 0.02)
+            layer.mlp.down_proj = new
+        elif change == "layer-removed":
+            del m.model.layers[2]
+        elif change == "fp32-cache":
+            cache_dtype = torch.float32
+        elif change == "train-mode":
+            m.train()
+        try:
+            out.append(_steps(m, ids, cache_dtype, grad=change == "autograd"))
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[1], out[0], atol=tol, rtol=tol)
+    assert plan_runs == []
 
 
 def test_peft_lora_merged_after_prepare_equals_unprepared(split_everything):
