@@ -218,7 +218,7 @@ class _Fused:
         # modules with forward hooks run too (the hooks would not see a fused product)
         return not torch.is_grad_enabled() and not _global_hooks() and all(
             type(m) is Linear and m.weight.data_ptr() == p and not (m._forward_hooks or m._forward_pre_hooks)
-            for m, p in zip(linears, self.ptrs))
+            and "forward" not in m.__dict__ for m, p in zip(linears, self.ptrs))
 
     def release(self, linears: list[nn.Module]) -> None:
         """Give each module still viewing the fused tensor its own dense copy of its weight (the
@@ -282,8 +282,10 @@ class Attention(nn.Module):
             k_cache, v_cache = cache
             # rows: slots (slice or [B]); flat_index [B * T * Hkv]; slot_ids [B]; positions [B, T]
             rows, flat_index, slot_ids, positions = cache_index
-            if k.dtype != k_cache.dtype:
-                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            if k.dtype != k_cache.dtype:  # (under autocast k and v can differ: both are checked)
+                k = k.to(k_cache.dtype)
+            if v.dtype != v_cache.dtype:
+                v = v.to(v_cache.dtype)
             if k_cache.is_contiguous() and v_cache.is_contiguous():
                 # (slot s, head h, position p) is row (s * Hkv + h) * S + p of the cache viewed as
                 # [slots * Hkv * S, D]; sources in (b, t, h) order
@@ -375,8 +377,8 @@ class _DecodePlan:
     def __init__(self, model: "AquilaForCausalLM") -> None:
         self.layers_list = model.model.layers
         self.num_layers = len(model.model.layers)
-        # (parent._modules, name, child, child's forward hooks, child's forward pre-hooks)
-        self.checks: list[tuple[dict, str, nn.Module, dict, dict]] = []
+        # (parent._modules, name, child, its class, its __dict__, its forward hooks, its pre-hooks)
+        self.checks: list[tuple[dict, str, nn.Module, type, dict, dict, dict]] = []
         self.params: list[tuple[dict, nn.Parameter, int | None]] = []  # (module._parameters, weight, ptr)
         self.layers = []
         for i, layer in enumerate(model.model.layers):
@@ -387,7 +389,8 @@ class _DecodePlan:
                                   (mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
                     child = parent._modules[name]
-                    self.checks.append((parent._modules, name, child, child._forward_hooks, child._forward_pre_hooks))
+                    self.checks.append((parent._modules, name, child, type(child), child.__dict__,
+                                        child._forward_hooks, child._forward_pre_hooks))
             # linear weights: the plan holds views of their storage (checked by address); the norm
             # weights are used as they are
             for mod in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
@@ -402,19 +405,29 @@ class _DecodePlan:
         self.heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         self.dtype = model.dtype
 
-    def usable(self, model: "AquilaForCausalLM", cache: "KVCache") -> bool:
-        if torch.is_grad_enabled() or model.training or len(self.layers_list) != self.num_layers \
-                or model.model._modules.get("layers") is not self.layers_list or _global_hooks():
+    def describes(self, model: "AquilaForCausalLM") -> bool:
+        """The structural part of :meth:`usable`: same modules (objects, classes, no instance
+        ``forward`` such as accelerate's hooks set, no forward hooks), same parameters at the same
+        addresses."""
+        if len(self.layers_list) != self.num_layers or model.model._modules.get("layers") is not self.layers_list \
+                or _global_hooks():
             return False
-        for modules, name, child, hooks, pre_hooks in self.checks:
-            if modules.get(name) is not child or hooks or pre_hooks \
-                    or child._forward_hooks is not hooks or child._forward_pre_hooks is not pre_hooks:
+        for modules, name, child, cls, attrs, hooks, pre_hooks in self.checks:
+            if modules.get(name) is not child or type(child) is not cls or "forward" in attrs or hooks \
+                    or pre_hooks or child._forward_hooks is not hooks or child._forward_pre_hooks is not pre_hooks:
                 return False
         for params, weight, ptr in self.params:
             if params.get("weight") is not weight or params.get("bias") is not None or (
                     ptr is not None and weight.data_ptr() != ptr):
                 return False
-        return all(t.dtype == self.dtype and t.is_contiguous() for t in cache.k + cache.v)
+        return True
+
+    def usable(self, model: "AquilaForCausalLM", cache: "KVCache") -> bool:
+        """Whether :meth:`run` may replace the layers' modules for a forward over ``cache``."""
+        if torch.is_grad_enabled() or model.training or torch.is_autocast_enabled(model.device.type) \
+                or not len(cache.k) == len(cache.v) == self.num_layers:
+            return False
+        return self.describes(model) and all(t.dtype == self.dtype and t.is_contiguous() for t in cache.k + cache.v)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache",
             cache_index: tuple, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
@@ -475,6 +488,11 @@ class AquilaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _drop_stale_plan_after_load(model: "AquilaForCausalLM", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so the model still pickles)."""
+    model._drop_stale_plan()
+
+
 class AquilaForCausalLM(nn.Module):
     """The decoder with its language-model head; state dict keys equal ``LlamaForCausalLM``'s.
 
@@ -496,6 +514,26 @@ class AquilaForCausalLM(nn.Module):
         self._rotary_tables: dict = {}  # (device, dtype) -> (cos, signed sin) [positions, head_dim]
         self._decode_plan: _DecodePlan | None = None  # set by prepare_for_cpu_decode
         self._cache_row_tables: dict = {}  # see _cache_rows
+        # a plan that no longer describes the model would keep its old tensors alive
+        self.register_load_state_dict_post_hook(_drop_stale_plan_after_load)
+
+    def _drop_stale_plan(self) -> None:
+        plan = self._decode_plan
+        if plan is not None and (self.training or not plan.describes(self)):
+            self._decode_plan = None
+
+    def train(self, mode: bool = True) -> "AquilaForCausalLM":
+        """``nn.Module.train``; training also drops the decode plan (and the layers give their
+        fused weights their own storage: see :meth:`prepare_for_cpu_decode`)."""
+        super().train(mode)
+        self._drop_stale_plan()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .share_memory() ...: drop a decode plan left describing old tensors
+        result = super()._apply(fn, recurse)
+        self._drop_stale_plan()
+        return result
 
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for linear and embedding weights, ones for norms (as HF)."""
@@ -542,7 +580,8 @@ class AquilaForCausalLM(nn.Module):
             ``logits_mask``), fp32.
 
         Raises:
-            ValueError: positions outside the cache or the model's context window.
+            ValueError: positions outside the cache or the model's context window; a cache with
+                another number of layers than the model.
         """
         return self.compute_logits(self.forward_hidden(
             input_ids, positions, kv_cache, slots=slots, kv_len=kv_len, logits_index=logits_index,
@@ -572,6 +611,10 @@ class AquilaForCausalLM(nn.Module):
         cos, sin = self._rotary(positions, x.dtype, last)
         mask = cache_index = None
         if kv_cache is not None:
+            num_layers = len(self.model.layers)
+            if not len(kv_cache.k) == len(kv_cache.v) == num_layers:
+                raise ValueError(f"the KV cache has {len(kv_cache.k)} key and {len(kv_cache.v)} value layers; "
+                                 f"the model has {num_layers} layers")
             if kv_len is None:
                 kv_len = last + 1
             if kv_len > kv_cache.max_seq_len:

@@ -269,6 +269,11 @@ def test_fused_optimizer_after_prepare_and_train_touches_only_its_parameter(opt)
 def test_positions_outside_the_cache_or_kv_len_are_errors_not_writes():
     m, _ = pair(**CASES["gqa-untied"])
     cache = KVCache.allocate(m.config, num_slots=2, max_seq_len=8)
+    for prepare in (False, True):  # with the decode plan too
+        if prepare:
+            m.prepare_for_cpu_decode()
+        with torch.inference_mode(), pytest.raises(ValueError, match="2 key and 3 value layers; the model has 3"):
+            m(torch.tensor([[5]]), torch.tensor([[0]]), KVCache(cache.k[:2], cache.v))
     with torch.inference_mode():
         with pytest.raises(ValueError, match="not below kv_len"):
             m(torch.tensor([[5]]), torch.tensor([[8]]), cache, slots=torch.tensor([0]), kv_len=8)
@@ -346,10 +351,11 @@ def test_decode_plan_equals_the_layer_modules(case, dtype, plan_runs):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def _steps(model, ids, cache_dtype, grad=False):
+def _steps(model, ids, cache_dtype, grad=False, autocast=False):
     """Prefill 3 tokens of each row into a cache, then feed the rest one at a time; logits."""
     cache = KVCache.allocate(model.config, num_slots=ids.shape[0], max_seq_len=16, dtype=cache_dtype)
-    with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+    with torch.inference_mode(not grad), torch.set_grad_enabled(grad), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = [model(ids[:, :3], None, cache)[:, -1]]
         for t in range(3, ids.shape[1]):
             out.append(model(ids[:, t:t + 1], torch.full((ids.shape[0], 1), t), cache)[:, 0])
@@ -357,13 +363,13 @@ def _steps(model, ids, cache_dtype, grad=False):
 
 
 CHANGES = ["forward-hook", "forward-pre-hook", "global-hook", "peft-lora", "weight-storage", "module-replaced",
-           "layer-removed", "fp32-cache", "autograd", "train-mode"]
+           "layer-replaced", "accelerate-style-forward", "class-swapped", "fp32-cache", "autocast", "autograd", "train-mode"]
 
 
 @pytest.mark.parametrize("change", CHANGES)
 def test_decode_plan_steps_aside_when_the_model_changes(change, plan_runs):
     """After prepare_for_cpu_decode, anything the decode plan would not see (hooks, wrapped or
-    replaced modules, weights given new storage, a layer less, a cache of another dtype,
+    replaced modules, an instance-level forward (accelerate's hooks), a swapped class, weights given new storage, a replaced layer, a cache of another dtype,
     autograd, training mode) makes the model run its modules: the logits equal an unprepared
     model's with the same change, and the plan does not run."""
     if change == "peft-lora":
@@ -398,21 +404,65 @@ def test_decode_plan_steps_aside_when_the_model_changes(change, plan_runs):
             with torch.no_grad():
                 new.weight.copy_(torch.randn(64, 176, generator=torch.Generator().manual_seed(4)) * 0.02)
             layer.mlp.down_proj = new
-        elif change == "layer-removed":
-            del m.model.layers[2]
+        elif change == "layer-replaced":
+            m.model.layers[2] = pair(seed=5, dtype=dtype, **CASES["gqa-untied"])[0].model.layers[2]
+        elif change == "accelerate-style-forward":  # an instance attribute, as accelerate's add_hook_to_module
+            o_proj = layer.self_attn.o_proj
+            o_proj.forward = lambda x, _forward=o_proj.forward: _forward(x) * 0.5
+        elif change == "class-swapped":
+            class HalfMLP(type(layer.mlp)):
+                def forward(self, x):
+                    return super().forward(x) * 0.5
+            layer.mlp.__class__ = HalfMLP
         elif change == "fp32-cache":
             cache_dtype = torch.float32
         elif change == "train-mode":
             m.train()
         try:
-            out.append(_steps(m, ids, cache_dtype, grad=change == "autograd"))
+            out.append(_steps(m, ids, cache_dtype, grad=change == "autograd", autocast=change == "autocast"))
         finally:
             for h in handles:
                 h.remove()
             handles.clear()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 and change != "autocast" else 2e-2
     torch.testing.assert_close(out[1], out[0], atol=tol, rtol=tol)
     assert plan_runs == []
+
+
+def test_a_stale_decode_plan_is_dropped():
+    """train(), .to() and a load_state_dict that assigns new tensors drop the decode plan (it
+    would keep the old weights alive); an in-place load keeps it (its views see the new values)."""
+    m, _ = pair(**CASES["gqa-untied"])
+    other, _ = pair(seed=1, **CASES["gqa-untied"])
+    for change, kept in [("load", True), ("load-assign", False), ("train", False), ("to-bf16", False)]:
+        m.eval().float().prepare_for_cpu_decode()
+        assert m._decode_plan is not None
+        if change == "load":
+            m.load_state_dict(other.state_dict())
+        elif change == "load-assign":
+            m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+        elif change == "train":
+            m.train()
+        else:
+            m.to(torch.bfloat16)
+        assert (m._decode_plan is not None) == kept, change
+
+
+def test_prepared_model_pickles_and_its_copy_runs_its_own_weights():
+    import copy
+    import io
+    m, _ = pair(**CASES["gqa-untied"])
+    m.prepare_for_cpu_decode()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    want = _steps(m, ids, torch.float32)
+    for other in (loaded, copy.deepcopy(m)):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.1)  # the original changes; the copy must not read its tensors
+        torch.testing.assert_close(_steps(other, ids, torch.float32), want, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_lora_merged_after_prepare_equals_unprepared(split_everything):
