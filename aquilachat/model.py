@@ -220,6 +220,11 @@ class _Fused:
             type(m) is Linear and m.weight.data_ptr() == p and not (m._forward_hooks or m._forward_pre_hooks)
             and "forward" not in m.__dict__ for m, p in zip(linears, self.ptrs))
 
+    def stale(self, linears: list[nn.Module | None]) -> bool:
+        """Whether no module weight is a view of the fused tensor any more (e.g. after ``.to()``)."""
+        return all(getattr(getattr(m, "weight", None), "data_ptr", lambda: None)() != p
+                   for m, p in zip(linears, self.ptrs))
+
     def release(self, linears: list[nn.Module]) -> None:
         """Give each module still viewing the fused tensor its own dense copy of its weight (the
         parameter objects stay, so optimizers keep them). Optimizers with fused kernels treat a
@@ -518,9 +523,18 @@ class AquilaForCausalLM(nn.Module):
         self.register_load_state_dict_post_hook(_drop_stale_plan_after_load)
 
     def _drop_stale_plan(self) -> None:
+        """Forget a decode plan, and fused weights, that no longer back the modules (after
+        ``.to()``, an assigning ``load_state_dict``, ``train()``): they would only keep the old
+        tensors alive. :meth:`prepare_for_cpu_decode` builds them again."""
         plan = self._decode_plan
         if plan is not None and (self.training or not plan.describes(self)):
             self._decode_plan = None
+        for layer in self.model.layers:
+            for owner, name, group in ((layer.self_attn, "fused_qkv", ("q_proj", "k_proj", "v_proj")),
+                                       (layer.mlp, "fused_gate_up", ("gate_proj", "up_proj"))):
+                fused = getattr(owner, name, None)
+                if isinstance(fused, _Fused) and fused.stale([getattr(owner, n, None) for n in group]):
+                    setattr(owner, name, None)
 
     def train(self, mode: bool = True) -> "AquilaForCausalLM":
         """``nn.Module.train``; training also drops the decode plan (and the layers give their

@@ -430,8 +430,9 @@ def test_decode_plan_steps_aside_when_the_model_changes(change, plan_runs):
 
 
 def test_a_stale_decode_plan_is_dropped():
-    """train(), .to() and a load_state_dict that assigns new tensors drop the decode plan (it
-    would keep the old weights alive); an in-place load keeps it (its views see the new values)."""
+    """train(), .to() and a load_state_dict that assigns new tensors drop the decode plan and the
+    fused weights (they would keep the old weights alive); an in-place load keeps them (their
+    views see the new values)."""
     m, _ = pair(**CASES["gqa-untied"])
     other, _ = pair(seed=1, **CASES["gqa-untied"])
     for change, kept in [("load", True), ("load-assign", False), ("train", False), ("to-bf16", False)]:
@@ -446,6 +447,9 @@ def test_a_stale_decode_plan_is_dropped():
         else:
             m.to(torch.bfloat16)
         assert (m._decode_plan is not None) == kept, change
+        # fused q/k/v and gate/up no module views any more are dropped too (their memory)
+        assert all((layer.self_attn.fused_qkv is not None and layer.mlp.fused_gate_up is not None) == kept
+                   for layer in m.model.layers), change
 
 
 def test_prepared_model_pickles_and_its_copy_runs_its_own_weights():
