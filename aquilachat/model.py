@@ -92,6 +92,16 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:class:`RMSNorm` as a function (also used by the decode plan): ``x [..., hidden]``
+    normalised in fp32, cast back to ``x``'s dtype, then scaled by ``weight`` (as
+    ``LlamaRMSNorm``)."""
+    dtype = x.dtype
+    x32 = x if dtype == torch.float32 else x.to(torch.float32)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (y if dtype == torch.float32 else y.to(dtype))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in fp32 and cast back (as ``LlamaRMSNorm``).
 
@@ -104,12 +114,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype != torch.float32:
-            x = x.to(torch.float32)
-        variance = x.pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
+        return _rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
@@ -456,14 +461,6 @@ class _DecodePlan:
             gate_up = gate_up_proj(_rms_norm(x, norm2.weight, norm2.variance_epsilon))
             x = down_proj(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), residual=x)
         return x.view(B, T, hidden)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """:class:`RMSNorm` as a function (same operations, so the same values)."""
-    dtype = x.dtype
-    x32 = x if dtype == torch.float32 else x.to(torch.float32)
-    y = x32 * x32.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return (y if dtype == torch.float32 else y.to(dtype)).mul_(weight)
 
 
 class _Product:
