@@ -365,10 +365,13 @@ class _DecodePlan:
     summation order (``addmm``).
 
     :meth:`usable` says whether the plan still describes the model: the same module and
-    parameter objects in the same places, the fused weights still backing q/k/v and gate/up, no
-    forward hooks (module or global), autograd off, eval mode, caches contiguous and of the
-    model's dtype. Otherwise the model runs its modules (peft wrappers, hooks, training,
-    gradients, other caches).
+    parameter objects in the same places, of the same classes, with no instance-level
+    ``forward`` (accelerate's hooks) and no forward hooks (module or global), the weights at the
+    same addresses (the fused ones still backing q/k/v and gate/up), autograd and autocast off,
+    eval mode, a cache with the model's layer count, contiguous and of the model's dtype.
+    Otherwise the model runs its modules (peft wrappers, hooks, training, gradients, other
+    caches). A plan that no longer describes the model is dropped by ``train()``, ``.to()`` and
+    an assigning ``load_state_dict`` (:meth:`AquilaForCausalLM._drop_stale_plan`).
     """
 
     @staticmethod
