@@ -225,10 +225,14 @@ class _Fused:
             type(m) is Linear and m.weight.data_ptr() == p and not (m._forward_hooks or m._forward_pre_hooks)
             and "forward" not in m.__dict__ for m, p in zip(linears, self.ptrs))
 
-    def stale(self, linears: list[nn.Module | None]) -> bool:
+    def _backs(self, linears: list[nn.Module]) -> list[bool]:
+        """Per module: whether its weight is still the view of the fused tensor."""
+        return [getattr(m, "weight", None) is not None and m.weight.data_ptr() == ptr
+                for m, ptr in zip(linears, self.ptrs)]
+
+    def stale(self, linears: list[nn.Module]) -> bool:
         """Whether no module weight is a view of the fused tensor any more (e.g. after ``.to()``)."""
-        return all(getattr(getattr(m, "weight", None), "data_ptr", lambda: None)() != p
-                   for m, p in zip(linears, self.ptrs))
+        return not any(self._backs(linears))
 
     def release(self, linears: list[nn.Module]) -> None:
         """Give each module still viewing the fused tensor its own dense copy of its weight (the
@@ -236,10 +240,9 @@ class _Fused:
         parameter as a dense block: on a view of the shared tensor they would write into its
         neighbours."""
         with torch.no_grad():
-            for m, ptr in zip(linears, self.ptrs):
-                weight = getattr(m, "weight", None)
-                if weight is not None and weight.data_ptr() == ptr:
-                    weight.data = weight.data.t().contiguous().t()  # column-major, dense
+            for m, backed in zip(linears, self._backs(linears)):
+                if backed:
+                    m.weight.data = m.weight.data.t().contiguous().t()  # column-major, dense
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` -> ``[..., sum out]``: the modules' outputs side by side."""
@@ -529,12 +532,19 @@ class AquilaForCausalLM(nn.Module):
         plan = self._decode_plan
         if plan is not None and (self.training or not plan.describes(self)):
             self._decode_plan = None
+        for owner, name, group in self._fused_groups():
+            fused = getattr(owner, name)
+            if fused is not None and fused.stale(group):
+                setattr(owner, name, None)
+
+    def _fused_groups(self) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+        """(owner, attribute of its :class:`_Fused`, the modules it fuses) for every layer."""
+        groups = []
         for layer in self.model.layers:
-            for owner, name, group in ((layer.self_attn, "fused_qkv", ("q_proj", "k_proj", "v_proj")),
-                                       (layer.mlp, "fused_gate_up", ("gate_proj", "up_proj"))):
-                fused = getattr(owner, name, None)
-                if isinstance(fused, _Fused) and fused.stale([getattr(owner, n, None) for n in group]):
-                    setattr(owner, name, None)
+            attn, mlp = layer.self_attn, layer.mlp
+            groups.append((attn, "fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj]))
+            groups.append((mlp, "fused_gate_up", [mlp.gate_proj, mlp.up_proj]))
+        return groups
 
     def train(self, mode: bool = True) -> "AquilaForCausalLM":
         """``nn.Module.train``; training also drops the decode plan (and the layers give their
@@ -735,13 +745,10 @@ class AquilaForCausalLM(nn.Module):
         """
         cpu_blas.enable()
         with torch.no_grad():
-            for layer in self.model.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-                for group, owner, name in ((qkv, attn, "fused_qkv"), (gate_up, mlp, "fused_gate_up")):
-                    done = getattr(owner, name)
-                    if all(type(m) is Linear for m in group) and not (done and done.usable(group)):
-                        setattr(owner, name, _Fused(group))
+            for owner, name, group in self._fused_groups():
+                done = getattr(owner, name)
+                if all(type(m) is Linear for m in group) and not (done and done.usable(group)):
+                    setattr(owner, name, _Fused(group))
             for module in self.modules():
                 if isinstance(module, nn.Linear) and module.weight.stride(0) != 1:
                     module.weight.data = module.weight.data.t().contiguous().t()
