@@ -2,8 +2,23 @@
 
 Hugging Face layout: ``config.json`` + ``model.safetensors`` | sharded ``*.safetensors`` with
 ``model.safetensors.index.json`` | ``pytorch_model*.bin`` (read with ``torch.load(weights_only=True,
-mmap=True)``), plus tokenizer files. Tensors are read one at a time from memory-mapped files and
-assigned into a model built on the ``meta`` device, so loading needs about one copy of the weights.
+mmap=True)``), plus tokenizer files.
+
+A :class:`Checkpoint` resolves a model name once (bundled name, local directory, Hub repo id),
+reads ``config.json`` once and knows its layout; everything that loads a model goes through it.
+Loading never holds two copies of the weights (measured on the AquilaChat-7B shape in
+``bench/load.py``):
+
+* every key and shape is checked against the model (built on the ``meta`` device) before any
+  tensor is read, so a bad checkpoint fails before anything large is allocated;
+* a tensor already stored in the run dtype is used as it lies in the memory-mapped file (a private
+  file mapping: its pages are the page cache's, no copy; a later in-place change copies only the
+  pages it writes). The loader reads those pages in once (``MADV_POPULATE_READ``) so that the first
+  request does not wait for the disk;
+* a tensor in another dtype (float16 -> bfloat16) is converted on its own, and its source pages
+  are dropped from the process at once (``MADV_DONTNEED`` on the private file mapping, which only
+  discards the process's view of clean file pages), so the peak is the converted weights plus one
+  tensor instead of plus one whole shard.
 
 FlagAI layout (``checkpoints_in/aquilachat-7b/``): FlagAI ``config.json`` (``dim``, ``n_layers``,
 ...), ``pytorch_model.bin`` with FlagAI key names (possibly under a ``module`` key), ``vocab.json``,
@@ -15,10 +30,14 @@ FlagAI layout (``checkpoints_in/aquilachat-7b/``): FlagAI ``config.json`` (``dim
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
+import mmap
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -26,9 +45,12 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .memory import DTYPES, MemoryPlan, plan_memory
 from .model import AquilaForCausalLM
 
-__all__ = ["load_model", "load_state_dict", "save_hf", "save_flagai", "convert", "resolve_model_path",
+log = logging.getLogger("aquilachat.checkpoint")
+
+__all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "save_hf", "save_flagai", "convert", "resolve_model_path",
            "detect_layout", "hf_to_flagai_state_dict", "flagai_to_hf_state_dict", "BUNDLED_MODELS",
            "resolve_dtype"]
 
@@ -87,7 +109,7 @@ def detect_layout(path: Path) -> str:
                 data = json.loads(cfg.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{cfg}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-            return "flagai" if isinstance(data, dict) and "dim" in data and "n_layers" in data else "hf"
+            return "flagai" if ModelConfig.is_flagai_dict(data) else "hf"
     raise CheckpointError(f"{path}: no config.json (or params.json) in the model directory")
 
 
@@ -180,6 +202,21 @@ _FLAGAI_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weigh
                "output.weight": "lm_head.weight"}
 
 
+def _flagai_key_to_hf(key: str, *, source: str | Path = "pytorch_model.bin") -> str:
+    """The Hugging Face name of a FlagAI key (``layers.3.attention.wq.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``).
+
+    Raises:
+        CheckpointError: a key that is not a FlagAI Aquila parameter, naming it and ``source``.
+    """
+    if key in _FLAGAI_TOP:
+        return _FLAGAI_TOP[key]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
+    if not m or m.group(2) not in _FLAGAI_LAYER:
+        raise CheckpointError(f"{source}: unexpected key {key!r} for a FlagAI Aquila checkpoint")
+    return f"model.layers.{m.group(1)}.{_FLAGAI_LAYER[m.group(2)]}.weight"
+
+
 def flagai_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, *,
                             source: str = "pytorch_model.bin") -> dict[str, torch.Tensor]:
     """Rename FlagAI keys to Hugging Face keys and permute q/k rows.
@@ -191,18 +228,12 @@ def flagai_to_hf_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, *,
     for key, t in sd.items():
         if _IGNORED_KEYS.search(key):
             continue
-        if key in _FLAGAI_TOP:
-            out[_FLAGAI_TOP[key]] = t
-            continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
-        if not m or m.group(2) not in _FLAGAI_LAYER:
-            raise CheckpointError(f"{source}: unexpected key {key!r} for a FlagAI Aquila checkpoint")
-        name = _FLAGAI_LAYER[m.group(2)]
-        if name == "self_attn.q_proj":
+        name = _flagai_key_to_hf(key, source=source)
+        if name.endswith("self_attn.q_proj.weight"):
             t = _permute_interleaved_to_half(t, config.num_attention_heads)
-        elif name == "self_attn.k_proj":
+        elif name.endswith("self_attn.k_proj.weight"):
             t = _permute_interleaved_to_half(t, config.num_key_value_heads)
-        out[f"model.layers.{m.group(1)}.{name}.weight"] = t
+        out[name] = t
     return out
 
 
@@ -231,20 +262,20 @@ def hf_to_flagai_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig) ->
 
 # ---------------------------------------------------------------------------- loading
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """``"auto"``: the checkpoint's dtype on an accelerator; float32 on the CPU, where float16
-    matrix products are slow (bfloat16 checkpoints stay bfloat16)."""
+    """A dtype name (or ``"auto"``) -> ``torch.dtype``. ``"auto"`` here is the checkpoint's
+    stored dtype; the CPU's choice for float16 checkpoints is the memory plan's
+    (:func:`aquilachat.memory.choose_dtype`, used by :meth:`Checkpoint.load_model`).
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype == "auto":
-        stored = names.get(str(config.torch_dtype), torch.float32)
-        if device.type == "cpu" and stored == torch.float16:
-            return torch.float32
-        return stored
-    if dtype not in names:
+        return DTYPES.get(str(config.torch_dtype), torch.float32)
+    if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
-    return names[dtype]
+    return DTYPES[dtype]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -254,59 +285,224 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "auto") -> AquilaForCausalLM:
-    """Load a checkpoint (any supported layout) into an :class:`AquilaForCausalLM` in eval mode.
+_MADV_DONTNEED, _MADV_WILLNEED, _MADV_POPULATE_READ = 4, 3, 22  # <sys/mman.h> on Linux
 
-    Raises:
-        CheckpointError: missing or truncated files, missing/unexpected keys, wrong shapes; the
-            message names the file and the key.
-        ConfigError: the config is malformed or of an unknown architecture.
+
+class _FilePages:
+    """The process's private mappings of one weights file (from ``/proc/self/maps``), to tell
+    whether a tensor lies in file-backed memory before advising the kernel about its pages
+    (``MADV_DONTNEED`` on anonymous memory would zero it)."""
+
+    _libc = None
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._ranges: list[tuple[int, int]] | None = None
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Address ranges of the file's private mappings (read once, after the file is mapped)."""
+        if self._ranges is None:
+            self._ranges = []
+            if sys.platform == "linux":
+                name = str(self.file.resolve())
+                try:
+                    for line in Path("/proc/self/maps").read_text().splitlines():
+                        parts = line.split(maxsplit=5)
+                        if len(parts) == 6 and parts[5] == name and parts[1][3] == "p":
+                            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                            self._ranges.append((lo, hi))
+                except OSError:
+                    pass
+        return self._ranges
+
+    def advise(self, t: torch.Tensor, advice: int) -> bool:
+        """``madvise`` the pages under ``t`` (rounded out to whole pages, clipped to the file's
+        mapping); False when ``t`` is not in this file's private mapping or the call failed."""
+        if t.device.type != "cpu" or not t.numel():
+            return False
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        for lo, hi in self.ranges:
+            if lo <= start and end <= hi:
+                page = mmap.PAGESIZE
+                a, b = max(lo, start // page * page), min(hi, -(-end // page) * page)
+                return self._madvise(a, b - a, advice)
+        return False
+
+    def read_ahead(self) -> None:
+        """Ask the kernel to start reading the whole file into the page cache (asynchronously:
+        large sequential reads instead of one page fault at a time; page cache, not this
+        process's memory)."""
+        if sys.platform == "linux":
+            for lo, hi in self.ranges:
+                self._madvise(lo, hi - lo, _MADV_WILLNEED)
+
+    @staticmethod
+    def _madvise(addr: int, length: int, advice: int) -> bool:
+        if _FilePages._libc is None:
+            _FilePages._libc = ctypes.CDLL(None, use_errno=True)
+            _FilePages._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return _FilePages._libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), advice) == 0
+
+    def populate(self, t: torch.Tensor) -> None:
+        """Read ``t``'s pages in now (synchronously where the kernel has MADV_POPULATE_READ)."""
+        if not self.advise(t, _MADV_POPULATE_READ) and self.ranges:
+            self.advise(t, _MADV_WILLNEED)
+
+
+def _tensor_index(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype, Path]]:
+    """Key -> (shape, dtype, file) of every tensor, read from the files' headers (safetensors) or
+    memory-mapped state dicts (``.bin``): no tensor data is read."""
+    index = {}
+    for file in files:
+        for key, t in _iter_tensors(file):
+            index[key] = (tuple(t.shape), t.dtype, file)
+    return index
+
+
+class Checkpoint:
+    """A model directory, resolved once: where it is, its layout and its config.
+
+    Build with :meth:`open`. Attributes: ``name`` (as given), ``path`` (local directory),
+    ``layout`` (``"hf"`` or ``"flagai"``), ``config`` (:class:`ModelConfig`), ``config_file``.
     """
-    path = resolve_model_path(model)
-    layout = detect_layout(path)
-    config = ModelConfig.from_file(_config_file(path))
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, config, device)
-    raw, origin = load_state_dict(path)
-    if layout == "flagai":
-        sources = {str(f) for f in origin.values()}
-        sd = flagai_to_hf_state_dict(raw, config, source=", ".join(sorted(sources)))
-        origin = {k: Path(next(iter(sources))) for k in sd}
-    else:
-        sd = {k: v for k, v in raw.items() if not _IGNORED_KEYS.search(k)}
-    with torch.device("meta"):
-        m = AquilaForCausalLM(config)
-    expected = {k: p for k, p in m.state_dict(keep_vars=True).items()}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight", None)
-    files = ", ".join(sorted({str(f) for f in origin.values()}))
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise CheckpointError(f"{files}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(set(sd) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{origin.get(unexpected[0], files)}: unexpected key {unexpected[0]!r}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for key, param in expected.items():
-        if tuple(sd[key].shape) != tuple(param.shape):
-            raise CheckpointError(f"{origin.get(key, files)}: tensor {key!r} has shape {tuple(sd[key].shape)}, "
-                                  f"expected {tuple(param.shape)} from config.json")
-    raw.clear()
-    # convert one tensor at a time and drop the source at once: peak memory ~ one copy + one tensor
-    state = {k: sd.pop(k).to(device=device, dtype=dtype) for k in expected}
-    sd.clear()
-    m.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        m.lm_head.weight = m.model.embed_tokens.weight
-    return m.eval()
+
+    def __init__(self, name: str, path: Path, layout: str, config: ModelConfig, config_file: Path) -> None:
+        self.name, self.path, self.layout, self.config, self.config_file = name, path, layout, config, config_file
+
+    @classmethod
+    def open(cls, model: "str | os.PathLike | Checkpoint") -> "Checkpoint":
+        """Resolve ``model`` (see :func:`resolve_model_path`; a Hub id is fetched once, here) and
+        read its ``config.json`` (or FlagAI ``params.json``).
+
+        Raises:
+            CheckpointError: no such model, or no config file; ConfigError: malformed config.
+        """
+        if isinstance(model, Checkpoint):
+            return model
+        path = resolve_model_path(model)
+        config_file = _config_file(path)
+        try:
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json (or params.json) in the model directory") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        config = ModelConfig.from_dict(data, source=str(config_file))
+        return cls(str(model), path, "flagai" if ModelConfig.is_flagai_dict(data) else "hf", config, config_file)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, layout={self.layout!r})"
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype ``config.json`` says the weights are stored in (``torch_dtype``)."""
+        return resolve_dtype("auto", self.config, torch.device("cpu"))
+
+    def weight_files(self) -> list[Path]:
+        """The weights files, in index order (raises CheckpointError when there are none)."""
+        return _weight_files(self.path)
+
+    def plan_memory(self, *, device: str | torch.device = "auto", **kwargs) -> MemoryPlan:
+        """:func:`aquilachat.memory.plan_memory` for this checkpoint's config on ``device``."""
+        return plan_memory(self.config, device=resolve_device(device), what=str(self.path), **kwargs)
+
+    def load_tokenizer(self):
+        """The tokenizer stored beside the weights (:class:`aquilachat.tokenizer.Tokenizer`)."""
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_dir(self.path)
+
+    def load_model(self, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+                   check_memory: bool = True, populate: bool = True) -> AquilaForCausalLM:
+        """Load the weights into an :class:`AquilaForCausalLM` in eval mode (module docstring).
+
+        Args:
+            dtype: ``"auto"`` (the memory plan's choice: :func:`aquilachat.memory.choose_dtype`)
+                or a dtype / its name.
+            check_memory: first check that the weights fit in the available memory (raises
+                :class:`~aquilachat.memory.MemoryPlanError` before anything is read); callers that
+                planned already (``LLM``) pass False.
+            populate: read memory-mapped weights in during the load rather than at first use.
+
+        Raises:
+            CheckpointError: missing or truncated files, missing/unexpected keys, wrong shapes; the
+                message names the file and the key.
+            ConfigError: unknown dtype. MemoryPlanError: the weights do not fit.
+        """
+        device = resolve_device(device)
+        if check_memory or dtype == "auto":
+            plan = self.plan_memory(device=device, dtype=dtype, engine=False)
+            dtype = plan.torch_dtype
+            if plan.dtype_reason and plan.dtype_reason != "asked for":
+                log.info("%s: loading as %s (%s)", self.path, plan.dtype, plan.dtype_reason)
+        dtype = resolve_dtype(dtype, self.config, device)
+        config = self.config
+        files = self.weight_files()
+        with torch.device("meta"):
+            m = AquilaForCausalLM(config)
+        expected = dict(m.state_dict(keep_vars=True))
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        # every key and shape first, from the headers: a bad checkpoint fails before any big read
+        stored = _tensor_index(files)
+        names = {}
+        for key in stored:
+            if _IGNORED_KEYS.search(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
+                continue
+            names[key] = _flagai_key_to_hf(key, source=stored[key][2]) if self.layout == "flagai" else key
+        by_name = {v: k for k, v in names.items()}
+        all_files = ", ".join(sorted({str(f) for f in files}))
+        missing = sorted(set(expected) - set(by_name))
+        if missing:
+            raise CheckpointError(f"{all_files}: missing key {missing[0]!r}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        unexpected = sorted(set(by_name) - set(expected))
+        if unexpected:
+            raise CheckpointError(f"{stored[by_name[unexpected[0]]][2]}: unexpected key {by_name[unexpected[0]]!r}"
+                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        for name, param in expected.items():
+            shape, _, file = stored[by_name[name]]
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"{file}: tensor {by_name[name]!r} has shape {shape}, "
+                                      f"expected {tuple(param.shape)} from config.json")
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            pages = _FilePages(file)
+            for i, (key, src) in enumerate(_iter_tensors(file)):
+                if i == 0:
+                    pages.read_ahead()  # the file is mapped now
+                if key not in names:
+                    continue
+                name = names[key]
+                t = src
+                if self.layout == "flagai" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+                    t = _permute_interleaved_to_half(t, heads)  # a copy
+                out = t.to(device=device, dtype=dtype)
+                if out is src:  # used as it lies in the file: read it in now
+                    if populate:
+                        pages.populate(src)
+                else:  # converted, permuted or moved: the source pages are done with
+                    pages.advise(src, _MADV_DONTNEED)
+                del t, src
+                state[name] = out
+        m.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m.eval()
 
 
-def load_tokenizer(model: str | os.PathLike):
+def load_model(model: str | os.PathLike | Checkpoint, *, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto") -> AquilaForCausalLM:
+    """Load a checkpoint (any supported layout): :meth:`Checkpoint.load_model` of
+    :meth:`Checkpoint.open(model) <Checkpoint.open>`; errors as there."""
+    return Checkpoint.open(model).load_model(dtype=dtype, device=device)
+
+
+def load_tokenizer(model: str | os.PathLike | Checkpoint):
     """The tokenizer stored beside a checkpoint (see :class:`aquilachat.tokenizer.Tokenizer`)."""
-    from .tokenizer import Tokenizer
-    return Tokenizer.from_dir(resolve_model_path(model))
+    return Checkpoint.open(model).load_tokenizer()
 
 
 # ---------------------------------------------------------------------------- saving
@@ -363,14 +559,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str) -> Path:
     """
     if to not in ("hf", "flagai"):
         raise ConfigError(f"--to must be 'hf' or 'flagai', got {to!r}")
-    src_path = resolve_model_path(src)
-    config = ModelConfig.from_file(_config_file(src_path))
-    dtype = resolve_dtype("auto", config, torch.device("cuda"))  # keep the stored dtype
-    model = load_model(src_path, dtype=dtype, device="cpu")
+    ckpt = Checkpoint.open(src)
+    model = ckpt.load_model(dtype=ckpt.stored_dtype, device="cpu", populate=False)  # the stored dtype, exactly
     tokenizer = None
-    if any((src_path / n).exists() for n in ("tokenizer.json", "vocab.json")):
-        from .tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_dir(src_path)
+    if any((ckpt.path / n).exists() for n in ("tokenizer.json", "vocab.json")):
+        tokenizer = ckpt.load_tokenizer()
     save = save_hf if to == "hf" else save_flagai
     save(model, dst, tokenizer=tokenizer)
     return Path(dst)

@@ -218,9 +218,15 @@ class ModelConfig:
         """Detect the layout (FlagAI keys ``dim``/``n_layers`` vs. Hugging Face keys) and build."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
-        if "dim" in data and "n_layers" in data:
+        if cls.is_flagai_dict(data):
             return cls.from_flagai_dict(data, source=source)
         return cls.from_hf_dict(data, source=source)
+
+    @staticmethod
+    def is_flagai_dict(data: Any) -> bool:
+        """Whether a parsed ``config.json`` is FlagAI's (``dim``, ``n_layers``, ...) rather than
+        Hugging Face's: the one rule that tells the two layouts apart."""
+        return isinstance(data, dict) and "dim" in data and "n_layers" in data
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
