@@ -2,8 +2,10 @@
 
 Each :meth:`Engine.step` gives every running sequence exactly one new token:
 
-1. admit waiting sequences while a cache slot is free and the KV-token budget allows
-   (``prompt + max_tokens`` tokens reserved per sequence), first come first served;
+1. admit waiting sequences while a cache slot is free, the KV-token budget allows
+   (``prompt + max_tokens`` tokens reserved per sequence) and the step's prefill stays within
+   ``max_num_batched_tokens`` padded prompt tokens (the activation memory the memory plan counted;
+   one sequence is always admitted), first come first served;
 2. **prefill** the newly admitted ones in one batch (prompts right-padded; each row's logits
    taken at its own last prompt token, padding never reaches a real row: attention is causal and
    the pad positions are overwritten by the row's later tokens before they become visible);
@@ -95,6 +97,9 @@ class Engine:
         max_model_len: context window in tokens (prompt + answer); default the model's
             ``max_position_embeddings``.
         kv_cache_tokens: KV-token budget for admission; default ``max_num_seqs * max_model_len``.
+        max_num_batched_tokens: most padded prompt tokens (rows x longest prompt) one prefill
+            step takes (vLLM's name); default ``max(max_model_len, 2048)``. A longer prompt still
+            runs, alone in its step.
 
     Thread safety: :meth:`add` and :meth:`finish` may be called from other threads while one
     thread calls :meth:`step`.
@@ -102,7 +107,8 @@ class Engine:
 
     def __init__(self, model: AquilaForCausalLM, *, eos_token_ids: list[int] | tuple[int, ...] = (),
                  allowed: torch.Tensor | None = None, max_num_seqs: int = 8,
-                 max_model_len: int | None = None, kv_cache_tokens: int | None = None) -> None:
+                 max_model_len: int | None = None, kv_cache_tokens: int | None = None,
+                 max_num_batched_tokens: int | None = None) -> None:
         if max_num_seqs < 1:
             raise ValidationError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.model = model.eval()
@@ -115,6 +121,7 @@ class Engine:
                                  self.config.max_position_embeddings)
         self.max_num_seqs = max_num_seqs
         self.kv_cache_tokens = kv_cache_tokens or max_num_seqs * self.max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
         self.allowed = None if allowed is None or bool(allowed.all()) else allowed.to(self.device)
         self.cache = KVCache.allocate(self.config, max_num_seqs, self.max_model_len,
                                       dtype=model.dtype, device=self.device)
@@ -249,11 +256,15 @@ class Engine:
                 if seq.seq_id in self._pending_finish:
                     self._retire(seq, *self._pending_finish.pop(seq.seq_id))
             reserved = self.reserved_tokens()
+            longest = 0
             while self.waiting and self.free_slots:
                 seq = self.waiting[0]
                 need = len(seq.prompt_ids) + seq.max_tokens
                 if self.running and reserved + need > self.kv_cache_tokens:
                     break
+                longest = max(longest, len(seq.prompt_ids))
+                if new and (len(new) + 1) * longest > self.max_num_batched_tokens:
+                    break  # the prefill batch is right-padded to its longest prompt
                 self.waiting.popleft()
                 seq.slot = self.free_slots.pop(0)
                 reserved += need

@@ -8,13 +8,12 @@ from typing import Callable, Iterator, Sequence as Seq
 import torch
 
 from .chat_format import get_template, render
-from .checkpoint import load_model, resolve_model_path
+from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ValidationError
 from .output_processor import OutputTracker
 from .outputs import RequestOutput
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 __all__ = ["LLM", "DEFAULT_MODEL"]
 
@@ -24,38 +23,55 @@ DEFAULT_MODEL = "aquila-tiny"
 class LLM:
     """A loaded model with its tokenizer, chat template and engine.
 
+    Before anything large is allocated, a memory plan (:mod:`aquilachat.memory`) decides the
+    dtype, the KV cache slots and the context window from the memory available, and raises one
+    clear error when the model cannot fit; :attr:`memory_plan` keeps it.
+
     Args:
         model: a bundled name (``"aquila-tiny"``), a checkpoint directory (Hugging Face or
-            FlagAI layout) or a Hugging Face repo id.
-        dtype: ``"auto"`` (the checkpoint's dtype; float32 for float16 checkpoints on the CPU),
-            ``"float32"``, ``"bfloat16"``, ``"float16"``.
+            FlagAI layout), a Hugging Face repo id, or an opened
+            :class:`~aquilachat.checkpoint.Checkpoint`.
+        dtype: ``"auto"`` (the checkpoint's dtype; on the CPU a float16 checkpoint runs as
+            bfloat16 where the CPU has native bfloat16, else as float32 when that fits:
+            :func:`aquilachat.memory.choose_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
         template: chat template name for :meth:`chat` (default ``aquila-chat``).
-        max_num_seqs: sequences decoded together (KV cache slots).
-        max_model_len: context window in tokens (default: the model's).
+        max_num_seqs: most sequences decoded together (KV cache slots; default 16, lowered to
+            what the KV cache budget holds).
+        max_model_len: context window in tokens (default: the model's, shortened when not even
+            one slot of it fits).
         kv_cache_tokens: KV-token budget for admitting sequences (default: ``max_num_seqs *
             max_model_len``, i.e. no limit beyond the slots); see :class:`~aquilachat.engine.Engine`.
+        kv_cache_memory: KV cache size: bytes or a size string (``"4GB"``, ``"512MiB"``), or a
+            fraction in (0, 1] of the memory left after weights and workspace (default: 90 % of
+            it, no more than the slots need); see :func:`aquilachat.memory.parse_kv_cache_memory`.
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: the model cannot be loaded (message names the file).
+        MemoryPlanError: it does not fit in the available memory (the message has the numbers and
+            the options that would fit).
     """
 
-    def __init__(self, model: str | os.PathLike = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", template: str | None = None, max_num_seqs: int = 16,
-                 max_model_len: int | None = None, kv_cache_tokens: int | None = None) -> None:
-        path = resolve_model_path(model)
-        self.model_name = str(model)
-        self.model = load_model(path, dtype=dtype, device=device)
+    def __init__(self, model: str | os.PathLike | Checkpoint = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
+                 device: str = "auto", template: str | None = None, max_num_seqs: int | None = None,
+                 max_model_len: int | None = None, kv_cache_tokens: int | None = None,
+                 kv_cache_memory: str | int | float | None = None) -> None:
+        ckpt = Checkpoint.open(model)
+        self.model_name = str(model) if not isinstance(model, Checkpoint) else model.name
+        self.memory_plan = ckpt.plan_memory(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+                                            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory)
+        plan = self.memory_plan
+        self.model = ckpt.load_model(dtype=plan.torch_dtype, device=plan.device, check_memory=False)
         self.config = self.model.config
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = ckpt.load_tokenizer()
         self.template = get_template(template)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.engine = Engine(self.model, eos_token_ids=sorted(eos),
                              allowed=self.tokenizer.decodable_mask(self.config.vocab_size),
-                             max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             kv_cache_tokens=kv_cache_tokens)
+                             max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
+                             kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=plan.max_num_batched_tokens)
         self.tokenizer.token_bytes(0)  # builds the detokenizer's byte table now (0.4 s for 100k ids), not in a request
 
     # ------------------------------------------------------------------ helpers

@@ -17,6 +17,25 @@ def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None
                        help="chat template (default aquila-chat)")
 
 
+def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = None) -> None:
+    """The memory plan's knobs (:mod:`aquilachat.memory`), as vLLM names them."""
+    g = p.add_argument_group("memory (sized to fit before loading; see docs/generation.md)")
+    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
+                   help="most sequences decoded together, i.e. KV cache slots (default 16, lowered to what "
+                        "the KV cache budget holds)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="context window in tokens (default: the model's; shortened when not even one slot fits)")
+    g.add_argument("--kv-cache-memory", default=None, metavar="SIZE|FRACTION",
+                   help="KV cache budget: a size (4GB, 512MiB) or a fraction in (0, 1] of the memory left "
+                        "after the weights (default: 90%% of it, no more than the slots need)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM`` keyword arguments from :func:`add_model_args` and :func:`add_engine_args`."""
+    return {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs,
+            "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}
+
+
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling (OpenAI / vLLM names)")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")

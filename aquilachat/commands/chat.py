@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_model_args, add_sampling_args, sampling_params
+from ._common import add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
 
 HELP_TEXT = ("commands: /reset clears the history, /exit (or Ctrl-D) quits; the oldest exchanges are "
              "dropped when the history outgrows the context window, and an answer is cut at the window")
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="a single question; omit for an interactive chat")
     p.add_argument("--system", default=None, help="replace the template's system message")
     add_model_args(p)
+    add_engine_args(p, max_num_seqs=1)
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -55,7 +56,7 @@ def _answer(llm, messages, params, out) -> tuple[str, object]:
 def run(args: argparse.Namespace) -> int:
     from ..llm import LLM
     params = sampling_params(args)  # validate before loading the model
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    llm = LLM(args.model, template=args.template, **engine_kwargs(args))
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.prompt is not None:
         _, output = _answer(llm, system + [{"role": "user", "content": args.prompt}], params, sys.stdout)

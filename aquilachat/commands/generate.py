@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import add_model_args, add_sampling_args, sampling_params
+from ._common import add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--n", type=int, default=1, help="answers per prompt")
     add_model_args(p, template=False)
+    add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=run)
 
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..llm import LLM
     params = sampling_params(args).replace(n=args.n)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, **engine_kwargs(args))
     outputs = llm.generate(args.prompt, params)
     status = 0
     for out in outputs:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from ._common import add_model_args
+from ._common import add_engine_args, add_model_args, engine_kwargs
 
 #: The port of the original AquilaChat server.
 DEFAULT_PORT = 7000
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
                                    "GET /health, GET /metrics. Requests are batched continuously.")
     add_model_args(p)
+    add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
@@ -30,8 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"require 'Authorization: Bearer KEY' on every route but /health "
                         f"(default: ${API_KEY_ENV} if set, else no authentication)")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model as given)")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context window in tokens (default: the model's)")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV-token budget for admission (prompt + max_tokens per sequence; "
                         "default max-num-seqs * context)")
@@ -54,7 +53,7 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..checkpoint import resolve_model_path
+    from ..checkpoint import Checkpoint
     from ..errors import ValidationError
     from ..llm import LLM
     from ..server.app import ServerSettings, create_app
@@ -65,8 +64,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValidationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_waiting < 0:
         raise ValidationError(f"--max-waiting must be >= 0, got {args.max_waiting}")
-    resolve_model_path(args.model)  # a wrong --model fails here, in one line, before the server starts
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a wrong --model, or a model that cannot fit, fails here in one line, before the server starts
+    ckpt = Checkpoint.open(args.model)
+    kwargs = engine_kwargs(args)
+    plan = ckpt.plan_memory(**{k: kwargs[k] for k in ("device", "dtype", "max_num_seqs", "max_model_len",
+                                                      "kv_cache_memory")})
+    logging.getLogger("aquilachat.server").info("memory plan: %s", plan.summary())
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.getLogger("aquilachat.server").warning(
@@ -75,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
                               max_waiting=args.max_waiting, log_prompts=args.log_prompts)
 
     def loader() -> LLM:
-        return LLM(args.model, dtype=args.dtype, device=args.device, template=args.template,
-                   max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                   kv_cache_tokens=args.kv_cache_tokens)
+        # the plan's decisions, explicitly: the loader thread sizes nothing again
+        return LLM(ckpt, template=args.template, device=plan.device, dtype=plan.dtype,
+                   max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
+                   kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes)
 
     failed: list[BaseException] = []
 

@@ -126,6 +126,7 @@ class _State:
         self.serving: Serving | None = None
         self.async_engine: AsyncEngine | None = None
         self.load_error: str | None = None
+        self.memory_plan: dict | None = None  # the loaded model's (aquilachat.memory.MemoryPlan.as_dict)
 
 
 class _ClientGone(Exception):
@@ -288,6 +289,7 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         try:
             started = time.monotonic()
             llm = loader()
+            state.memory_plan = llm.memory_plan.as_dict()
             engine = AsyncEngine(llm.engine, llm.tokenizer, loop, max_waiting=settings.max_waiting,
                                  observer=metrics)
             state.async_engine = engine
@@ -366,7 +368,7 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     @app.get("/health")
     async def health() -> Response:
         if state.serving is not None:
-            return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "ok", "memory": state.memory_plan})
         if state.load_error is not None:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503,
