@@ -153,6 +153,22 @@ def test_thirty_steps_lower_the_loss_and_chat_works(setup, capsys):
     assert out.strip()  # the fine-tuned model answers through the engine
 
 
+def test_gzipped_jsonl_trains_like_the_plain_file(setup, capsys):
+    """``aquilachat sft`` on ``data.jsonl.gz`` (with a BOM and CRLF line ends, through
+    aquilachat.io) sees the same rows as on ``data.jsonl``: the same losses and weights."""
+    import gzip
+    raw = (setup / "data.jsonl").read_bytes()
+    (setup / "data.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n")))
+    cfg = write_config(setup / "gz.yaml", experiment_name="gz", data="data.jsonl.gz", max_steps=3)
+    assert cli_main(["sft", str(cfg), "--no-progress"]) == 0
+    assert "data.jsonl.gz: conversations, 24 rows" in capsys.readouterr().err
+    plain = _run(setup, "plain", max_steps=3)
+    gz = read_metrics(setup / "runs" / "gz")
+    assert [r["loss"] for r in gz] == plain.losses
+    a, b = load_weights(setup / "runs" / "gz" / "final"), load_weights(plain.final_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_run_needs_resume(setup):
     _run(setup, "once", max_steps=1)
     with pytest.raises(ConfigError, match="--resume"):
