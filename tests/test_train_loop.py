@@ -189,7 +189,7 @@ def test_lora_merged_export_loads_in_transformers_and_llm(setup):
 
     from aquilachat.checkpoint import load_model
     from aquilachat.llm import LLM
-    from aquilachat.train.loop import _apply_lora, merge_lora_state_dict
+    from aquilachat.train.lora import apply_lora, merge_lora_state_dict
     res = _run(setup, "lora", lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=2e-2,
                lora_target_modules=["q_proj", "v_proj", "down_proj"], max_steps=3, save_interval=3)
     ckpt = res.run_dir / "checkpoints" / "step_00000003"
@@ -198,7 +198,7 @@ def test_lora_merged_export_loads_in_transformers_and_llm(setup):
     # oracle: the base model with the trained adapter, through peft
     cfg = TrainConfig.from_dict({"model": "m", "lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
                                  "lora_target_modules": ["q_proj", "v_proj", "down_proj"]})
-    peft_model, scaling = _apply_lora(load_model(setup / "model", dtype=torch.float32, device="cpu"), cfg)
+    peft_model, scaling = apply_lora(load_model(setup / "model", dtype=torch.float32, device="cpu"), cfg)
     missing, unexpected = peft_model.load_state_dict(adapter, strict=False)
     assert not unexpected
     peft_model.eval()
