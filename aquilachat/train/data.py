@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from ..chat_format import get_template, render_for_training
 from ..errors import DataError, ValidationError
 from ..io import is_records_file, iter_records, iter_texts
 
@@ -302,7 +304,6 @@ def build_sft_dataset(paths: Sequence[Path], tokenizer, *, template: str, max_se
         DataError: a bad row (``file:line``) unless ``skip_bad_rows``; no usable sample; a
             template whose end-of-turn marker is not supervised in an untruncated sample.
     """
-    from ..chat_format import get_template, render_for_training
     if data_format == "text":
         raise DataError("data_format 'text' is pretraining data; sft needs conversations "
                         "(use 'aquilachat pretrain')")
@@ -459,7 +460,6 @@ def collate(units: Sequence[Unit], pad_id: int):
         ``(input_ids [B, T] int64, labels [B, T] int64)``: ``labels[b, t] = ids[b, t + 1]`` where
         ``mask[b, t + 1] == 1``, else ``-100`` (also on padding and the last position).
     """
-    import torch
     T = max(len(u) for u in units)
     input_ids = torch.full((len(units), T), pad_id, dtype=torch.long)
     labels = torch.full((len(units), T), IGNORE_INDEX, dtype=torch.long)

@@ -161,6 +161,7 @@ class Run:
         run_dir: ``output_dir/experiment_name``.
         tokenizer, model_config: the tokenizer and the architecture of the model to train.
         dataset, plan: the training rows, and which of them each rank takes at each step.
+        max_seq_len: the longest training row (tokens).
         total_steps, warmup_steps: the schedule (:func:`lr_at`).
         pad_id: the padding token of the batches.
         use_bf16: bf16 autocast (the weights stay fp32).
@@ -177,6 +178,7 @@ class Run:
     model_config: ModelConfig
     dataset: TokenDataset
     plan: DataPlan
+    max_seq_len: int
     total_steps: int
     warmup_steps: int
     pad_id: int
@@ -403,7 +405,7 @@ def set_up_run(config: TrainConfig, *, mode: str, resume: bool,
                           f"{config.gradient_accumulation_steps} x {info.world_size} processes)")
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
-    run = Run(config, mode, strategy, run_dir, tokenizer, model_config, dataset, plan, total_steps,
+    run = Run(config, mode, strategy, run_dir, tokenizer, model_config, dataset, plan, max_seq_len, total_steps,
               warmup_steps=config.warm_up_iters or int(round(config.warm_up * total_steps)), pad_id=pad_id,
               use_bf16=_use_bf16(config, info.device), say=say)
     if info.is_main:
@@ -424,8 +426,8 @@ def build_model(run: Run) -> Trainee:
     """Stage 2: the model to train, wrapped by the run's strategy, and its optimizer; resumed
     from ``run.resume_from`` when set.
 
-    Everything it allocates follows from ``run`` (``config``, ``model_config``, ``strategy``, the
-    plan's batch), so a check of what the run will need can be made from ``run`` before this.
+    What it allocates follows from ``run`` alone (``config``: LoRA, batch size; ``model_config``;
+    ``max_seq_len``; ``strategy``: ranks and sharding), and nothing large exists before it runs.
     The weights come from the checkpoint being resumed (without LoRA: the checkpoint holds the
     trained weights), or from ``architecture`` (from scratch, ``init_weights(seed)``), or from
     the base ``model``. Under FSDP2 only rank 0 reads them; the other ranks build the model on
