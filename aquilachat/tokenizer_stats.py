@@ -20,26 +20,25 @@ Tokenizer files read (:func:`load_token_counter`):
 The last two are the ``tokenizers-extra`` extra of the package and are imported only when such a
 file is read.
 
-Sample files (:func:`read_samples`): ``.jsonl`` (one record per line; the sample is the record's
-``field``, or several fields joined, ``"prompt+canonical_solution"``; a record that is a JSON
-string is the sample itself) or plain text (one sample per non-empty line, line end removed),
-either one optionally gzip-compressed (``.gz``).
+Sample files (:func:`read_samples`, read by :mod:`aquilachat.io`): ``.jsonl`` / ``.json`` (one record
+per line or a JSON array; the sample is the record's ``field``, or several fields joined,
+``"prompt+canonical_solution"``; a record that is a JSON string is the sample itself) or plain
+text (one sample per non-empty line, line end removed), either one optionally gzip-compressed
+(``.gz``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import importlib
-import json
 import os
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, TokenizerError
+from .io import iter_texts
 
 __all__ = [
     "TokenCounter", "LanguageStats", "TokenizerStats", "load_token_counter", "read_tiktoken_ranks",
@@ -135,15 +134,15 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
                     continue
                 parts = line.split()
                 if len(parts) != 2:
-                    raise TokenizerError(f"{path}: line {lineno}: expected '<base64 token> <rank>', "
+                    raise TokenizerError(f"{path}:{lineno}: expected '<base64 token> <rank>', "
                                          f"got {raw[:60]!r}")
                 try:
                     token = base64.b64decode(parts[0], validate=True)
                     rank = int(parts[1])
                 except (binascii.Error, ValueError):
-                    raise TokenizerError(f"{path}: line {lineno}: bad base64 token or rank in {raw[:60]!r}") from None
+                    raise TokenizerError(f"{path}:{lineno}: bad base64 token or rank in {raw[:60]!r}") from None
                 if token in ranks or rank in seen_ranks:
-                    raise TokenizerError(f"{path}: line {lineno}: token {token!r} or rank {rank} appears twice")
+                    raise TokenizerError(f"{path}:{lineno}: token {token!r} or rank {rank} appears twice")
                 ranks[token] = rank
                 seen_ranks.add(rank)
     except IsADirectoryError:
@@ -252,36 +251,12 @@ def load_token_counter(path: str | os.PathLike, *, name: str | None = None) -> T
 
 
 # ---------------------------------------------------------------------------------- samples
-def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            yield from enumerate(f, 1)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: not a valid gzip file ({exc})") from None
-
-
-def _sample_of_record(record, fields: list[str], path: Path, lineno: int) -> str:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: line {lineno}: expected a JSON object or string, got {type(record).__name__}")
-    parts = []
-    for key in fields:
-        if key not in record:
-            raise DataError(f"{path}: line {lineno}: field {key!r} missing (keys: {', '.join(sorted(record)) or 'none'})")
-        value = record[key]
-        if not isinstance(value, str):
-            raise DataError(f"{path}: line {lineno}: field {key!r} is {type(value).__name__}, expected a string")
-        parts.append(value)
-    return "".join(parts)
-
-
 def read_samples(paths: Sequence[str | os.PathLike], *, field: str = "text", limit: int | None = None) -> list[str]:
-    """Read text samples from ``.jsonl``/``.txt`` files (optionally ``.gz``), in order, at most ``limit``.
+    """Read text samples from ``.jsonl``/``.json``/text files (optionally ``.gz``), in order, at most
+    ``limit`` (files are read by :func:`aquilachat.io.iter_texts`).
 
     Args:
-        paths: sample files. ``*.jsonl[.gz]``: one JSON record per line, the sample is
+        paths: sample files. ``*.jsonl`` / ``*.json`` (JSON Lines or a JSON array): the sample is
             ``record[field]`` (``field`` may join several with ``+``: ``"prompt+canonical_solution"``),
             or the record itself if it is a string. Any other name: plain text, one sample per line
             (the line end removed).
@@ -293,7 +268,7 @@ def read_samples(paths: Sequence[str | os.PathLike], *, field: str = "text", lim
     Raises:
         DataError: a missing file, a NUL byte (binary file), a line that is not UTF-8, invalid JSON,
             a missing or non-string field, a bad gzip stream, or no samples at all; the message
-            names the file and line (and field).
+            names the file and line (and field): ``path:line: what``.
     """
     if limit is not None and limit < 1:
         raise DataError(f"the number of samples must be positive, got {limit}")
@@ -301,30 +276,8 @@ def read_samples(paths: Sequence[str | os.PathLike], *, field: str = "text", lim
     if not fields:
         raise DataError(f"no field name in {field!r}")
     samples: list[str] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"{path}: sample file not found" if not path.exists() else f"{path}: not a regular file")
-        is_jsonl = path.name.removesuffix(".gz").endswith(".jsonl")
-        for lineno, raw in _open_lines(path):
-            if b"\x00" in raw:
-                raise DataError(f"{path}: line {lineno}: NUL byte; binary file, not text")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}: line {lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
-                                f"at column {exc.start + 1})") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            if is_jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                text = _sample_of_record(record, fields, path, lineno)
-            else:
-                text = line.rstrip("\r\n")
+    for path in paths:
+        for _, text in iter_texts(path, field=fields, per_line=True):
             if not text.strip():
                 continue
             samples.append(text)

@@ -22,8 +22,8 @@ vocabulary (256 byte symbols, then merges) follows, and the eight special tokens
 :data:`aquilachat.tokenizer.AQUILA_SPECIAL_TOKENS` come after it, ``[CLS]`` being BOS and ``</s>``
 EOS. Aquila-7B has 100000 + 8 ids.
 
-Input is streamed: files are read line by line (a line longer than :data:`CHUNK_CHARS` is read in
-pieces) and fed to ``Tokenizer.train_from_iterator`` in batches, never read into one string.
+Input is streamed by :mod:`aquilachat.io` (``.gz`` or not): files are read line by line (a line
+longer than :data:`CHUNK_CHARS` is read in pieces) and fed to ``Tokenizer.train_from_iterator`` in batches, never read into one string.
 Before training each file is checked in one streaming pass: an empty file, a binary file (a NUL
 byte) or a file that is not UTF-8 is a :class:`~aquilachat.errors.DataError` naming the file and
 line, or, with ``skip_bad_files=True``, a counted skip reported through ``on_skip``.
@@ -31,7 +31,6 @@ line, or, with ``skip_bad_files=True``, a counted skip reported through ``on_ski
 
 from __future__ import annotations
 
-import codecs
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import DataError, ValidationError
+from .io import iter_blocks, iter_lines
 from .tokenizer import AQUILA_SPECIAL_TOKENS, Tokenizer
 
 __all__ = [
@@ -101,59 +101,35 @@ def build_pre_tokenizer(max_cjk_run: int | None = DEFAULT_MAX_CJK_RUN) -> pre_to
 
 
 def check_text_file(path: str | os.PathLike) -> int:
-    """Check in one streaming pass that ``path`` is a non-empty UTF-8 text file; return its size in bytes.
+    """Check in one streaming pass (:func:`aquilachat.io.iter_blocks`) that ``path`` is a
+    non-empty UTF-8 text file (``.gz`` or not); return its size in bytes as stored.
 
     A UTF-8 byte-order mark is allowed (and later dropped). Memory use is one 1 MiB block.
 
     Raises:
         DataError: the file is missing or a directory; empty or whitespace only; contains a NUL
             byte (binary); or is not valid UTF-8. The message names the file, and the line (1-based)
-            of the first NUL byte or invalid byte sequence.
+            of the first NUL byte or invalid byte sequence: ``path:line: what``.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    lines_before = 0  # newlines in the blocks already checked
-    offset = 0
-    has_text = False
-    with open(path, "rb") as f:
-        while block := f.read(_CHECK_BLOCK):
-            nul = block.find(b"\x00")
-            if nul >= 0:
-                line = lines_before + block.count(b"\n", 0, nul) + 1
-                raise DataError(f"{path}: line {line}: NUL byte at byte offset {offset + nul}; "
-                                "binary file, not text")
-            pending = decoder.getstate()[0]  # bytes of a character split across blocks
-            try:
-                text = decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                bad = exc.start - len(pending)  # position within this block (negative: in `pending`)
-                line = lines_before + (block.count(b"\n", 0, bad) if bad > 0 else 0) + 1
-                raise DataError(f"{path}: line {line}: not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} "
-                                f"at byte offset {offset + bad})") from None
-            has_text = has_text or bool(text.strip().lstrip("\ufeff"))
-            lines_before += block.count(b"\n")
-            offset += len(block)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: line {lines_before + 1}: not UTF-8 text (truncated character at end of file)") from None
+    decoded = has_text = False
+    for text in iter_blocks(path, block_bytes=_CHECK_BLOCK):
+        decoded = True
+        has_text = has_text or bool(text.strip())
     if not has_text:
-        raise DataError(f"{path}: empty file (no text)" if offset == 0 else f"{path}: no text (whitespace only)")
-    return offset
+        raise DataError(f"{path}: no text (whitespace only)" if decoded else f"{path}: empty file (no text)")
+    return path.stat().st_size
 
 
 def iter_text_batches(paths: Iterable[str | os.PathLike], *, chunk_chars: int = CHUNK_CHARS,
                       batch_texts: int = BATCH_TEXTS) -> Iterator[list[str]]:
     """Stream files as batches of text pieces for ``Tokenizer.train_from_iterator``.
 
-    Consecutive whole lines (line ends kept, ``\\r\\n`` read as ``\\n``, a BOM dropped) are joined
-    into pieces of at most ``chunk_chars`` characters, so that blank lines and indentation reach
-    the trainer as in the file; a longer line is cut into pieces of ``chunk_chars``. A batch holds
-    at most ``batch_texts`` pieces, so at most ``batch_texts * chunk_chars`` characters are held.
+    Consecutive whole lines (:func:`aquilachat.io.iter_lines`: line ends kept, ``\\r\\n`` read as
+    ``\\n``, a BOM dropped) are joined into pieces of at most ``chunk_chars`` characters, so that
+    blank lines and indentation reach the trainer as in the file; a longer line is cut into pieces
+    of ``chunk_chars``. A batch holds at most ``batch_texts`` pieces, so at most
+    ``batch_texts * chunk_chars`` characters are held.
 
     Raises:
         DataError: a file cannot be decoded as UTF-8 (check with :func:`check_text_file` first
@@ -161,25 +137,19 @@ def iter_text_batches(paths: Iterable[str | os.PathLike], *, chunk_chars: int = 
     """
     batch: list[str] = []
     for path in paths:
-        lineno = 0
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                piece: list[str] = []
-                size = 0
-                while line := f.readline(chunk_chars):
-                    lineno += line.endswith("\n")
-                    if piece and size + len(line) > chunk_chars:
-                        batch.append("".join(piece))
-                        piece, size = [], 0
-                        if len(batch) >= batch_texts:
-                            yield batch
-                            batch = []
-                    piece.append(line)
-                    size += len(line)
-                if piece:
-                    batch.append("".join(piece))
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: near line {lineno + 1}: not UTF-8 text") from None
+        piece: list[str] = []
+        size = 0
+        for _, line in iter_lines(path, max_chars=chunk_chars):
+            if piece and size + len(line) > chunk_chars:
+                batch.append("".join(piece))
+                piece, size = [], 0
+                if len(batch) >= batch_texts:
+                    yield batch
+                    batch = []
+            piece.append(line)
+            size += len(line)
+        if piece:
+            batch.append("".join(piece))
     if batch:
         yield batch
 

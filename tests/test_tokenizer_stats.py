@@ -169,8 +169,8 @@ def test_read_samples_formats(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"ok\n\xff\xfe\n", r"bad\.txt: line 2: not UTF-8"),
-    (b"ok\nab\x00c\n", r"bad\.txt: line 2: NUL byte"),
+    (b"ok\n\xff\xfe\n", r"bad\.txt:2: not UTF-8"),
+    (b"ok\nab\x00c\n", r"bad\.txt:2: NUL byte"),
     (b"", r"no samples in .*bad\.txt"),
     (b"\n \n", r"no samples in .*bad\.txt"),
 ])
@@ -183,19 +183,19 @@ def test_read_samples_bad_text(tmp_path, content, message):
 def test_read_samples_bad_jsonl(tmp_path):
     p = tmp_path / "s.jsonl"
     p.write_text('{"text": "a"}\n{"prompt": "b"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"s\.jsonl: line 2: field 'text' missing \(keys: prompt\)"):
+    with pytest.raises(DataError, match=r"s\.jsonl:2: missing field 'text' \(keys: prompt\)"):
         read_samples([p])
     p.write_text('{"text": "a"}\n{"text": 3}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2: field 'text' is int"):
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'text' must be a string, got int"):
         read_samples([p])
     p.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2: invalid JSON"):
+    with pytest.raises(DataError, match=r"s\.jsonl:2: invalid JSON"):
         read_samples([p])
     g = tmp_path / "s.jsonl.gz"
     g.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"s\.jsonl\.gz: not a valid gzip file"):
         read_samples([g])
-    with pytest.raises(DataError, match="sample file not found"):
+    with pytest.raises(DataError, match=r"missing\.txt: file not found"):
         read_samples([tmp_path / "missing.txt"])
 
 
@@ -203,7 +203,7 @@ def test_cli_bad_input_is_one_line(bpe_dir, tmp_path, capsys):
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
     assert main(["tokenizer", "stats", "--tokenizer", str(bpe_dir), "--en", str(tmp_path / "bin.txt")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bin.txt: line 1: NUL byte" in err
+    assert err.count("\n") == 0 and "bin.txt:1: NUL byte" in err
     (tmp_path / "en.txt").write_text("hello\n", encoding="utf-8")
     assert main(["tokenizer", "stats", "--tokenizer", str(tmp_path / "nothing.model"), "--en", str(tmp_path / "en.txt")]) == 1
     assert "nothing.model: tokenizer not found" in capsys.readouterr().err
@@ -214,13 +214,13 @@ def test_tiktoken_rank_file_errors(tmp_path):
     assert len(read_tiktoken_ranks(p)) == 259
     lines = p.read_bytes().splitlines(keepends=True)
     (tmp_path / "cut.tiktoken").write_bytes(b"".join(lines[:-1]) + lines[-1][:5])  # a line cut mid-way
-    with pytest.raises(TokenizerError, match=r"cut\.tiktoken: line 259: expected '<base64 token> <rank>'"):
+    with pytest.raises(TokenizerError, match=r"cut\.tiktoken:259: expected '<base64 token> <rank>'"):
         read_tiktoken_ranks(tmp_path / "cut.tiktoken")
     (tmp_path / "nobytes.tiktoken").write_bytes(b"".join(lines[1:]))  # byte 0x00 has no rank
     with pytest.raises(TokenizerError, match=r"1 of the 256 single bytes have no rank \(first: 0x00\)"):
         read_tiktoken_ranks(tmp_path / "nobytes.tiktoken")
     (tmp_path / "dup.tiktoken").write_bytes(b"".join(lines) + lines[0])
-    with pytest.raises(TokenizerError, match=r"line 260: .* appears twice"):
+    with pytest.raises(TokenizerError, match=r"\.tiktoken:260: .* appears twice"):
         read_tiktoken_ranks(tmp_path / "dup.tiktoken")
 
 

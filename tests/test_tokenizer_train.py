@@ -170,9 +170,9 @@ def test_iter_text_batches_streams_whole_lines(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"", r"empty\.txt: empty file"),
     (b" \n\n\t\n", r"empty\.txt: no text \(whitespace only\)"),
-    (b"good line\nbad \xff line\n", r"empty\.txt: line 2: not UTF-8 text \(invalid byte 0xff at byte offset 14\)"),
-    (b"one\ntwo\nthr\x00ee", r"empty\.txt: line 3: NUL byte at byte offset 11; binary file"),
-    (b"ends in half a character \xe4\xb8", r"empty\.txt: line 1: not UTF-8 text \(truncated character"),
+    (b"good line\nbad \xff line\n", r"empty\.txt:2: not UTF-8 text \(invalid byte 0xff at byte offset 14\)"),
+    (b"one\ntwo\nthr\x00ee", r"empty\.txt:3: NUL byte at byte offset 11; binary file"),
+    (b"ends in half a character \xe4\xb8", r"empty\.txt:1: not UTF-8 text \(truncated character"),
 ])
 def test_check_text_file_errors(tmp_path, content, message):
     (tmp_path / "empty.txt").write_bytes(content)
@@ -187,7 +187,7 @@ def test_check_text_file_across_blocks(tmp_path, monkeypatch):
     assert check_text_file(tmp_path / "g.txt") == len(good)
     bad = "第一行\n第二行\n".encode("utf-8") + "第".encode("utf-8")[:2] + b"x\n"
     (tmp_path / "b.txt").write_bytes(bad)
-    with pytest.raises(DataError, match=r"b\.txt: line 3: not UTF-8 text"):
+    with pytest.raises(DataError, match=r"b\.txt:3: not UTF-8 text"):
         check_text_file(tmp_path / "b.txt")
 
 
@@ -200,7 +200,7 @@ def test_bad_files_raise_or_are_skipped(tmp_path):
     latin1.write_bytes("café\n".encode("latin-1"))
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
-    with pytest.raises(DataError, match=r"model\.bin: line 1: NUL byte"):
+    with pytest.raises(DataError, match=r"model\.bin:1: NUL byte"):
         train_tokenizer([good, binary], vocab_size=300, out=None)
     skipped = []
     tok = train_tokenizer([good, binary, latin1, empty], vocab_size=300, out=None, skip_bad_files=True,
@@ -236,7 +236,7 @@ def test_cli_train(tmp_path, capsys):
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--input", str(good), str(bad), "--vocab-size", "300", "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "bad.txt: line 1: NUL byte" in err and not out.exists()
+    assert err.count("\n") == 0 and "bad.txt:1: NUL byte" in err and not out.exists()
     assert main(["tokenizer", "train", "--input", str(good), str(bad), "--vocab-size", "280", "--out", str(out),
                  "--skip-bad-files", "--max-cjk-run", "4"]) == 0
     captured = capsys.readouterr()

@@ -143,6 +143,27 @@ def test_two_process_fsdp_equals_one_process_and_resumes(tmp_path, byte_tokenize
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_lora_equals_one_process(tmp_path, byte_tokenizer_dir, strategy):
+    """LoRA under DDP and FSDP2: the same losses as one process, and the same merged export
+    (the one LoRA merge runs on the full state dict the strategy gathers)."""
+    from tests.train_helpers import load_weights
+    setup = make_setup(tmp_path, byte_tokenizer_dir, n_rows=32)
+    common = dict(max_steps=3, lr=2e-2, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                  lora_target_modules=["q_proj", "v_proj", "down_proj"])
+    cfg = write_config(setup / "lora.yaml", experiment_name="lora", batch_size=2, gradient_accumulation_steps=2,
+                       strategy=strategy, **common)
+    proc = _torchrun(setup, cfg)
+    assert f"(LoRA), {strategy} on cpu" in proc.stderr
+    single = _single(setup, "one", batch_size=8, **common)
+    assert [r["loss"] for r in read_metrics(setup / "runs" / "lora")] == pytest.approx(single.losses, abs=1e-5)
+    got, want = load_weights(setup / "runs" / "lora" / "final"), load_weights(single.final_dir)
+    assert got.keys() == want.keys() == load_weights(setup / "model").keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_hostfile_launch_two_local_nodes(tmp_path, byte_tokenizer_dir, monkeypatch, capsys):
     """--hostfile without --dry-run, with an ``ssh`` that runs the command locally: two
     one-process "nodes" train together and equal one process."""

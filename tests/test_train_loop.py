@@ -153,6 +153,22 @@ def test_thirty_steps_lower_the_loss_and_chat_works(setup, capsys):
     assert out.strip()  # the fine-tuned model answers through the engine
 
 
+def test_gzipped_jsonl_trains_like_the_plain_file(setup, capsys):
+    """``aquilachat sft`` on ``data.jsonl.gz`` (with a BOM and CRLF line ends, through
+    aquilachat.io) sees the same rows as on ``data.jsonl``: the same losses and weights."""
+    import gzip
+    raw = (setup / "data.jsonl").read_bytes()
+    (setup / "data.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + raw.replace(b"\n", b"\r\n")))
+    cfg = write_config(setup / "gz.yaml", experiment_name="gz", data="data.jsonl.gz", max_steps=3)
+    assert cli_main(["sft", str(cfg), "--no-progress"]) == 0
+    assert "data.jsonl.gz: conversations, 24 rows" in capsys.readouterr().err
+    plain = _run(setup, "plain", max_steps=3)
+    gz = read_metrics(setup / "runs" / "gz")
+    assert [r["loss"] for r in gz] == plain.losses
+    a, b = load_weights(setup / "runs" / "gz" / "final"), load_weights(plain.final_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_existing_run_needs_resume(setup):
     _run(setup, "once", max_steps=1)
     with pytest.raises(ConfigError, match="--resume"):
@@ -173,7 +189,7 @@ def test_lora_merged_export_loads_in_transformers_and_llm(setup):
 
     from aquilachat.checkpoint import load_model
     from aquilachat.llm import LLM
-    from aquilachat.train.loop import _apply_lora, merge_lora_state_dict
+    from aquilachat.train.lora import apply_lora, merge_lora_state_dict
     res = _run(setup, "lora", lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=2e-2,
                lora_target_modules=["q_proj", "v_proj", "down_proj"], max_steps=3, save_interval=3)
     ckpt = res.run_dir / "checkpoints" / "step_00000003"
@@ -182,7 +198,7 @@ def test_lora_merged_export_loads_in_transformers_and_llm(setup):
     # oracle: the base model with the trained adapter, through peft
     cfg = TrainConfig.from_dict({"model": "m", "lora": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
                                  "lora_target_modules": ["q_proj", "v_proj", "down_proj"]})
-    peft_model, scaling = _apply_lora(load_model(setup / "model", dtype=torch.float32, device="cpu"), cfg)
+    peft_model, scaling = apply_lora(load_model(setup / "model", dtype=torch.float32, device="cpu"), cfg)
     missing, unexpected = peft_model.load_state_dict(adapter, strict=False)
     assert not unexpected
     peft_model.eval()

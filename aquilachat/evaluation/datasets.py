@@ -8,22 +8,22 @@ fields ``task_id`` ``prompt`` ``declaration`` ``canonical_solution`` ``test``, p
 (``question_id`` ``category`` ``turns``) and BELLE ``eval_set.json`` (JSON Lines despite the name:
 ``question`` ``class`` ``std_answer``).
 
-Every reader names the file and line of a malformed row (:class:`~aquilachat.errors.DataError`).
+Files are read by :func:`aquilachat.io.iter_objects` (JSON Lines or a JSON array, ``.gz`` or not);
+every reader names the file and line of a malformed row (:class:`~aquilachat.errors.DataError`).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DataError
+from ..io import iter_objects
 
-__all__ = ["KNOWN_BROKEN_CANONICAL", "shared_data_dir", "file_sha256", "read_jsonl", "Problem", "load_code_problems",
+__all__ = ["KNOWN_BROKEN_CANONICAL", "shared_data_dir", "file_sha256", "Problem", "load_code_problems",
            "LANGUAGES", "TASK_PREFIX", "CodeDataset", "resolve_code_datasets"]
 
 #: Languages the code evaluation knows, in report order.
@@ -61,33 +61,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` from a JSON Lines file (``.gz`` is decompressed).
-
-    Blank lines are skipped. Raises:
-        DataError: a line that is not a JSON object, naming ``path:line``.
-        FileNotFoundError: no such file.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise DataError(f"{path}: cannot be read as UTF-8 JSON Lines: {exc}") from None
 
 
 @dataclass
@@ -151,7 +124,7 @@ def load_code_problems(path: str | os.PathLike, *, kind: str | None = None) -> l
     path = Path(path)
     problems: list[Problem] = []
     seen: dict[str, str] = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in iter_objects(path):
         where = f"{path}:{lineno}"
         k = kind or _detect_kind(row)
         if k not in _REQUIRED:

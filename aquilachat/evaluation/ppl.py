@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import DataError, ValidationError
+from ..errors import ValidationError
+from ..io import iter_texts
 
 __all__ = ["PerplexityResult", "read_documents", "windows", "score_ids", "perplexity", "evaluate_files"]
 
@@ -70,44 +70,15 @@ class PerplexityResult:
 
 
 def read_documents(path: str | os.PathLike, *, field: str = "text") -> list[str]:
-    """Documents of a data file: a ``.txt`` file is one document; ``.jsonl`` (or ``.jsonl.gz``)
-    has one object per line with a string ``field``; ``.json`` is a list of strings or of such objects.
+    """Documents of a data file (:func:`aquilachat.io.iter_texts`): a plain text file is one
+    document; ``.jsonl`` / ``.json`` (``.gz`` or not; JSON Lines or a JSON array) hold one document
+    per record, a JSON string or an object with a string ``field``.
 
     Raises:
-        DataError: a row without the field or with a non-string value, naming ``file:line``.
-        FileNotFoundError: no such file.
+        DataError: a missing or unreadable file, a row without the field or with a non-string
+            value, naming ``file:line``.
     """
-    path = Path(path)
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        from .datasets import read_jsonl
-        docs = []
-        for lineno, row in read_jsonl(path):
-            if field not in row:
-                raise DataError(f"{path}:{lineno}: missing field {field!r}")
-            if not isinstance(row[field], str):
-                raise DataError(f"{path}:{lineno}: field {field!r} must be a string, got {type(row[field]).__name__}")
-            docs.append(row[field])
-        return docs
-    if name.endswith(".json"):
-        import json
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of strings or of objects with {field!r}")
-        docs = []
-        for i, item in enumerate(data):
-            text = item.get(field) if isinstance(item, dict) else item
-            if not isinstance(text, str):
-                raise DataError(f"{path}: item {i}: expected a string or an object with a string {field!r}")
-            docs.append(text)
-        return docs
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return [text for _, text in iter_texts(path, field=field)]
 
 
 def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:

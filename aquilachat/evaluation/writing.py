@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import DataError, ValidationError
+from ..io import iter_objects
 from .backends import GenParams, Generator
-from .datasets import read_jsonl, shared_data_dir
+from .datasets import shared_data_dir
 
 __all__ = ["WritingQuestion", "load_questions", "load_judge_prompts", "load_references", "parse_grade",
            "build_judge_messages", "run_writing_eval", "CATEGORY_TEMPERATURE", "resolve_questions"]
@@ -94,7 +95,7 @@ def load_questions(path: str | Path) -> list[WritingQuestion]:
     """
     path = Path(path)
     out: list[WritingQuestion] = []
-    for lineno, row in read_jsonl(path):
+    for lineno, row in iter_objects(path):
         where = f"{path}:{lineno}"
         if "turns" in row:
             turns = row["turns"]
@@ -134,7 +135,7 @@ def _has_cjk(text: str) -> bool:
 def load_references(path: str | Path) -> dict[str, list[str]]:
     """FastChat reference answers (``reference_answer/gpt-4.jsonl``): question id -> turns."""
     refs: dict[str, list[str]] = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in iter_objects(path):
         try:
             refs[str(row["question_id"])] = list(row["choices"][0]["turns"])
         except (KeyError, IndexError, TypeError):
@@ -150,7 +151,7 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict[str, str]]:
             single-answer template.
     """
     prompts: dict[str, dict[str, str]] = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in iter_objects(path):
         for key in ("name", "system_prompt", "prompt_template"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{path}:{lineno}: missing string field {key!r}")
@@ -164,7 +165,7 @@ def load_judge_prompts(path: str | Path) -> dict[str, dict[str, str]]:
 def load_belle_prompts(path: str | Path) -> dict[str, str]:
     """BELLE ``eval_prompt.json`` (JSON Lines): normalised class -> scoring prompt."""
     out = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in iter_objects(path):
         if not isinstance(row.get("class"), str) or not isinstance(row.get("prompt"), str):
             raise DataError(f"{path}:{lineno}: expected string fields 'class' and 'prompt'")
         out[_norm_class(row["class"])] = row["prompt"]

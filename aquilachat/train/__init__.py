@@ -5,7 +5,11 @@ Modules:
 * :mod:`.config` — the YAML (FlagAI field names plus ours), validated with pydantic.
 * :mod:`.data` — dataset formats, readers, rendering with
   :func:`aquilachat.chat_format.render_for_training`, packing, the dataset report.
-* :mod:`.loop` — the training loop (AdamW, warm-up + cosine, token-normalised loss, DDP/FSDP2).
+* :mod:`.loop` — the training loop in four stages (set up the run, build the model, fit, export):
+  AdamW, warm-up + cosine, token-normalised loss, exact resume.
+* :mod:`.strategy` — single process, DDP or FSDP2: one strategy object, chosen once.
+* :mod:`.lora` — LoRA through peft, and the one merge of an adapter into the weights.
+* :mod:`.metrics` — ``metrics.jsonl`` and ``loss.png``.
 * :mod:`.distributed` — process-group setup, hostfile parsing and per-node torchrun commands.
 * :mod:`.checkpoint` — atomic checkpoints (Hugging Face weights + training state) and resume.
 

@@ -22,8 +22,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..chat_format import TEMPLATES
 from ..errors import ConfigError
 
 __all__ = ["TrainConfig", "load_config", "FLAGAI_IGNORED_KEYS", "DATA_FORMATS"]
@@ -163,7 +165,6 @@ class TrainConfig(BaseModel):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from ..chat_format import TEMPLATES
         if value not in TEMPLATES:
             raise ValueError(f"unknown template {value!r}; templates: {', '.join(TEMPLATES)}")
         return value
@@ -307,7 +308,6 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     Raises:
         ConfigError: unreadable file, invalid YAML (with its line), or invalid settings.
     """
-    import yaml
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

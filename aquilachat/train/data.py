@@ -11,13 +11,15 @@ openai          ``{"messages": [{"role": "system"|"user"|"assistant", "content":
 alpaca          ``{"instruction", "input", "output"}`` (+ optional ``system``, ``history``
                 ``[[q, a], ...]``): the user turn is ``instruction`` then ``"\\n"`` then ``input``
                 (as LLaMA-Factory's alpaca converter), the answer ``output``.
-text            pretraining: a ``.txt`` file is one document; JSONL rows carry ``text_field``.
+text            pretraining: a plain text file (any name but ``*.jsonl``/``*.json``) is one
+                document; JSONL rows are strings or carry ``text_field``.
 ==============  ===========================================================================
 
-A file is a JSON array when its first non-blank character is ``[``, otherwise JSON Lines (so a
-``.json`` file that really holds JSON Lines, like BELLE's, is read correctly). Every row is
-reported by ``file:line``; a malformed row raises :class:`~aquilachat.errors.DataError` naming
-them, or is skipped and counted when ``skip_bad_rows`` is set.
+Files are read by :mod:`aquilachat.io` (``.gz``, BOM and ``\\r\\n`` accepted): a file is a JSON array
+when its first non-blank character is ``[``, otherwise JSON Lines (so a ``.json`` file that really
+holds JSON Lines, like BELLE's, is read correctly). Every row is reported by ``file:line``; a
+malformed row raises :class:`~aquilachat.errors.DataError` naming them, or is skipped and counted
+when ``skip_bad_rows`` is set.
 
 Conversations become ``(ids, loss_mask)`` through :func:`aquilachat.chat_format.render_for_training`,
 the renderer the engine's templates use, so the mask is 1 on exactly the assistant answers and
@@ -30,16 +32,18 @@ Loss convention: ``mask[t] == 1`` means token ``t`` is a target, predicted from 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from ..chat_format import get_template, render_for_training
 from ..errors import DataError, ValidationError
+from ..io import is_records_file, iter_records, iter_texts
 
-__all__ = ["Unit", "TokenDataset", "DataReport", "detect_format", "iter_rows", "row_to_messages",
+__all__ = ["Unit", "TokenDataset", "DataReport", "detect_format", "row_to_messages",
            "build_sft_dataset", "build_pretrain_dataset", "pack_units", "collate", "IGNORE_INDEX",
            "expand_paths"]
 
@@ -158,7 +162,8 @@ class TokenDataset:
 
 # ---------------------------------------------------------------------------- files and rows
 def expand_paths(paths: Sequence[Path]) -> list[Path]:
-    """Files, with directories expanded to their ``*.jsonl``/``*.json``/``*.txt`` files (sorted).
+    """Files, with directories expanded to their ``*.jsonl``/``*.json``/``*.txt`` files, gzipped
+    or not (sorted).
 
     Raises:
         DataError: a directory without data files.
@@ -167,7 +172,8 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _DATA_SUFFIXES)
+            found = sorted(f for f in p.rglob("*")
+                           if f.is_file() and f.name.lower().removesuffix(".gz").endswith(_DATA_SUFFIXES))
             if not found:
                 raise DataError(f"{p}: directory has no {'/'.join(_DATA_SUFFIXES)} files")
             out.extend(found)
@@ -176,84 +182,13 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def _bad_utf8_line(path: Path, exc: UnicodeDecodeError) -> int:
-    return path.read_bytes().count(b"\n", 0, exc.start) + 1
-
-
-def _line_of(text: str, pos: int, start_pos: int = 0, start_line: int = 1) -> int:
-    return start_line + text.count("\n", start_pos, pos)
-
-
-def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, value)`` for each row of a JSON Lines file or element of a JSON array.
-
-    A row that is not valid JSON is yielded as ``(line, DataError)`` so the caller can skip it;
-    a JSON array that is malformed as a whole raises.
-
-    Raises:
-        DataError: unreadable / non-UTF-8 file, or a syntax error inside a JSON array.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{_bad_utf8_line(path, exc)}: not valid UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield lineno, DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})")
-
-
-def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line_pos, line = 0, 1
-    n = len(text)
-
-    def skip_ws(i: int) -> int:
-        while i < n and text[i] in " \t\r\n":
-            i += 1
-        return i
-
-    pos = skip_ws(pos)
-    if pos < n and text[pos] == "]":
-        return
-    while True:
-        pos = skip_ws(pos)
-        line = _line_of(text, pos, line_pos, line)
-        line_pos = pos
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{_line_of(text, exc.pos)}: invalid JSON: {exc.msg} "
-                            f"(the JSON array cannot be read past this point)") from None
-        yield line, value
-        pos = skip_ws(end)
-        if pos < n and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < n and text[pos] == "]":
-            if skip_ws(pos + 1) < n:
-                raise DataError(f"{path}:{_line_of(text, pos)}: unexpected data after the JSON array")
-            return
-        raise DataError(f"{path}:{_line_of(text, pos)}: invalid JSON: expected ',' or ']' in the array")
-
-
 def detect_format(path: Path, first_row: Any) -> str:
     """The format of a file from its first row (see the module docstring).
 
     Raises:
         DataError: the row matches no format, naming its keys.
     """
-    if path.suffix == ".txt":
+    if not is_records_file(path):
         return "text"
     if isinstance(first_row, dict):
         if "conversations" in first_row:
@@ -369,7 +304,6 @@ def build_sft_dataset(paths: Sequence[Path], tokenizer, *, template: str, max_se
         DataError: a bad row (``file:line``) unless ``skip_bad_rows``; no usable sample; a
             template whose end-of-turn marker is not supervised in an untruncated sample.
     """
-    from ..chat_format import get_template, render_for_training
     if data_format == "text":
         raise DataError("data_format 'text' is pretraining data; sft needs conversations "
                         "(use 'aquilachat pretrain')")
@@ -382,10 +316,10 @@ def build_sft_dataset(paths: Sequence[Path], tokenizer, *, template: str, max_se
         rows = kept = 0
         before = report.bad_rows
         fmt = None if data_format == "auto" else data_format
-        if path.suffix == ".txt" and fmt in (None, "text"):
-            raise DataError(f"{path}: holds plain text (pretraining data); sft needs conversations "
-                            "(use 'aquilachat pretrain', or set data_format)")
-        for line, row in iter_rows(path):
+        if fmt is None and not is_records_file(path):
+            raise DataError(f"{path}: holds plain text (pretraining data; conversations are .jsonl or .json "
+                            "files); sft needs conversations (use 'aquilachat pretrain', or set data_format)")
+        for line, row in iter_records(path, bad_rows="yield"):
             rows += 1
             if isinstance(row, DataError):
                 bad(path, line, row)
@@ -470,26 +404,6 @@ def pack_units(units: Sequence[Unit], max_seq_len: int) -> list[Unit]:
 
 
 # ---------------------------------------------------------------------------- pretraining
-def _iter_documents(path: Path, fmt: str | None, text_field: str, bad: _BadRows) -> Iterator[tuple[int, str]]:
-    if path.suffix == ".txt" and fmt in (None, "text"):
-        try:
-            yield 1, path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{_bad_utf8_line(path, exc)}: not valid UTF-8") from None
-        return
-    for line, row in iter_rows(path):
-        if isinstance(row, DataError):
-            bad(path, line, row)
-            continue
-        if isinstance(row, str):
-            yield line, row
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            bad(path, line, ValidationError(f"expected an object with a string field {text_field!r}"))
-            continue
-        yield line, row[text_field]
-
-
 def build_pretrain_dataset(paths: Sequence[Path], tokenizer, *, max_seq_len: int, eos_id: int,
                            text_field: str = "text", skip_bad_rows: bool = False) -> TokenDataset:
     """Tokenize documents, join them with ``eos_id`` after each, cut the stream into rows of
@@ -511,7 +425,10 @@ def build_pretrain_dataset(paths: Sequence[Path], tokenizer, *, max_seq_len: int
                 stream.append(np.asarray(ids + [eos_id], dtype=np.int32))
             batch.clear()
 
-        for _, text in _iter_documents(path, None, text_field, bad):
+        for line, text in iter_texts(path, field=text_field, bad_rows="yield"):
+            if isinstance(text, DataError):
+                bad(path, line, text)
+                continue
             docs += 1
             batch.append(text)
             if len(batch) >= 256:
@@ -543,7 +460,6 @@ def collate(units: Sequence[Unit], pad_id: int):
         ``(input_ids [B, T] int64, labels [B, T] int64)``: ``labels[b, t] = ids[b, t + 1]`` where
         ``mask[b, t + 1] == 1``, else ``-100`` (also on padding and the last position).
     """
-    import torch
     T = max(len(u) for u in units)
     input_ids = torch.full((len(units), T), pad_id, dtype=torch.long)
     labels = torch.full((len(units), T), IGNORE_INDEX, dtype=torch.long)

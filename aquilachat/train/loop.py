@@ -1,5 +1,15 @@
 """The training loop shared by ``aquilachat sft`` and ``aquilachat pretrain``.
 
+A run goes through four stages (:func:`train`), each a function of what the previous ones built:
+
+1. :func:`set_up_run` — the process group and the :class:`~aquilachat.train.strategy.Strategy`
+   (single, DDP or FSDP2, chosen once), the tokenizer, the model's config, the dataset and its
+   :class:`DataPlan`, the schedule, and the checkpoint to resume: a :class:`Run`;
+2. :func:`build_model` — the model (from the checkpoint, the base model or from scratch), LoRA,
+   the strategy's wrapping, AdamW and the resumed optimizer and RNG states: a :class:`Trainee`;
+3. :func:`fit` — the optimizer steps, ``metrics.jsonl`` and the atomic checkpoints;
+4. :func:`export` — ``final/``: plain Hugging Face weights (LoRA merged).
+
 One optimizer step consumes a *global batch* of ``batch_size x gradient_accumulation_steps x
 world_size`` rows. Which rows, on which rank and in which micro-batch, is a pure function of
 ``(seed, epoch)`` and the step (:class:`DataPlan`), so a resumed run sees exactly the rows the
@@ -18,6 +28,7 @@ norm clipping, learning rate from :func:`lr_at` (linear warm-up, then cosine dec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,16 +43,24 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
 
-from ..config import ModelConfig
+from ..checkpoint import _config_file, load_model, resolve_model_path
+from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..model import AquilaForCausalLM
+from ..tokenizer import Tokenizer
 from .checkpoint import export_final, find_latest, load_optimizer_state, load_training_state, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE_INDEX, DataReport, TokenDataset, collate
+from .data import IGNORE_INDEX, DataReport, TokenDataset, build_pretrain_dataset, build_sft_dataset, collate
 from .distributed import DistInfo, setup_distributed
+from .lora import adapter_state, apply_lora, load_adapter, merge_lora_state_dict
+from .metrics import MetricsLog, plot_loss
+from .strategy import Strategy, choose_strategy
 
-__all__ = ["train", "lr_at", "DataPlan", "TrainResult", "build_dataset", "merge_lora_state_dict",
-           "STEP_SLEEP_ENV"]
+__all__ = ["train", "lr_at", "DataPlan", "TrainResult", "Run", "Trainee", "set_up_run", "build_model", "fit",
+           "export", "build_dataset", "STEP_SLEEP_ENV"]
 
 #: Test hook: seconds to sleep after each optimizer step (lets a test kill a run mid-way).
 STEP_SLEEP_ENV = "AQUILACHAT_TRAIN_STEP_SLEEP"
@@ -118,7 +137,7 @@ class DataPlan:
         return [rows[(m * W + rank) * B:(m * W + rank + 1) * B].tolist() for m in range(self.grad_accum)]
 
 
-# ---------------------------------------------------------------------------- results
+# ---------------------------------------------------------------------------- what a run holds
 @dataclass
 class TrainResult:
     """What a run produced: its directory, the final model, the per-step losses of this run
@@ -132,16 +151,91 @@ class TrainResult:
     report: DataReport | None = None
 
 
+@dataclass
+class Run:
+    """A run once set up (stage 1): what stays fixed from its first step to its last.
+
+    Attributes:
+        config, mode: the YAML and ``"sft"`` / ``"pretrain"``.
+        strategy: single / DDP / FSDP2, with this process's :class:`DistInfo` (``.info``).
+        run_dir: ``output_dir/experiment_name``.
+        tokenizer, model_config: the tokenizer and the architecture of the model to train.
+        dataset, plan: the training rows, and which of them each rank takes at each step.
+        max_seq_len: the longest training row (tokens).
+        total_steps, warmup_steps: the schedule (:func:`lr_at`).
+        pad_id: the padding token of the batches.
+        use_bf16: bf16 autocast (the weights stay fp32).
+        say: rank 0's log (a no-op on the other ranks).
+        resume_from: the checkpoint to continue, with its ``training_state`` (``resume_state``)
+            and this rank's RNG states (``resume_rng``); all ``None`` for a fresh run.
+    """
+
+    config: TrainConfig
+    mode: str
+    strategy: Strategy
+    run_dir: Path
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    dataset: TokenDataset
+    plan: DataPlan
+    max_seq_len: int
+    total_steps: int
+    warmup_steps: int
+    pad_id: int
+    use_bf16: bool
+    say: Callable[[str], None]
+    resume_from: Path | None = None
+    resume_state: dict[str, Any] | None = None
+    resume_rng: dict[str, Any] | None = None
+
+    @property
+    def info(self) -> DistInfo:
+        return self.strategy.info
+
+
+@dataclass
+class Trainee:
+    """The model in training (stage 2), and how far it got: with the :class:`Run`, everything a
+    checkpoint saves.
+
+    Attributes:
+        core: the plain :class:`AquilaForCausalLM` (its config goes into the checkpoints).
+        wrapped: what the strategy trains (``core`` inside peft's LoRA model and DDP / FSDP2).
+        optimizer: AdamW over the trainable parameters.
+        lora_scaling: ``lora_alpha / lora_r``, ``None`` without LoRA.
+        trainable: number of trainable parameters.
+        step: optimizer steps done (the next step's index).
+    """
+
+    core: AquilaForCausalLM
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lora_scaling: float | None
+    trainable: int
+    step: int = 0
+
+
 # ---------------------------------------------------------------------------- building blocks
-def _resolve_tokenizer(config: TrainConfig):
-    from ..checkpoint import resolve_model_path
-    from ..tokenizer import Tokenizer
+def _resolve_tokenizer(config: TrainConfig) -> Tokenizer:
     if config.tokenizer is not None:
         return Tokenizer.from_dir(config.tokenizer)
     return Tokenizer.from_dir(resolve_model_path(config.model))
 
 
-def _architecture(config: TrainConfig, tokenizer) -> ModelConfig:
+def _preset(name: str, key: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"{key}: unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])
+
+
+def _model_config(config: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model to train: the base model's ``config.json``, or ``architecture`` from scratch."""
+    if config.architecture is None:
+        return ModelConfig.from_file(_config_file(resolve_model_path(config.model)))
+    return _architecture(config, tokenizer)
+
+
+def _architecture(config: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     """ModelConfig for training from scratch (see ``TrainConfig.architecture``)."""
     arch = config.architecture
     fields: dict[str, Any]
@@ -149,21 +243,12 @@ def _architecture(config: TrainConfig, tokenizer) -> ModelConfig:
         path = Path(arch)
         if path.is_file():
             return ModelConfig.from_file(path)
-        from ..config import PRESETS
-        if arch not in PRESETS:
-            raise ConfigError(f"architecture: unknown preset {arch!r}; presets: {', '.join(sorted(PRESETS))}")
-        fields = dict(PRESETS[arch])
+        fields = _preset(arch, "architecture")
         explicit_vocab = False
     else:
         arch = dict(arch)
         preset = arch.pop("preset", None)
-        fields = {}
-        if preset is not None:
-            from ..config import PRESETS
-            if preset not in PRESETS:
-                raise ConfigError(f"architecture.preset: unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
-            fields.update(PRESETS[preset])
-        import dataclasses
+        fields = {} if preset is None else _preset(preset, "architecture.preset")
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(arch) - names)
         if unknown:
@@ -190,7 +275,6 @@ def build_dataset(config: TrainConfig, tokenizer, *, mode: str, max_seq_len: int
     Raises:
         DataError, ConfigError: unusable data (naming the file and line).
     """
-    from .data import build_pretrain_dataset, build_sft_dataset
     paths = config.data_paths()
     if mode == "pretrain":
         if eos_id is None:
@@ -204,24 +288,6 @@ def build_dataset(config: TrainConfig, tokenizer, *, mode: str, max_seq_len: int
     return build_sft_dataset(paths, tokenizer, template=config.template, max_seq_len=max_seq_len,
                              data_format=config.effective_data_format, skip_bad_rows=config.skip_bad_rows,
                              packing=config.packing)
-
-
-def merge_lora_state_dict(sd: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """Plain model weights from a peft LoRA state dict: ``W + (B @ A) * scaling`` for every
-    adapted ``Linear`` (what peft's ``merge_and_unload`` computes, ``scaling = lora_alpha / r``),
-    with peft's ``base_model.model.`` prefix and ``.base_layer`` removed."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if ".lora_" in key:
-            continue
-        name = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        if key.endswith(".base_layer.weight"):
-            stem = key[: -len(".base_layer.weight")]
-            a = sd[f"{stem}.lora_A.default.weight"].float()
-            b = sd[f"{stem}.lora_B.default.weight"].float()
-            value = (value.float() + (b @ a) * scaling).to(value.dtype)
-        out[name] = value
-    return out
 
 
 def _seed_all(seed: int) -> None:
@@ -248,79 +314,12 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _all_reduce(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.distributed:
-        import torch.distributed as dist
-        dist.all_reduce(t)
-    return t
-
-
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     if config.bf16 is not None:
         if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("bf16: true, but this GPU does not support bfloat16")
         return config.bf16
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-class _Metrics:
-    """Rank 0's ``metrics.jsonl`` writer (one JSON object per logged step, flushed at once)."""
-
-    def __init__(self, path: Path, keep_until: int | None) -> None:
-        self.path = path
-        rows = []
-        if keep_until is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if row.get("step", 0) <= keep_until:
-                    rows.append(line)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
-        self.file = open(path, "a", encoding="utf-8")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def plot_loss(metrics_path: Path, out: Path) -> Path | None:
-    """Draw ``loss`` (and the learning rate) against ``step`` from ``metrics.jsonl`` into a PNG.
-    Returns ``None`` when matplotlib is missing or nothing was logged."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over supervised tokens)")
-    ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", alpha=0.6, label="learning rate")
-    ax2.set_ylabel("learning rate")
-    ax.set_title(metrics_path.parent.name)
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 # ---------------------------------------------------------------------------- the run
@@ -345,13 +344,30 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
         DataError: bad data (file and line).
         CheckpointError: an unreadable checkpoint.
     """
+    run = set_up_run(config, mode=mode, resume=resume, log=log)
+    trainee = build_model(run)
+    start_step = trainee.step
+    losses = fit(run, trainee, progress=progress)
+    final_dir = export(run, trainee)
+    return TrainResult(run.run_dir, final_dir, start_step, run.total_steps, losses, run.dataset.report)
+
+
+def set_up_run(config: TrainConfig, *, mode: str, resume: bool,
+               log: Callable[[str], None] | None = None) -> Run:
+    """Stage 1: the process group and strategy, seeds, tokenizer, model config, dataset, data plan
+    and schedule; the run directory's ``data_report.json`` and ``config.yaml`` (rank 0); and, with
+    ``resume``, the checkpoint to continue, checked against this run.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: as :func:`train`.
+    """
     if mode not in ("sft", "pretrain"):
         raise ConfigError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
     info = setup_distributed(config.device)
-    rank0 = info.is_main
+    strategy = choose_strategy(config, info)
 
     def say(msg: str) -> None:
-        if rank0:
+        if info.is_main:
             (log or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
     if config.deterministic:
@@ -367,13 +383,8 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
     if resume and latest is None:
         say(f"--resume: no checkpoint in {run_dir}; starting from the beginning")
 
-    # ---- tokenizer, model config, data
     tokenizer = _resolve_tokenizer(config)
-    if config.architecture is not None:
-        model_config = _architecture(config, tokenizer)
-    else:
-        from ..checkpoint import _config_file, resolve_model_path
-        model_config = ModelConfig.from_file(_config_file(resolve_model_path(config.model)))
+    model_config = _model_config(config, tokenizer)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                           f"{model_config.vocab_size}")
@@ -385,7 +396,6 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
     if eos_id is None:
         eos_id = tokenizer.token_to_id("<|endoftext|>")
     dataset = build_dataset(config, tokenizer, mode=mode, max_seq_len=max_seq_len, eos_id=eos_id)
-    report = dataset.report
     plan = DataPlan(dataset.lengths, batch_size=config.batch_size,
                     grad_accum=config.gradient_accumulation_steps, world_size=info.world_size,
                     seed=config.seed, shuffle=config.shuffle_dataset)
@@ -394,142 +404,158 @@ def train(config: TrainConfig, *, mode: str = "sft", resume: bool = False, progr
                           f"{plan.global_batch} (batch_size {config.batch_size} x gradient_accumulation_steps "
                           f"{config.gradient_accumulation_steps} x {info.world_size} processes)")
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
-    warmup_steps = config.warm_up_iters or int(round(config.warm_up * total_steps))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
-    if rank0:
+    run = Run(config, mode, strategy, run_dir, tokenizer, model_config, dataset, plan, max_seq_len, total_steps,
+              warmup_steps=config.warm_up_iters or int(round(config.warm_up * total_steps)), pad_id=pad_id,
+              use_bf16=_use_bf16(config, info.device), say=say)
+    if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        say(report.format())
-        (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        import yaml
+        say(dataset.report.format())
+        (run_dir / "data_report.json").write_text(json.dumps(dataset.report.to_dict(), indent=2, ensure_ascii=False)
+                                                   + "\n", encoding="utf-8")
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False,
                                                             allow_unicode=True), encoding="utf-8")
-
-    # ---- training state to resume from
-    state = rng_state = None
     if resume and latest is not None:
-        state, rng_state = load_training_state(latest, info.rank)
-        _check_resumable(state, latest, plan=plan, n_units=len(dataset), config=config, mode=mode)
+        run.resume_from = latest
+        run.resume_state, run.resume_rng = load_training_state(latest, info.rank)
+        _check_resumable(run.resume_state, latest, plan=plan, n_units=len(dataset), config=config, mode=mode)
+    return run
 
-    # ---- model
-    device = info.device
-    fsdp = info.distributed and config.strategy == "fsdp"
-    # Under FSDP only rank 0 reads the weights; the other ranks build the model on the meta
-    # device (no memory) and receive their shards from rank 0 after sharding.
-    on_meta = fsdp and not rank0
-    from ..model import AquilaForCausalLM
-    if on_meta:
+
+def build_model(run: Run) -> Trainee:
+    """Stage 2: the model to train, wrapped by the run's strategy, and its optimizer; resumed
+    from ``run.resume_from`` when set.
+
+    What it allocates follows from ``run`` alone (``config``: LoRA, batch size; ``model_config``;
+    ``max_seq_len``; ``strategy``: ranks and sharding), and nothing large exists before it runs.
+    The weights come from the checkpoint being resumed (without LoRA: the checkpoint holds the
+    trained weights), or from ``architecture`` (from scratch, ``init_weights(seed)``), or from
+    the base ``model``. Under FSDP2 only rank 0 reads them; the other ranks build the model on
+    the meta device (no memory) and receive their shards when the strategy wraps it.
+
+    Raises:
+        CheckpointError: unreadable weights, adapter or optimizer state.
+        ConfigError: LoRA without peft or with unknown targets; a checkpoint of an incompatible
+            strategy (FSDP's optimizer state is keyed by name, the others' by index).
+    """
+    config, strategy = run.config, run.strategy
+    if not strategy.loads_weights:
         with torch.device("meta"):
-            core = AquilaForCausalLM(model_config)
-    elif state is not None and not config.lora:  # the checkpoint holds the trained weights
-        from ..checkpoint import load_model
-        core = load_model(latest, dtype=torch.float32, device="cpu")
+            core = AquilaForCausalLM(run.model_config)
+    elif run.resume_from is not None and not config.lora:
+        core = load_model(run.resume_from, dtype=torch.float32, device="cpu")
     elif config.architecture is not None:
-        core = AquilaForCausalLM(model_config)
+        core = AquilaForCausalLM(run.model_config)
         core.init_weights(config.seed)
     else:
-        from ..checkpoint import load_model
         core = load_model(config.model, dtype=torch.float32, device="cpu")
     core.gradient_checkpointing = config.gradient_checkpointing
     core.train()
     model: torch.nn.Module = core
     scaling = None
     if config.lora:
-        model, scaling = _apply_lora(core, config)
-        if state is not None and not on_meta:
-            _load_adapter(model, latest / "adapter.safetensors")
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if fsdp:
-        full_state = model.state_dict() if rank0 else {}
-        wrapped = _wrap(model, core, config, info)
-        if on_meta:
-            wrapped.to_empty(device=device)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(wrapped, full_state, options=StateDictOptions(full_state_dict=True,
-                                                                           broadcast_from_rank0=True))
-        del full_state
-    else:
-        model.to(device)
-        wrapped = _wrap(model, core, config, info)
-
-    # ---- optimizer
+        model, scaling = apply_lora(core, config)
+        if run.resume_from is not None and strategy.loads_weights:
+            load_adapter(model, run.resume_from / "adapter.safetensors")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    wrapped = strategy.wrap(model)
     decay, no_decay = [], []
-    for name, p in wrapped.named_parameters():
+    for p in wrapped.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.eps)
-    start_step = 0
-    if state is not None:
-        _load_optimizer(opt, wrapped, latest, state, config, info)
-        start_step = int(state["step"])
-        _set_rng_state(rng_state, device)
-        say(f"resumed from {latest} at step {start_step}")
-    use_bf16 = _use_bf16(config, device)
-    say(f"{mode}: {total_steps} steps ({plan.steps_per_epoch} per epoch), global batch {plan.global_batch} = "
-        f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation x {info.world_size} "
-        f"processes, warm-up {warmup_steps} steps, {n_trainable:,} trainable parameters"
-        + (" (LoRA)" if config.lora else "") + f", {config.strategy if info.distributed else 'single process'}"
-        + f" on {device}" + (", bf16 autocast" if use_bf16 else ""))
+    trainee = Trainee(core, wrapped, opt, scaling, trainable)
+    if run.resume_from is not None:
+        ckpt = run.resume_from
+        strategy.load_optimizer_state(wrapped, opt, lambda: load_optimizer_state(ckpt),
+                                      written_by=run.resume_state.get("strategy"))
+        trainee.step = int(run.resume_state["step"])
+        _set_rng_state(run.resume_rng, strategy.info.device)
+        run.say(f"resumed from {ckpt} at step {trainee.step}")
+    return trainee
 
-    metrics = _Metrics(run_dir / "metrics.jsonl", keep_until=start_step if state is not None else None) if rank0 else None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, desc=mode, dynamic_ncols=True,
+
+def fit(run: Run, trainee: Trainee, *, progress: bool = True) -> list[float]:
+    """Stage 3: optimizer steps ``trainee.step .. run.total_steps - 1``; rank 0 logs every
+    ``log_interval`` steps to ``metrics.jsonl``; a checkpoint every ``save_interval`` steps and
+    after the last. Returns the losses of the steps taken (mean token loss of each global batch).
+
+    Raises:
+        FloatingPointError: a non-finite loss.
+    """
+    config, plan, info, device = run.config, run.plan, run.info, run.info.device
+    rank0 = info.is_main
+    run.say(f"{run.mode}: {run.total_steps} steps ({plan.steps_per_epoch} per epoch), global batch "
+            f"{plan.global_batch} = {config.batch_size} x {config.gradient_accumulation_steps} accumulation x "
+            f"{info.world_size} processes, warm-up {run.warmup_steps} steps, {trainee.trainable:,} trainable "
+            "parameters" + (" (LoRA)" if config.lora else "")
+            + f", {run.strategy.name if info.distributed else 'single process'} on {device}"
+            + (", bf16 autocast" if run.use_bf16 else ""))
+    metrics = (MetricsLog(run.run_dir / "metrics.jsonl", keep_until=trainee.step if run.resume_from else None)
+               if rank0 else None)
+    bar = tqdm(total=run.total_steps, initial=trainee.step, desc=run.mode, dynamic_ncols=True,
                disable=not (progress and rank0), file=sys.stderr)
     sleep_s = float(os.environ.get(STEP_SLEEP_ENV, "0") or 0)
     losses: list[float] = []
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if run.use_bf16 else nullcontext()
+    params = [p for p in trainee.wrapped.parameters() if p.requires_grad]
     try:
-        for step in range(start_step, total_steps):
+        for step in range(trainee.step, run.total_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=config.lr, min_lr=config.min_lr)
-            for group in opt.param_groups:
+            lr = lr_at(step, total_steps=run.total_steps, warmup_steps=run.warmup_steps, lr=config.lr,
+                       min_lr=config.min_lr)
+            for group in trainee.optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm, n_targets, n_tokens = _train_step(
-                wrapped, opt, [[dataset[i] for i in rows] for rows in plan.micro_batches(step, info.rank)],
-                params=params, pad_id=pad_id, autocast=autocast, config=config, info=info, step=step)
-            done = step + 1
+            micro_batches = [[run.dataset[i] for i in rows] for rows in plan.micro_batches(step, info.rank)]
+            loss, grad_norm, n_targets, n_tokens = _train_step(run, trainee, micro_batches, params=params,
+                                                               autocast=autocast, step=step)
+            trainee.step = done = step + 1
             dt = time.perf_counter() - t0
             losses.append(loss)
             if rank0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if done % config.log_interval == 0 or done == total_steps:
+                if done % config.log_interval == 0 or done == run.total_steps:
                     row = {"step": done, "epoch": plan.epoch_of(step), "loss": loss, "lr": lr,
                            "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt, "tokens": n_tokens,
                            "supervised_tokens": n_targets, "step_time_s": dt}
                     if device.type == "cuda":
                         row["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                     metrics.write(row)
-            if done % config.save_interval == 0 or done == total_steps:
-                _save(run_dir, done, wrapped=wrapped, core=core, opt=opt, config=config, info=info,
-                      tokenizer=tokenizer, plan=plan, n_units=len(dataset), total_steps=total_steps,
-                      warmup_steps=warmup_steps, scaling=scaling, mode=mode)
+            if done % config.save_interval == 0 or done == run.total_steps:
+                _save(run, trainee)
             if sleep_s:
                 time.sleep(sleep_s)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-
-    # ---- export
-    final_dir = _export(run_dir, wrapped=wrapped, core=core, config=config, info=info,
-                        tokenizer=tokenizer, scaling=scaling)
-    if rank0:
-        png = plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        say(f"done: {total_steps} steps; model in {final_dir}" + (f"; loss curve {png}" if png else "")
-            + (f"\ntry: aquilachat chat --model {final_dir}" + (f" --template {config.template}"
-                                                                  if config.template != "aquila-chat" else "")
-               if mode == "sft" else f"\ntry: aquilachat generate --model {final_dir} --prompt '...'"))
-    return TrainResult(run_dir, final_dir, start_step, total_steps, losses, report)
+    return losses
 
 
-# ---------------------------------------------------------------------------- helpers of train()
-def _train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[list],
-                *, params: list[torch.Tensor], pad_id: int, autocast, config: TrainConfig, info: DistInfo,
-                step: int) -> tuple[float, float, int, int]:
+def export(run: Run, trainee: Trainee) -> Path:
+    """Stage 4: write ``run_dir/final`` (rank 0; collective under FSDP): plain Hugging Face
+    weights in ``export_dtype``, LoRA merged, servable as is; and ``loss.png``. Returns the path."""
+    final_dir = run.run_dir / "final"
+    sd, _ = _weights(run, trainee)
+    if sd is not None:
+        export_final(run.run_dir, sd, trainee.core.config, run.tokenizer, dtype=run.config.export_dtype)
+    run.strategy.barrier()
+    if run.info.is_main:
+        png = plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
+        template = run.config.template
+        run.say(f"done: {run.total_steps} steps; model in {final_dir}" + (f"; loss curve {png}" if png else "")
+                + (f"\ntry: aquilachat chat --model {final_dir}" + (f" --template {template}"
+                                                                    if template != "aquila-chat" else "")
+                   if run.mode == "sft" else f"\ntry: aquilachat generate --model {final_dir} --prompt '...'"))
+    return final_dir
+
+
+# ---------------------------------------------------------------------------- helpers of the stages
+def _train_step(run: Run, trainee: Trainee, micro_batches: list[list], *, params: list[torch.Tensor],
+                autocast, step: int) -> tuple[float, float, int, int]:
     """One optimizer step over this rank's micro-batches (lists of :class:`Unit`).
 
     The supervised tokens of the global batch are counted and all-reduced first (``N``); each
@@ -543,33 +569,66 @@ def _train_step(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, micro_batc
     Raises:
         FloatingPointError: a non-finite loss (the weights are left unchanged).
     """
-    device = info.device
-    batches = [collate(units, pad_id) for units in micro_batches]
+    strategy, device, opt = run.strategy, run.info.device, trainee.optimizer
+    batches = [collate(units, run.pad_id) for units in micro_batches]
     counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in batches),
                            sum(len(u) for units in micro_batches for u in units)],
                           dtype=torch.int64, device=device)
-    _all_reduce(counts, info)
+    strategy.all_reduce(counts)
     n_targets, n_tokens = int(counts[0]), int(counts[1])
-    scale = info.world_size / n_targets  # undoes DDP/FSDP's gradient averaging over ranks
+    scale = run.info.world_size / n_targets  # undoes DDP/FSDP's gradient averaging over ranks
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for m, (x, y) in enumerate(batches):
-        with _sync_context(wrapped, config, info, last=m == len(batches) - 1):
+        with strategy.no_sync(trainee.wrapped, enabled=m < len(batches) - 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sel = y != IGNORE_INDEX
             with autocast:
-                logits = wrapped(x, logits_mask=sel)  # (N_micro, V) fp32: supervised positions only
+                logits = trainee.wrapped(x, logits_mask=sel)  # (N_micro, V) fp32: supervised positions only
             token_loss = F.cross_entropy(logits.float(), y[sel], reduction="sum")
             (token_loss * scale).backward()
         loss_sum += token_loss.detach().double()
-    _all_reduce(loss_sum, info)
+    strategy.all_reduce(loss_sum)
     loss = float(loss_sum) / n_targets
     if not math.isfinite(loss):
         opt.zero_grad(set_to_none=True)
         raise FloatingPointError(f"step {step + 1}: the loss is {loss}; lower lr or check the data")
-    grad_norm = _clip(params, config.clip_grad_norm)
+    grad_norm = _clip(params, run.config.clip_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm, n_targets, n_tokens
+
+
+def _weights(run: Run, trainee: Trainee) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """``(plain weights, LoRA adapter)`` on rank 0 (``(None, None)`` elsewhere; collective under
+    FSDP): the full state dict, with the adapter merged into the weights when there is one."""
+    sd = run.strategy.full_state_dict(trainee.wrapped)
+    if sd is None or trainee.lora_scaling is None:
+        return sd, None
+    return merge_lora_state_dict(sd, trainee.lora_scaling), adapter_state(sd)
+
+
+def _save(run: Run, trainee: Trainee) -> Path:
+    """Checkpoint ``trainee.step`` (collective): weights, adapter, optimizer, training state,
+    each rank's RNG states (see :mod:`aquilachat.train.checkpoint`)."""
+    sd, adapter = _weights(run, trainee)
+    optim_state = run.strategy.optimizer_state(trainee.wrapped, trainee.optimizer)
+    config, plan, step = run.config, run.plan, trainee.step
+    training_state = None
+    if run.info.is_main:
+        training_state = {
+            "version": STATE_VERSION, "mode": run.mode, "step": step, "epoch": plan.epoch_of(step),
+            "rows_consumed": step * plan.global_batch, "num_units": len(run.dataset),
+            "global_batch": plan.global_batch, "world_size": run.info.world_size,
+            "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+            "seed": config.seed, "shuffle": config.shuffle_dataset, "lora": config.lora,
+            "strategy": run.strategy.name,
+            "schedule": {"total_steps": run.total_steps, "warmup_steps": run.warmup_steps, "lr": config.lr,
+                         "min_lr": config.min_lr, "kind": "linear warm-up + cosine"},
+            "config": config.to_yaml_dict(),
+        }
+    return save_checkpoint(run.run_dir, step, dist_info=run.info, config=trainee.core.config, tokenizer=run.tokenizer,
+                           model_state=sd, training_state=training_state, rank_state=_rng_state(run.info.device),
+                           optimizer_state=optim_state, adapter_state=adapter, keep=config.keep_checkpoints)
 
 
 def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_units: int,
@@ -592,155 +651,9 @@ def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_uni
         raise ConfigError(f"cannot resume {ckpt} exactly: " + "; ".join(problems))
 
 
-def _apply_lora(core: torch.nn.Module, config: TrainConfig):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("lora: true needs peft (pip install 'aquilachat[train]')") from None
-    names = {n.rsplit(".", 1)[-1] for n, m in core.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in config.lora_target_modules if t not in names]
-    if missing:
-        raise ConfigError(f"lora_target_modules: {missing[0]!r} is not a Linear module of the model; "
-                          f"choose from {', '.join(sorted(names))}")
-    lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), bias="none")
-    return get_peft_model(core, lcfg), config.lora_alpha / config.lora_r
-
-
-def _load_adapter(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (a LoRA checkpoint stores its adapter there)")
-    adapter = load_file(str(path))
-    own = dict(model.named_parameters())
-    missing = [k for k in own if own[k].requires_grad and k not in adapter]
-    if missing:
-        raise CheckpointError(f"{path}: no tensor {missing[0]!r} (lora_r or lora_target_modules changed?)")
-    with torch.no_grad():
-        for k, v in adapter.items():
-            if k not in own:
-                raise CheckpointError(f"{path}: unexpected tensor {k!r}")
-            own[k].copy_(v)
-
-
-def _wrap(model: torch.nn.Module, core: torch.nn.Module, config: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    if not info.distributed:
-        return model
-    if config.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[info.device] if info.device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    for layer in core.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def _unwrap(wrapped: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP (FSDP2 and peft keep the module itself)."""
-    from torch.nn.parallel import DistributedDataParallel
-    return wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
-
-
-def _sync_context(wrapped: torch.nn.Module, config: TrainConfig, info: DistInfo, last: bool):
-    """Reduce gradients only on the last micro-batch of a step (DDP ``no_sync``; FSDP2
-    ``set_requires_gradient_sync``)."""
-    if not info.distributed:
-        return nullcontext()
-    if config.strategy == "ddp":
-        return nullcontext() if last else wrapped.no_sync()
-    wrapped.set_requires_gradient_sync(last)
-    return nullcontext()
-
-
 def _clip(params: list[torch.Tensor], max_norm: float) -> float:
     """Global gradient L2 norm before clipping (clips to ``max_norm`` when it is > 0)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
     return float(norm)
-
-
-def _full_state_dict(wrapped: torch.nn.Module, model: torch.nn.Module, info: DistInfo, config: TrainConfig):
-    """The full state dict on rank 0 (collective under FSDP), ``None`` on other ranks."""
-    if info.distributed and config.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if info.is_main else None
-    if not info.is_main:
-        return None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, info: DistInfo, tokenizer,
-          plan: DataPlan, n_units: int, total_steps: int, warmup_steps: int, scaling, mode: str) -> Path:
-    model = _unwrap(wrapped)
-    sd = _full_state_dict(wrapped, model, info, config)
-    adapter = None
-    if sd is not None and config.lora:
-        adapter = {k: v for k, v in sd.items() if ".lora_" in k}
-        sd = merge_lora_state_dict(sd, scaling)
-    if info.distributed and config.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        optim_state = get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                      cpu_offload=True))
-        optim_state = optim_state if info.is_main else None
-    else:
-        optim_state = opt.state_dict() if info.is_main else None
-    training_state = None
-    if info.is_main:
-        training_state = {
-            "version": STATE_VERSION, "mode": mode, "step": step, "epoch": plan.epoch_of(step),
-            "rows_consumed": step * plan.global_batch, "num_units": n_units,
-            "global_batch": plan.global_batch, "world_size": info.world_size,
-            "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
-            "seed": config.seed, "shuffle": config.shuffle_dataset, "lora": config.lora,
-            "strategy": config.strategy if info.distributed else "single",
-            "schedule": {"total_steps": total_steps, "warmup_steps": warmup_steps, "lr": config.lr,
-                         "min_lr": config.min_lr, "kind": "linear warm-up + cosine"},
-            "config": config.to_yaml_dict(),
-        }
-    return save_checkpoint(run_dir, step, dist_info=info, config=core.config, tokenizer=tokenizer,
-                           model_state=sd, training_state=training_state,
-                           rank_state=_rng_state(info.device), optimizer_state=optim_state, adapter_state=adapter,
-                           keep=config.keep_checkpoints)
-
-
-def _load_optimizer(opt, wrapped, ckpt: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
-    if info.distributed and config.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        if state.get("strategy") != "fsdp":
-            raise ConfigError("cannot resume an FSDP run from a checkpoint written with strategy "
-                              f"{state.get('strategy')!r}")
-        # rank 0 reads the full state and sends each rank its shards
-        full = load_optimizer_state(ckpt) if info.is_main else {}
-        set_optimizer_state_dict(wrapped, opt, optim_state_dict=full,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        return
-    if state.get("strategy") == "fsdp":
-        raise ConfigError("this checkpoint was written with strategy 'fsdp'; resume it with fsdp")
-    opt.load_state_dict(load_optimizer_state(ckpt))
-
-
-def _export(run_dir: Path, *, wrapped, core, config: TrainConfig, info: DistInfo, tokenizer,
-            scaling) -> Path:
-    """Write ``run_dir/final``: plain Hugging Face weights; LoRA merged with ``merge_and_unload``."""
-    final = run_dir / "final"
-    if config.lora and not (info.distributed and config.strategy == "fsdp"):
-        if info.is_main:
-            base = _unwrap(wrapped).merge_and_unload()
-            sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype)
-    else:
-        unwrapped = _unwrap(wrapped)
-        sd = _full_state_dict(wrapped, unwrapped, info, config)
-        if sd is not None:
-            if config.lora:
-                sd = merge_lora_state_dict(sd, scaling)
-            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype)
-    if info.distributed:
-        import torch.distributed as dist
-        dist.barrier()
-    return final

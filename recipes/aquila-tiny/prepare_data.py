@@ -25,6 +25,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+from aquilachat.io import iter_records, iter_texts
+
 HELDOUT = 0.02
 CODE_CHARS = 1_000_000
 
@@ -84,7 +86,7 @@ def gather(shared: Path) -> dict[str, list[tuple[str, list[str]]]]:
                [b for line in (corpus / "en/wiki_demo.txt").read_text(encoding="utf-8").splitlines()
                 for b in split_blocks(line.replace(". ", ".\n"))]))
     en.append((str(corpus / "en/c4_demo.jsonl"),
-               [json.loads(l)["text"] for l in (corpus / "en/c4_demo.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]))
+               [text for _, text in iter_texts(corpus / "en/c4_demo.jsonl")]))
     zh = [(str(corpus / "zh/peoples_daily/199801.txt"),
            [l.strip() for l in (corpus / "zh/peoples_daily/199801.txt").read_text(encoding="utf-8").splitlines() if l.strip()]),
           (str(corpus / "zh/三国演义.txt"), split_blocks((corpus / "zh/三国演义.txt").read_text(encoding="utf-8"), 800))]
@@ -114,25 +116,22 @@ def sft_conversations(shared: Path) -> list[dict]:
         if turns and all(isinstance(v, str) and v.strip() for _, v in turns) and turns[-1][0] == "gpt":
             convs.append({"id": cid, "conversations": [{"from": f, "value": v} for f, v in turns], "instruction": ""})
 
-    def read_jsonl(p):
-        return [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    def records(name):  # JSON Lines or a JSON array, as aquilachat reads every data file
+        return [row for _, row in iter_records(sft / name)]
 
     for name in ("alpaca_data_train.jsonl", "convo_samples.jsonl", "sft_samples.jsonl"):
-        for i, row in enumerate(read_jsonl(sft / "aquila_chat" / name)):
+        for i, row in enumerate(records(f"aquila_chat/{name}")):
             add(f"aquila_chat/{name}:{i}", [(t["from"], t["value"]) for t in row["conversations"]])
-    for i, row in enumerate(json.loads((sft / "fastchat/dummy_conversation.json").read_text(encoding="utf-8"))):
+    for i, row in enumerate(records("fastchat/dummy_conversation.json")):
         add(f"fastchat:{i}", [(t["from"], identity(t["value"])) for t in row["conversations"]])
-    for i, row in enumerate(read_jsonl(sft / "medicalgpt/sharegpt_zh_1K_format.jsonl")):
+    for i, row in enumerate(records("medicalgpt/sharegpt_zh_1K_format.jsonl")):
         add(f"sharegpt_zh:{i}", [(t["from"], t["value"]) for t in row["conversations"]])
-    alpaca = [("llama_factory/alpaca_zh_demo.json", json.loads((sft / "llama_factory/alpaca_zh_demo.json").read_text(encoding="utf-8"))),
-              ("llama_factory/alpaca_en_demo.json", json.loads((sft / "llama_factory/alpaca_en_demo.json").read_text(encoding="utf-8"))),
-              ("llama_factory/identity.json", json.loads((sft / "llama_factory/identity.json").read_text(encoding="utf-8"))),
-              ("medicalgpt/Belle_open_source_1k.json", read_jsonl(sft / "medicalgpt/Belle_open_source_1k.json"))]
-    for name, rows in alpaca:
-        for i, r in enumerate(rows):
+    for name in ("llama_factory/alpaca_zh_demo.json", "llama_factory/alpaca_en_demo.json", "llama_factory/identity.json",
+                 "medicalgpt/Belle_open_source_1k.json"):
+        for i, r in enumerate(records(name)):
             q = r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
             add(f"{name}:{i}", [("human", identity(q)), ("gpt", identity(r["output"]))])
-    for r in read_jsonl(sft / "belle_zh_seed_tasks.json"):
+    for r in records("belle_zh_seed_tasks.json"):
         for j, inst in enumerate(r["instances"]):
             q = r["instruction"] + ("\n" + inst["input"] if inst.get("input") else "")
             add(f"belle_seed:{r['id']}:{j}", [("human", q), ("gpt", inst["output"])])
