@@ -336,7 +336,7 @@ def test_internal_errors_are_json_500_and_the_server_keeps_serving(server, clien
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(serving.llm, "encode_chat", broken)
+    monkeypatch.setattr(serving, "encode_chat", broken)
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30)
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
     assert "boom" not in r.text
