@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_model_args, add_sampling_args, sampling_params
+from ._common import GENERATION_DEFAULTS, add_model_args, add_sampling_args, sampling_params
 
 HELP_TEXT = ("commands: /reset clears the history, /exit (or Ctrl-D) quits; the oldest exchanges are "
              "dropped when the history outgrows the context window, and an answer is cut at the window")
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="a single question; omit for an interactive chat")
     p.add_argument("--system", default=None, help="replace the template's system message")
     add_model_args(p)
-    add_sampling_args(p)
+    add_sampling_args(p, **GENERATION_DEFAULTS)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import add_model_args, add_sampling_args, sampling_params
+from ._common import GENERATION_DEFAULTS, add_model_args, add_sampling_args, sampling_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--n", type=int, default=1, help="answers per prompt")
     add_model_args(p, template=False)
-    add_sampling_args(p)
+    add_sampling_args(p, **GENERATION_DEFAULTS)
     p.set_defaults(func=run)
 
 
