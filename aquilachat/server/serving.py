@@ -22,7 +22,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
+
+from pydantic import BaseModel
 
 from ..chat_format import ChatTemplate, render
 from ..errors import ValidationError
@@ -95,6 +97,15 @@ def _generation_error(output: CompletionOutput) -> APIError:
     if output.error == INTERNAL_ERROR:
         return APIError(500, INTERNAL_ERROR, type="internal_error", code="internal_error")
     return APIError(500, f"generation failed: {output.error}", type="model_error", code="generation_error")
+
+
+def _chat_delta(e: ChoiceEvent) -> ChatCompletionStreamChoice:
+    return ChatCompletionStreamChoice(index=e.index, delta=DeltaMessage(content=e.text or None),
+                                      finish_reason=e.output.finish_reason if e.finished else None)
+
+
+def _completion_delta(e: ChoiceEvent) -> CompletionChoice:
+    return CompletionChoice(index=e.index, text=e.text, finish_reason=e.output.finish_reason if e.finished else None)
 
 
 class Serving:
@@ -193,8 +204,8 @@ class Serving:
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def _stream(self, handle: RequestHandle, kind: str, prompt, include_usage: bool,
-                      chunk: Callable[..., dict], choice: Callable[[ChoiceEvent], object],
-                      first: list = ()) -> AsyncIterator[str]:
+                      chunk: Callable[..., dict], choice: Callable[[ChoiceEvent], BaseModel],
+                      first: Sequence[BaseModel] = ()) -> AsyncIterator[str]:
         """The server-sent events of a streamed request: ``chunk(first)`` if given, then
         ``chunk([choice(event)])`` per event, the usage chunk (``chunk([], usage)``) if asked, and
         ``[DONE]``. An answer that fails ends the stream with an error event."""
@@ -233,19 +244,9 @@ class Serving:
                               param="messages")
         rid = f"chatcmpl-{handle.request_id}"
         if req.stream:
-            created = int(time.time())
-
-            def chunk(choices, usage=None) -> dict:
-                return ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                           usage=usage).model_dump(mode="json")
-
-            def choice(e: ChoiceEvent) -> ChatCompletionStreamChoice:
-                return ChatCompletionStreamChoice(index=e.index, delta=DeltaMessage(content=e.text or None),
-                                                  finish_reason=e.output.finish_reason if e.finished else None)
-
             first = [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(handle.num_choices)]
-            return self._stream_response(req, handle, "chat", messages, chunk, choice, first)
+            return self._stream_response(req, handle, "chat", messages, ChatCompletionChunk, rid, _chat_delta, first)
         outputs = await self._collect(handle)
         self._log(handle, "chat", outputs, messages)
         return ChatCompletionResponse(
@@ -254,9 +255,18 @@ class Serving:
                                           finish_reason=o.finish_reason) for o in outputs])
 
     def _stream_response(self, req: ChatCompletionRequest | CompletionRequest, handle: RequestHandle, kind: str,
-                         prompt, chunk, choice, first: list = ()) -> Stream:
+                         prompt, chunk: type[BaseModel], rid: str, choice: Callable[[ChoiceEvent], BaseModel],
+                         first: Sequence[BaseModel] = ()) -> Stream:
+        """A streamed answer: events of the ``chunk`` model with id ``rid``, ``choice(event)`` as
+        each event's one choice, ``first`` before any event (see :meth:`_stream`)."""
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Stream(self._stream(handle, kind, prompt, include_usage, chunk, choice, first),
+        created = int(time.time())
+
+        def make(choices, usage=None) -> dict:
+            return chunk(id=rid, created=created, model=self.model_name, choices=choices,
+                         usage=usage).model_dump(mode="json")
+
+        return Stream(self._stream(handle, kind, prompt, include_usage, make, choice, first),
                       lambda: self.engine.abort(handle))
 
     # ------------------------------------------------------------------ completions
@@ -284,17 +294,7 @@ class Serving:
         handle = self._submit(prompts, params, chat=False, cap_to_context=req.max_tokens is None, param="prompt")
         rid = f"cmpl-{handle.request_id}"
         if req.stream:
-            created = int(time.time())
-
-            def chunk(choices, usage=None) -> dict:
-                return CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                          usage=usage).model_dump(mode="json")
-
-            def choice(e: ChoiceEvent) -> CompletionChoice:
-                return CompletionChoice(index=e.index, text=e.text,
-                                        finish_reason=e.output.finish_reason if e.finished else None)
-
-            return self._stream_response(req, handle, "completion", texts, chunk, choice)
+            return self._stream_response(req, handle, "completion", texts, CompletionResponse, rid, _completion_delta)
         outputs = await self._collect(handle)
         self._log(handle, "completion", outputs, texts)
         return CompletionResponse(
