@@ -206,7 +206,7 @@ class Serving:
     async def _stream(self, handle: RequestHandle, kind: str, prompt, include_usage: bool,
                       chunk: Callable[..., dict], choice: Callable[[ChoiceEvent], BaseModel],
                       first: Sequence[BaseModel] = ()) -> AsyncIterator[str]:
-        """The server-sent events of a streamed request: ``chunk(first)`` if given, then
+        """The server-sent events of a streamed request: ``chunk([c])`` for each of ``first``, then
         ``chunk([choice(event)])`` per event, the usage chunk (``chunk([], usage)``) if asked, and
         ``[DONE]``. An answer that fails ends the stream with an error event."""
         outputs: list[CompletionOutput | None] = [None] * handle.num_choices
