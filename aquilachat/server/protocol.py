@@ -116,17 +116,21 @@ class StreamOptions(BaseModel):
 
 
 class _OpenAIRequest(BaseModel):
-    """What both OpenAI requests have besides their sampling fields; subclasses declare ``n`` and
-    ``max_tokens`` (their limits and defaults differ per route)."""
+    """What both OpenAI requests have besides the sampling fields they share."""
 
     model_config = _STRICT
+    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
+    max_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
+        "Most tokens to generate per answer; default: up to the end of the context window on chat, "
+        f"{DEFAULT_COMPLETION_MAX_TOKENS} on completions (as OpenAI)."))
+    n: int = param_field("n", le=MAX_N, description=f"Answers per prompt, 1 to {MAX_N} (answer i uses seed + i).")
     stream: bool = Field(default=False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream.")
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
 
     def requested_max_tokens(self) -> int | None:
         """The ``max_tokens`` the request gives (None: not given)."""
-        return self.max_tokens  # type: ignore[attr-defined]
+        return self.max_tokens
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The request's :class:`SamplingParams`; ``default_max_tokens`` when it gives no
@@ -137,7 +141,7 @@ class _OpenAIRequest(BaseModel):
                 same ranges already, so only a field added without them gets here.
         """
         requested = self.requested_max_tokens()
-        return SamplingParams(**{name: getattr(self, name) for name in OPENAI_FIELDS}, n=self.n,  # type: ignore[attr-defined]
+        return SamplingParams(**{name: getattr(self, name) for name in OPENAI_FIELDS}, n=self.n,
                               max_tokens=default_max_tokens if requested is None else requested)
 
 
@@ -154,12 +158,8 @@ class ChatCompletionRequest(_SamplingRequest):
     model_config = _STRICT
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=(
         f"The conversation, 1 to {MAX_MESSAGES} messages."))
-    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
     max_completion_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
         "Most tokens to generate (the newer name of max_tokens; wins when both are given)."))
-    max_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
-        "Most tokens to generate; default: up to the end of the context window."))
-    n: int = param_field("n", le=MAX_N, description=f"Answers to generate, 1 to {MAX_N} (answer i uses seed + i).")
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` or ``max_tokens`` (None: not given)."""
@@ -240,13 +240,9 @@ class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``: continue raw text (no chat template)."""
 
     model_config = _STRICT
-    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(description=(
         f"A string, a list of up to {MAX_PROMPTS} strings, token ids, or a list of token-id lists."))
-    max_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
-        f"Most tokens to generate per answer (default {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI)."))
-    n: int = param_field("n", le=MAX_N, description=f"Answers per prompt, 1 to {MAX_N} (answer i uses seed + i).")
 
 
 class CompletionChoice(BaseModel):
