@@ -341,6 +341,16 @@ def test_400_names_each_sampling_field(server, name):
                     assert error["param"].split(".")[0] == field, error
 
 
+def test_each_prompt_is_validated_once(server, monkeypatch):
+    engine = server.state.async_engine.engine
+    real, calls = engine.check_request, []
+    monkeypatch.setattr(engine, "check_request", lambda ids, *a, **k: calls.append(ids) or real(ids, *a, **k))
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [7]], "n": 2,
+                                                         "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    assert calls == [[5, 6], [7]]  # not once more per answer
+
+
 def test_the_server_takes_the_offline_ranges(client, oracle):
     """Values inside SamplingParams' ranges that the server once refused (temperature above
     OpenAI's 2, a repetition penalty above 10) give what LLM gives; 16 stop strings of the
