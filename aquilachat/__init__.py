@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LLM": "aquilachat.llm",
-    "SamplingParams": "aquilachat.sampling",
+    "SamplingParams": "aquilachat.sampling_params",
     "RequestOutput": "aquilachat.outputs",
     "CompletionOutput": "aquilachat.outputs",
     "ModelConfig": "aquilachat.config",

@@ -18,7 +18,7 @@ Each :meth:`Engine.step` gives every running sequence exactly one new token:
    sequence frees its slot at once; the next step can admit a new one.
 
 Text never enters the engine. Stop strings are checked by the caller on detokenized text, which
-then calls :meth:`Engine.finish` (see :mod:`aquilachat.llm`).
+then calls :meth:`Engine.finish` (see :mod:`aquilachat.output_processor`).
 """
 
 from __future__ import annotations
@@ -143,33 +143,36 @@ class Engine:
                 so the answer ends with ``finish_reason="length"`` at the window).
         """
         if not prompt_ids:
-            raise ValidationError("the prompt is empty (no tokens)")
+            raise ValidationError("prompt", "the prompt is empty (no tokens)")
         vocab = self.config.vocab_size
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValidationError(f"prompt token id {bad} is outside the model vocabulary (0..{vocab - 1})")
+            raise ValidationError("prompt", f"prompt token id {bad} is outside the model vocabulary (0..{vocab - 1})")
         n = len(prompt_ids)
         if n >= self.max_model_len:
-            raise ValidationError(f"the prompt has {n} tokens; the context window is {self.max_model_len} "
+            raise ValidationError("prompt", f"the prompt has {n} tokens; the context window is {self.max_model_len} "
                                   "tokens and leaves no room for an answer")
         if n + params.max_tokens > self.max_model_len:
             if not cap_to_context:
                 raise ValidationError(
-                    f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context window of "
+                    "max_tokens", f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context window of "
                     f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
             return self.max_model_len - n
         return params.max_tokens
 
     def add(self, prompt_ids: list[int], params: SamplingParams, *, seq_id: str | None = None,
-            seed_offset: int = 0, cap_to_context: bool = False) -> Sequence:
+            seed_offset: int = 0, cap_to_context: bool = False, max_tokens: int | None = None) -> Sequence:
         """Queue one sequence; it joins the running batch at the next step with a free slot.
 
         ``seed_offset`` is added to ``params.seed`` (answer ``i`` of ``n`` uses ``seed + i``).
+        ``max_tokens``: what :meth:`check_request` returned for this prompt when the caller has
+        validated it already (the request is then not checked again); None checks it here.
 
         Raises:
             ValidationError: see :meth:`check_request`.
         """
-        max_tokens = self.check_request(prompt_ids, params, cap_to_context=cap_to_context)
+        if max_tokens is None:
+            max_tokens = self.check_request(prompt_ids, params, cap_to_context=cap_to_context)
         gen = torch.Generator(device=self.device)
         if params.seed is not None:
             gen.manual_seed(params.seed + seed_offset)

@@ -25,7 +25,21 @@ class TokenizerError(AquilaChatError, ValueError):
 
 
 class ValidationError(AquilaChatError, ValueError):
-    """A request parameter (sampling, prompt length, message list) is out of range."""
+    """A request parameter (sampling, prompt length, message list) is out of range.
+
+    ``ValidationError(field, message)`` names the offending field in :attr:`field` (the server
+    reports it as the error's ``param``); ``ValidationError(message)`` where no one field is at
+    fault. The message names the field either way.
+    """
+
+    def __init__(self, field_or_message: str, message: str | None = None) -> None:
+        if message is None:
+            field, message = None, field_or_message
+        else:
+            field = field_or_message
+        super().__init__(message)
+        #: The request field at fault (``"temperature"``, ``"stop"``, ``"prompt"``), or None.
+        self.field: str | None = field
 
 
 class DataError(AquilaChatError, ValueError):

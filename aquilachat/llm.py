@@ -11,9 +11,9 @@ from .chat_format import get_template, render
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ValidationError
-from .output_processor import OutputTracker
+from .output_processor import ChoiceEvent, OutputProcessor, RequestState
 from .outputs import RequestOutput
-from .sampling import SamplingParams
+from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "DEFAULT_MODEL"]
 
@@ -75,51 +75,48 @@ class LLM:
         self.tokenizer.token_bytes(0)  # builds the detokenizer's byte table now (0.4 s for 100k ids), not in a request
 
     # ------------------------------------------------------------------ helpers
-    def default_params(self, params: SamplingParams | None) -> SamplingParams:
-        """``params`` with the template's stop strings added (a copy)."""
-        params = params or SamplingParams()
-        stops = list(params.stop) + [s for s in self.template.stop if s not in params.stop]
-        return params.replace(stop=stops)
-
     def encode_chat(self, messages: Seq[dict]) -> list[int]:
         """Prompt ids of one conversation in this model's template."""
         return render(self.tokenizer, messages, self.template)
 
     # ------------------------------------------------------------------ running
     def _run(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, *,
-             on_delta: Callable[[int, int, str], None] | None = None,
+             stop: Seq[str] = (), on_delta: Callable[[int, int, str], None] | None = None,
              cap_to_context: bool = False) -> list[RequestOutput]:
-        """Generate for already tokenized prompts; ``on_delta(prompt_index, answer_index, text)``
-        receives streamed text."""
-        for _, ids in prompts:  # validate everything before any work
-            self.engine.check_request(ids, params, cap_to_context=cap_to_context)
-        trackers: list[list[OutputTracker]] = []
-        for p, (_, ids) in enumerate(prompts):
-            row = []
-            for i in range(params.n):
-                seq = self.engine.add(ids, params, seed_offset=i, cap_to_context=cap_to_context)
-                row.append(OutputTracker(seq, self.tokenizer, index=i))
-            trackers.append(row)
-        by_seq = {t.seq.seq_id: (p, t) for p, row in enumerate(trackers) for t in row}
+        """Generate for already tokenized ``(text, ids)`` prompts; ``stop``: stop strings besides
+        ``params.stop``; ``on_delta(prompt_index, answer_index, text)`` receives streamed text."""
+        request, events = self._start([ids for _, ids in prompts], params, stop=stop, cap_to_context=cap_to_context)
+        n = params.n
+        for event in events:
+            if event.text and on_delta is not None:
+                on_delta(event.index // n, event.index % n, event.text)
+        outputs = request.outputs()
+        return [RequestOutput(request_id=str(p), prompt=text, prompt_token_ids=list(ids),
+                              outputs=outputs[p * n:(p + 1) * n])
+                for p, (text, ids) in enumerate(prompts)]
+
+    def _start(self, prompts: list[list[int]], params: SamplingParams, *, stop: Seq[str] = (),
+               cap_to_context: bool = False) -> tuple[RequestState, Iterator[ChoiceEvent]]:
+        """Validate a request (:meth:`OutputProcessor.prepare`); return it and the iterator that
+        generates it, yielding its events."""
+        processor = OutputProcessor(self.engine, self.tokenizer)
+        request = processor.prepare(prompts, params, stop=stop, cap_to_context=cap_to_context)
+        return request, self._drive(processor, request)
+
+    def _drive(self, processor: OutputProcessor, request: RequestState) -> Iterator[ChoiceEvent]:
+        """Queue ``request`` and step the engine until it is idle, yielding the request's events.
+        If a step raises, or the caller stops iterating, the request is aborted and the engine
+        is left empty for the next call."""
+        processor.add(request)
         try:
             while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    p, tracker = by_seq[out.seq.seq_id]
-                    delta, stopped = tracker.update()
-                    if stopped:
-                        self.engine.finish(tracker.seq, "stop", tracker.stop_string)
-                    if delta and on_delta is not None:
-                        on_delta(p, tracker.index, delta)
-        except BaseException:
-            for row in trackers:  # leave the engine clean for the next call
-                for t in row:
-                    self.engine.finish(t.seq, "abort")
-            while self.engine.has_unfinished():
-                self.engine.step()
-            raise
-        return [RequestOutput(request_id=str(p), prompt=text, prompt_token_ids=list(ids),
-                              outputs=[t.completion() for t in trackers[p]])
-                for p, (text, ids) in enumerate(prompts)]
+                for _, events in processor.process(self.engine.step()):
+                    yield from events
+        finally:
+            if self.engine.has_unfinished():
+                processor.abort(request)
+                while self.engine.has_unfinished():
+                    self.engine.step()
 
     def generate(self, prompts: list[str] | str, params: SamplingParams | None = None, *,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
@@ -141,16 +138,17 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
              on_delta: Callable[[int, int, str], None] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of ``{"role", "content"}`` dicts) or several (a list of
-        such lists) in the chat template; the template's stop strings are added to ``params``.
+        such lists) in the chat template; the template's stop strings end answers besides
+        ``params.stop``.
 
         Raises:
             ValidationError: malformed messages or a conversation too long for the context window.
         """
         if not isinstance(messages, list) or not messages:
-            raise ValidationError("messages must be a non-empty list")
+            raise ValidationError("messages", "messages must be a non-empty list")
         conversations = messages if isinstance(messages[0], list) else [messages]
         items = [(None, self.encode_chat(c)) for c in conversations]
-        return self._run(items, self.default_params(params), on_delta=on_delta)
+        return self._run(items, params or SamplingParams(), stop=self.template.stop, on_delta=on_delta)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     cap_to_context: bool = False) -> Iterator[str]:
@@ -162,27 +160,11 @@ class LLM:
             ValidationError: malformed messages, or prompt + max_tokens beyond the context window
                 (with ``cap_to_context``, max_tokens is capped instead: finish_reason "length").
         """
-        params = self.default_params(params).replace(n=1)
+        params = (params or SamplingParams()).replace(n=1)
         ids = self.encode_chat(messages)
-        self.engine.check_request(ids, params, cap_to_context=cap_to_context)
-        seq = self.engine.add(ids, params, cap_to_context=cap_to_context)
-        tracker = OutputTracker(seq, self.tokenizer)
+        request, events = self._start([ids], params, stop=self.template.stop, cap_to_context=cap_to_context)
         self.last_output = None
-        try:
-            while not tracker.done or self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if out.seq is not seq:
-                        continue
-                    delta, stopped = tracker.update()
-                    if stopped:
-                        self.engine.finish(seq, "stop", tracker.stop_string)
-                    if delta:
-                        yield delta
-                if not self.engine.has_unfinished():
-                    break
-        finally:
-            if not seq.finished:
-                self.engine.finish(seq, "abort")
-                while self.engine.has_unfinished():
-                    self.engine.step()
-        self.last_output = RequestOutput("0", None, ids, [tracker.completion()])
+        for event in events:
+            if event.text:
+                yield event.text
+        self.last_output = RequestOutput("0", None, ids, request.outputs())

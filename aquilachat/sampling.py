@@ -1,4 +1,7 @@
-"""Sampling parameters and the sampling functions: fp32, NaN-proof, one generator per request.
+"""The sampling functions: fp32, NaN-proof, one generator per request.
+
+The parameters they read, with their ranges, are :class:`~aquilachat.sampling_params.SamplingParams`
+(torch-free, in :mod:`aquilachat.sampling_params`; re-exported here).
 
 Order of operations on a row of logits (vLLM's order):
 
@@ -26,111 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ValidationError
+from .sampling_params import SamplingParams  # noqa: F401 - re-exported
 
 __all__ = ["SamplingParams", "sample", "SampleResult", "sanitize_logits"]
-
-#: Most top-logprob alternatives a request may ask for (as the OpenAI API).
-MAX_LOGPROBS = 20
-
-
-@dataclass
-class SamplingParams:
-    """How to pick tokens; OpenAI / vLLM field names and meanings.
-
-    Attributes:
-        temperature: >= 0; 0 means greedy (argmax).
-        top_p: nucleus mass in (0, 1]; 1 disables.
-        top_k: keep the k most likely ids; 0 (or -1, vLLM's spelling) disables.
-        max_tokens: most tokens to generate, >= 1.
-        stop: strings that end the answer (not included in the text).
-        stop_token_ids: ids that end the answer, besides the model's EOS ids.
-        seed: seeds this request's generator: the same seed gives the same tokens alone or in a batch.
-        n: number of answers per prompt (answer i uses seed + i).
-        repetition_penalty: > 0; 1 disables (CTRL).
-        presence_penalty, frequency_penalty: in [-2, 2]; 0 disables (OpenAI).
-        logprobs: None, or how many top alternatives (0..20) to return with each token's logprob.
-        ignore_eos: keep generating after EOS (benchmarks).
-        skip_special_tokens: leave control tokens out of the text.
-
-    Raises:
-        ValidationError: a field out of range, naming the field.
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 256
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    n: int = 1
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-
-    def __post_init__(self) -> None:
-        def number(name, value, *, integer=False):
-            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if not ok or isinstance(value, bool) or (not integer and not math.isfinite(value)):
-                kind = "an integer" if integer else "a finite number"
-                raise ValidationError(f"{name} must be {kind}, got {value!r}")
-
-        number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValidationError(f"temperature must be >= 0, got {self.temperature}")
-        number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}")
-        number("top_k", self.top_k, integer=True)
-        if self.top_k < -1:
-            raise ValidationError(f"top_k must be >= 0 (0 or -1 disables), got {self.top_k}")
-        number("max_tokens", self.max_tokens, integer=True)
-        if self.max_tokens < 1:
-            raise ValidationError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        number("n", self.n, integer=True)
-        if self.n < 1:
-            raise ValidationError(f"n must be >= 1, got {self.n}")
-        number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValidationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            number(name, getattr(self, name))
-            if not -2 <= getattr(self, name) <= 2:
-                raise ValidationError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.seed is not None:
-            number("seed", self.seed, integer=True)
-        if self.logprobs is not None:
-            number("logprobs", self.logprobs, integer=True)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValidationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        for i, s in enumerate(self.stop):
-            if not isinstance(s, str) or not s:
-                raise ValidationError(f"stop[{i}] must be a non-empty string, got {s!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        for i, t in enumerate(self.stop_token_ids):
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise ValidationError(f"stop_token_ids[{i}] must be a non-negative integer, got {t!r}")
-        if self.top_k == -1:
-            self.top_k = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def replace(self, **changes) -> "SamplingParams":
-        """A copy with some fields changed (validated again)."""
-        import dataclasses
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass

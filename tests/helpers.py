@@ -60,3 +60,25 @@ def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **override
                 p.mul_(4.0)
     save_hf(model, out, tokenizer=tok)
     return model.eval()
+
+
+def bad_sampling_values(name: str) -> list:
+    """Values that ``SamplingParams.<name>`` must refuse, from its declared range: just outside
+    each bound, plus a value of the wrong type (a JSON string for a number or a bool)."""
+    from aquilachat.sampling_params import MAX_STOP, MAX_STOP_CHARS, PARAMS
+    spec = PARAMS[name]
+    if name == "stop":
+        return ["", [""], ["a"] * (MAX_STOP + 1), "x" * (MAX_STOP_CHARS + 1), 5]
+    if name == "stop_token_ids":
+        return [[-1], ["1"], 5]
+    if spec.kind is bool:
+        return ["yes"]
+    r, step = spec.range, 1 if spec.range.integer else 0.5
+    values = ["1"] + ([1.5] if r.integer else [])
+    if r.ge is not None:
+        values.append(r.ge - step)
+    if r.gt is not None:
+        values.append(r.gt)
+    if r.le is not None:
+        values.append(r.le + step)
+    return values

@@ -14,7 +14,8 @@ import torch
 from aquilachat.cli import main
 from aquilachat.llm import LLM
 from aquilachat.sampling import SamplingParams
-from tests.helpers import make_tiny_model
+from aquilachat.sampling_params import CLI_FIELDS, PARAMS
+from tests.helpers import bad_sampling_values, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,26 @@ def test_bad_sampling_value_is_one_line(tiny_dir, capsys):
     assert main(["chat", "hi", "--model", str(tiny_dir), "--top-p", "0"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "top_p" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", CLI_FIELDS)
+def test_every_sampling_option_is_checked_with_the_same_ranges(name, capsys):
+    """chat, generate and eval take the same options with the same ranges (one line naming the
+    field, before any model is loaded)."""
+    flag = "--" + name.replace("_", "-")
+    cases = []
+    for value in bad_sampling_values(name):
+        if PARAMS[name].kind is list:
+            if isinstance(value, list):
+                cases.append([arg for v in value for arg in (flag, v)])
+        elif isinstance(value, (int, float)) and not (PARAMS[name].kind is int and isinstance(value, float)):
+            cases.append([flag, str(value)])  # strings and fractions of integers: argparse's own errors
+    assert cases
+    for command in (["chat", "hi"], ["generate", "--prompt", "hi"], ["eval", "code"]):
+        for argv in cases:
+            assert main([*command, "--model", "./not/here", *argv]) == 1
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and name in err and "not/here" not in err, (command, argv, err)
 
 
 def test_non_finite_model_cli_exit_code(tmp_path, byte_tokenizer_dir):

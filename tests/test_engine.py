@@ -94,6 +94,25 @@ def test_context_window_is_checked_before_work(llm):
         llm.generate(None, GREEDY, prompt_token_ids=[[10**6]])
 
 
+def test_each_prompt_is_validated_once(llm, monkeypatch):
+    real, calls = llm.engine.check_request, []
+    monkeypatch.setattr(llm.engine, "check_request", lambda ids, *a, **k: calls.append(ids) or real(ids, *a, **k))
+    llm.generate(["ab", "cd"], GREEDY.replace(max_tokens=2, n=2))
+    assert calls == [llm.tokenizer.encode("ab"), llm.tokenizer.encode("cd")]  # not once more per answer
+    calls.clear()
+    assert list(llm.stream_chat([{"role": "user", "content": "hi"}], GREEDY.replace(max_tokens=2)))
+    assert len(calls) == 1
+
+
+def test_a_stream_left_early_leaves_the_engine_empty(llm):
+    stream = llm.stream_chat([{"role": "user", "content": "hi"}], GREEDY.replace(max_tokens=20))
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_unfinished() and len(llm.engine.free_slots) == llm.engine.max_num_seqs
+    want = llm.generate("x", GREEDY.replace(max_tokens=3))[0]
+    assert len(want.token_ids) == 3
+
+
 def test_stop_strings_split_across_tokens_never_leak(llm):
     tok = llm.tokenizer
     prompt = "The quick brown fox"

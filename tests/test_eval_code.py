@@ -9,10 +9,11 @@ import json
 import pytest
 
 from aquilachat.errors import DataError, ValidationError
-from aquilachat.evaluation.backends import BackendError, GenParams, OpenAIHTTPGenerator
+from aquilachat.evaluation.backends import BackendError, OpenAIHTTPGenerator
 from aquilachat.evaluation.code import CodeEvalConfig, run_code_eval
 from aquilachat.evaluation.datasets import KNOWN_BROKEN_CANONICAL, load_code_problems, resolve_code_datasets
 from aquilachat.evaluation.languages import LANGUAGE_SPECS
+from aquilachat.sampling_params import SamplingParams
 from tests.eval_support import FakeOpenAIServer, sandbox_or_skip, shared_data_or_skip
 
 ALL = ["python", "cpp", "java", "js", "go", "rust"]
@@ -141,7 +142,7 @@ def test_http_backend_end_to_end_pass_at_k():
     with FakeOpenAIServer(completion=completion, fail_first=1) as server:
         gen = OpenAIHTTPGenerator(server.url, "fake-coder", api_key="k", concurrency=2)
         cfg = CodeEvalConfig(dataset="humaneval-x", languages=["python", "js"], n=3, ks=[1, 2, 3, 10], limit=3,
-                             params=GenParams(temperature=0.8, top_p=0.95, max_tokens=300, seed=1), data_dir=data)
+                             params=SamplingParams(temperature=0.8, top_p=0.95, max_tokens=300, seed=1), data_dir=data)
         report, results = run_code_eval(cfg, gen, sandbox=sb, progress=False)
         gen.close()
     for lang in ("python", "js"):
@@ -154,9 +155,11 @@ def test_http_backend_end_to_end_pass_at_k():
         assert "pass@10" not in e and e["omitted_k"] == [10]
     bodies = [b for path, b in server.requests if path == "/v1/completions"]
     assert len(bodies) == 6 + 1  # one retried after HTTP 503
-    b = bodies[-1]
-    assert b["model"] == "fake-coder" and b["n"] == 3 and b["max_tokens"] == 300 and b["seed"] == 1
-    assert b["temperature"] == 0.8 and b["top_p"] == 0.95 and 1 <= len(b["stop"]) <= 4
+    for b in bodies:  # the fields that differ from their defaults, and each language's own stop strings
+        assert set(b) == {"model", "prompt", "n", "temperature", "top_p", "max_tokens", "seed", "stop"}
+        assert b["model"] == "fake-coder" and b["n"] == 3 and b["max_tokens"] == 300 and b["seed"] == 1
+        assert b["temperature"] == 0.8 and b["top_p"] == 0.95
+        assert b["stop"] == list(LANGUAGE_SPECS[problems[b["prompt"]].language].stop)
     # the stored completions are the truncated ones
     kept = [r.completion for r in results if r.passed]
     assert kept and not any("junk" in c or "broken(" in c for c in kept)
@@ -166,7 +169,7 @@ def test_http_backend_errors_name_the_url():
     with FakeOpenAIServer(completion=lambda body: []) as server:
         gen = OpenAIHTTPGenerator(server.url, "m")
         with pytest.raises(BackendError, match="/v1/completions"):
-            gen.complete(["x"], 1, GenParams())
+            gen.complete(["x"], 1, SamplingParams())
         gen.close()
     gen = OpenAIHTTPGenerator("http://127.0.0.1:9/v1", "m")  # nothing listens on the discard port
     import aquilachat.evaluation.backends as backends
@@ -174,7 +177,7 @@ def test_http_backend_errors_name_the_url():
     backends.HTTP_RETRIES = 1
     try:
         with pytest.raises(BackendError, match="127.0.0.1:9"):
-            gen.chat([[{"role": "user", "content": "hi"}]], GenParams())
+            gen.chat([[{"role": "user", "content": "hi"}]], SamplingParams())
     finally:
         backends.HTTP_RETRIES = old
         gen.close()

@@ -45,14 +45,15 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 
 def test_local_generator_code_eval(tiny_chat_model):
-    from aquilachat.evaluation.backends import GenParams, LocalGenerator
+    from aquilachat.evaluation.backends import LocalGenerator
+    from aquilachat.sampling_params import SamplingParams
     data = shared_data_or_skip()
     sb = sandbox_or_skip()
     gen = LocalGenerator(str(tiny_chat_model), device="cpu")
-    out = gen.complete(["def f(x):\n", "int g() {\n"], 3, GenParams(temperature=0.8, max_tokens=6, seed=0))
+    out = gen.complete(["def f(x):\n", "int g() {\n"], 3, SamplingParams(temperature=0.8, max_tokens=6, seed=0))
     assert len(out) == 2 and all(len(row) == 3 and all(isinstance(t, str) for t in row) for row in out)
     cfg = CodeEvalConfig(dataset="humaneval-x", languages=["python"], n=2, ks=[1, 2], limit=2,
-                         params=GenParams(temperature=0.8, max_tokens=16, seed=0), data_dir=data)
+                         params=SamplingParams(temperature=0.8, max_tokens=16, seed=0), data_dir=data)
     report, results = run_code_eval(cfg, gen, sandbox=sb, progress=False)
     e = report["languages"]["python"]
     assert e["samples"] == 4 and 0.0 <= e["pass@1"] <= 1.0 and "pass@2" in e

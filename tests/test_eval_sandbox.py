@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from aquilachat.evaluation.backends import GenParams
+from aquilachat.sampling_params import SamplingParams
 from aquilachat.evaluation.code import CodeEvalConfig, execute_sample, run_code_eval
 from aquilachat.evaluation.datasets import Problem
 from aquilachat.evaluation.sandbox import Limits, _pids_of_uid
@@ -138,7 +138,7 @@ def test_hostile_python_samples_fail_alone(tmp_path, protected_file, listener):
     prompts = _dataset(tmp_path / "planted.jsonl", names)
     by_prompt = {prompts[n]: [hostile.get(n, GOOD)] for n in names}
     cfg = CodeEvalConfig(dataset=str(tmp_path / "planted.jsonl"), languages=["python"], n=1, ks=[1],
-                         workers=2, timeout_s=5.0, memory_mb=256, params=GenParams(max_tokens=64))
+                         workers=2, timeout_s=5.0, memory_mb=256, params=SamplingParams(temperature=0.0, max_tokens=64))
     t0 = time.monotonic()
     report, results = run_code_eval(cfg, _ScriptedGenerator(by_prompt), sandbox=sb, progress=False)
     elapsed = time.monotonic() - t0

@@ -171,7 +171,7 @@ def test_writing_end_to_end_against_our_own_server(tmp_path, byte_tokenizer_dir)
     """Student and judge are both our real server (uvicorn on 127.0.0.1) with a tiny random model:
     the pipeline runs end to end, keeps every prompt and raw judge output, and a judge answer
     without a grade is counted as "no grade", not as a score."""
-    from aquilachat.evaluation.backends import GenParams
+    from aquilachat.sampling_params import SamplingParams
     from aquilachat.llm import LLM
     from aquilachat.server.app import ServerSettings
     from tests.helpers import make_tiny_model
@@ -186,7 +186,7 @@ def test_writing_end_to_end_against_our_own_server(tmp_path, byte_tokenizer_dir)
         student = OpenAIHTTPGenerator(s.url, "tiny", concurrency=2)
         judge = OpenAIHTTPGenerator(s.url, "tiny", concurrency=2)
         cfg = WritingEvalConfig(questions=qfile, judge_prompts=data / "eval_writing/mt_bench/judge_prompts.jsonl",
-                                params=GenParams(max_tokens=16), judge_params=GenParams(temperature=0.0, max_tokens=16))
+                                params=SamplingParams(temperature=0.0, max_tokens=16), judge_params=SamplingParams(temperature=0.0, max_tokens=16))
         report, records = run_writing_eval(cfg, student, judge, progress=False)
     assert len(records) == 3
     for r in records:

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from aquilachat.errors import ValidationError
 from aquilachat.sampling import SamplingParams, apply_penalties, sample, sanitize_logits
+from aquilachat.sampling_params import MAX_STOP, PARAMS
+from tests.helpers import bad_sampling_values
 
 V = 37
 SPECIAL = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-38, 0.0, 1e4, -1e4]
@@ -25,8 +27,35 @@ SPECIAL = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-38, 0.0, 1e4, -1e4]
     ("max_tokens", 1.5, "max_tokens"), ("temperature", "hot", "temperature"), ("n", True, "n must"),
 ])
 def test_validation_errors(field, value, match):
-    with pytest.raises(ValidationError, match=match):
+    with pytest.raises(ValidationError, match=match) as info:
         SamplingParams(**{field: value})
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_every_field_refuses_what_its_range_refuses_and_names_itself(name):
+    for value in bad_sampling_values(name):
+        with pytest.raises(ValidationError) as info:
+            SamplingParams(**{name: value})
+        assert info.value.field == name and name in str(info.value), (value, info.value)
+
+
+def test_the_ranges_chosen_where_openai_and_vllm_differ():
+    """sampling_params' docstring: vLLM's unbounded temperature and repetition penalty; seeds in
+    [0, 2**63 - 1]; at most 16 stop strings."""
+    p = SamplingParams(temperature=5.0, repetition_penalty=20.0, seed=2**63 - 1, stop=[str(i) for i in range(MAX_STOP)])
+    assert len(p.stop) == 16
+    for bad in ({"seed": -1}, {"seed": 2**63}, {"stop": [str(i) for i in range(MAX_STOP + 1)]}):
+        with pytest.raises(ValidationError):
+            SamplingParams(**bad)
+
+
+def test_sampling_params_import_without_torch():
+    """The evaluations and the command line build SamplingParams without loading torch."""
+    import subprocess
+    import sys
+    code = "import sys, aquilachat; aquilachat.SamplingParams(temperature=0); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 logit_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from(SPECIAL))

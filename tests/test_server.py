@@ -18,8 +18,10 @@ import pytest
 from aquilachat.llm import LLM
 from aquilachat.sampling import SamplingParams
 from aquilachat.server.app import ServerSettings
+from aquilachat.sampling_params import MAX_STOP, PARAMS
 from aquilachat.server.limits import MAX_BODY_BYTES, MAX_MESSAGES, MAX_N, MAX_TOKENS_LIMIT
-from tests.helpers import make_tiny_model
+from aquilachat.server.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
+from tests.helpers import bad_sampling_values, make_tiny_model
 from tests.server_utils import metric, serve, sse_events
 
 MODEL = "tiny"
@@ -312,6 +314,58 @@ def test_bad_input_gets_4xx_json(server, path, body, status, param):
         assert param.split(".")[0] in message
 
 
+#: Each route's base body, its request model, and its names for SamplingParams fields it renames.
+_ROUTES = [
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+     ChatCompletionRequest, {"max_tokens": ["max_tokens", "max_completion_tokens"]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi"}, CompletionRequest, {}),
+    ("/", {"prompt": "hi"}, LegacyRequest, {"max_tokens": ["max_new_tokens"]}),
+]
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_400_names_each_sampling_field(server, name):
+    """Every SamplingParams field, on every route, with every value its range refuses: a 400 that
+    names the request's field, as a range or type error where the route takes the field and as an
+    unknown field where it does not."""
+    for path, base, model, renames in _ROUTES:
+        for field in renames.get(name, [name]):
+            for value in bad_sampling_values(name):
+                r = httpx.post(server.url + path, json={**base, field: value}, timeout=30)
+                assert r.status_code == 400, (path, field, value, r.text)
+                error = r.json()["error"]
+                message = error if path == "/" else error["message"]
+                assert message.startswith(field) and field in message, (path, field, value, message)
+                assert ("unknown field" in message) == (field not in model.model_fields), message
+                if path != "/":
+                    assert error["param"].split(".")[0] == field, error
+
+
+def test_each_prompt_is_validated_once(server, monkeypatch):
+    engine = server.state.async_engine.engine
+    real, calls = engine.check_request, []
+    monkeypatch.setattr(engine, "check_request", lambda ids, *a, **k: calls.append(ids) or real(ids, *a, **k))
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [7]], "n": 2,
+                                                         "max_tokens": 2}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    assert calls == [[5, 6], [7]]  # not once more per answer
+
+
+def test_the_server_takes_the_offline_ranges(client, oracle):
+    """Values inside SamplingParams' ranges that the server once refused (temperature above
+    OpenAI's 2, a repetition penalty above 10) give what LLM gives; 16 stop strings of the
+    caller's are taken on chat besides the template's own."""
+    r = client.completions.create(model=MODEL, prompt="hi", max_tokens=6, temperature=5.0, seed=3,
+                                  extra_body={"repetition_penalty": 20.0})
+    want = oracle.generate("hi", SamplingParams(temperature=5.0, seed=3, max_tokens=6, repetition_penalty=20.0))[0]
+    assert r.choices[0].text == want.text
+    messages = [{"role": "user", "content": "hello"}]
+    stops = [f"zz{i}" for i in range(MAX_STOP)]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, stop=stops)
+    want = oracle.chat(messages, SamplingParams(temperature=0, max_tokens=8, stop=stops))[0]
+    assert r.choices[0].message.content == want.text
+
+
 def test_body_limit_and_routes(server):
     big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
     r = httpx.post(server.url + "/v1/completions", content=big, timeout=30)
@@ -336,7 +390,7 @@ def test_internal_errors_are_json_500_and_the_server_keeps_serving(server, clien
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(serving.llm, "encode_chat", broken)
+    monkeypatch.setattr(serving, "encode_chat", broken)
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30)
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
     assert "boom" not in r.text

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..sampling_params import CLI_FIELDS, PARAMS, SamplingParams
+
+#: Sampling defaults of ``chat`` and ``generate``: a little more focused than SamplingParams's
+#: neutral 1.0 / 1.0, as chat front ends default to.
+GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+
 
 def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None:
     p.add_argument("--model", default="aquila-tiny",
@@ -36,22 +42,36 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, **defaults) -> dict[str, argparse.Action]:
+    """One option per :class:`~aquilachat.sampling_params.SamplingParams` field the command line
+    takes (:data:`~aquilachat.sampling_params.CLI_FIELDS`; ``--top-p`` for ``top_p``), its help
+    giving the field's meaning, range and default. ``defaults`` replaces SamplingParams's defaults
+    for this command. Returns the options by field name (a caller may reword a help).
+
+    The values are checked when :func:`sampling_params` builds the parameters, with the ranges
+    every other entry point uses.
+    """
     g = p.add_argument_group("sampling (OpenAI / vLLM names)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1] (default 0.9)")
-    g.add_argument("--top-k", type=int, default=0, help="0 disables (default)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default {max_tokens}")
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    actions = {}
+    for name in CLI_FIELDS:
+        spec = PARAMS[name]
+        default = defaults.get(name, spec.default)
+        flag = "--" + name.replace("_", "-")
+        help = (spec.doc + (f" Range: {spec.range}." if spec.range is not None else "")).replace("%", "%%")
+        if spec.kind is list:
+            actions[name] = g.add_argument(flag, action="append", default=default, help=help + " Repeatable.")
+        elif spec.kind is bool:
+            actions[name] = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            actions[name] = g.add_argument(flag, type=spec.kind, default=default,
+                                           help=help + f" Default: {'none' if default is None else default}.")
+    return actions
 
 
-def sampling_params(args: argparse.Namespace):
-    from ..sampling import SamplingParams
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          seed=args.seed, stop=args.stop)
+def sampling_params(args: argparse.Namespace, **overrides) -> SamplingParams:
+    """The :class:`SamplingParams` of the options :func:`add_sampling_args` added, with ``overrides``.
+
+    Raises:
+        ValidationError: a value out of range, naming the field.
+    """
+    return SamplingParams(**{**{name: getattr(args, name) for name in CLI_FIELDS}, **overrides})

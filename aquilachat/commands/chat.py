@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
+from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
 
 HELP_TEXT = ("commands: /reset clears the history, /exit (or Ctrl-D) quits; the oldest exchanges are "
              "dropped when the history outgrows the context window, and an answer is cut at the window")
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="replace the template's system message")
     add_model_args(p)
     add_engine_args(p, max_num_seqs=1)
-    add_sampling_args(p)
+    add_sampling_args(p, **GENERATION_DEFAULTS)
     p.set_defaults(func=run)
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ValidationError
+from ._common import add_sampling_args, sampling_params
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,13 +39,11 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser, *, temperature: float | None, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature, 0 = greedy (default {temperature if temperature is not None else 'per category'})")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per completion (default {max_tokens})")
-    g.add_argument("--seed", type=int, default=None)
+    """The sampling options of ``chat`` / ``generate`` with the evaluations' defaults (greedy or
+    per category, no nucleus cut)."""
+    actions = add_sampling_args(p, temperature=temperature, top_p=1.0, max_tokens=max_tokens)
+    if temperature is None:
+        actions["temperature"].help = actions["temperature"].help.replace("Default: none.", "Default: per category.")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -184,13 +184,11 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ code
 def run_code(args: argparse.Namespace) -> int:
-    from ..evaluation.backends import GenParams
     from ..evaluation.code import (CodeEvalConfig, DEFAULT_LANGUAGES, chart_values, code_report_markdown,
                                    run_code_eval, write_samples)
     from ..evaluation.report import bar_chart, markdown_metadata, run_metadata, write_report
     langs = args.languages or (["python"] if args.dataset in ("humaneval", "mbpp") else list(DEFAULT_LANGUAGES))
-    params = GenParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       max_tokens=args.max_tokens, seed=args.seed)
+    params = sampling_params(args)
     cfg = CodeEvalConfig(dataset=args.dataset, languages=langs, n=args.n, ks=args.k or [1], self_test=args.self_test,
                          limit=args.limit, tasks=args.tasks, workers=args.workers, timeout_s=args.timeout,
                          compile_timeout_s=args.compile_timeout, memory_mb=args.memory_mb, params=params,
@@ -205,8 +203,9 @@ def run_code(args: argparse.Namespace) -> int:
     files = [e["file"] for e in report["languages"].values()]
     meta = run_metadata(model=None if args.self_test else generator.description,
                         template=None if args.self_test else args.template,
-                        sampling=None if args.self_test else {**params.to_dict(), "n": cfg.n,
-                                                              "stop": "per language (see aquilachat.evaluation.languages)"},
+                        sampling=None if args.self_test else {**asdict(params), "n": cfg.n,
+                                                              "stop": "per language (see aquilachat.evaluation.languages)"
+                                                              + (f", plus {params.stop}" if params.stop else "")},
                         datasets=files)
     report["metadata"] = meta
     out = _out_dir(args)
@@ -236,13 +235,12 @@ def run_code(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ writing
 def run_writing(args: argparse.Namespace) -> int:
-    from ..evaluation.backends import GenParams, OpenAIHTTPGenerator
+    from ..evaluation.backends import OpenAIHTTPGenerator
     from ..evaluation.report import bar_chart, markdown_metadata, run_metadata, write_report
     from ..evaluation.writing import WritingEvalConfig, resolve_questions, run_writing_eval, writing_report_markdown
     import json
     qpath = resolve_questions(args.questions, args.data_dir)
-    params = GenParams(temperature=args.temperature or 0.0, top_p=args.top_p, top_k=args.top_k,
-                       max_tokens=args.max_tokens, seed=args.seed)
+    params = sampling_params(args, temperature=args.temperature or 0.0)
     cfg = WritingEvalConfig(questions=qpath, judge_prompts=args.judge_prompts, references=args.references,
                             belle_prompts=args.belle_prompts, judge_style=args.judge_style,
                             temperature=args.temperature, params=params, limit=args.limit, data_dir=args.data_dir)
@@ -252,9 +250,9 @@ def run_writing(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     report, records = run_writing_eval(cfg, generator, judge, progress=not args.no_progress, log=log)
     files = [qpath] + [p for p in (report["judge_prompts_file"], report["references_file"]) if p]
-    sampling = {**params.to_dict(), "temperature": report["answer_temperature"]}
+    sampling = {**asdict(params), "temperature": report["answer_temperature"]}
     meta = run_metadata(model=generator.description, template=args.template, sampling=sampling, datasets=files,
-                        extra={"judge": judge.description, "judge_sampling": cfg.judge_params.to_dict()})
+                        extra={"judge": judge.description, "judge_sampling": asdict(cfg.judge_params)})
     report["metadata"] = meta
     out = _out_dir(args)
     paths = write_report(out, "writing_eval", report, writing_report_markdown(report, markdown_metadata(meta)))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
+from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1, help="answers per prompt")
     add_model_args(p, template=False)
     add_engine_args(p)
-    add_sampling_args(p)
+    add_sampling_args(p, **GENERATION_DEFAULTS)
     p.set_defaults(func=run)
 
 

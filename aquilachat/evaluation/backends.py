@@ -12,49 +12,22 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 from ..errors import AquilaChatError, ValidationError
+from ..sampling_params import OPENAI_FIELDS, SamplingParams
 
-__all__ = ["GenParams", "Generator", "LocalGenerator", "OpenAIHTTPGenerator", "BackendError", "make_generator"]
+__all__ = ["Generator", "LocalGenerator", "OpenAIHTTPGenerator", "BackendError", "make_generator"]
 
 #: Attempts per HTTP request on connection errors, 429 and 5xx (with 0.5, 1, 2, ... s pauses).
 HTTP_RETRIES = 4
 HTTP_TIMEOUT_S = 600.0
-#: The OpenAI API accepts at most this many stop strings.
-MAX_STOP = 4
+#: Default sampling parameters (normalized: ``stop`` is ``[]``), to tell which fields a request changes.
+_DEFAULTS = SamplingParams()
 
 
 class BackendError(AquilaChatError, RuntimeError):
     """A generation backend failed (server unreachable, bad answer), naming the URL or model."""
-
-
-@dataclass
-class GenParams:
-    """Sampling parameters, with OpenAI / vLLM names and meanings (``temperature`` 0 is greedy).
-
-    ``stop`` strings end a completion and are not included in it; ``seed`` makes sampling
-    reproducible where the backend supports it.
-    """
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 512
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValidationError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValidationError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Generator(Protocol):
@@ -63,12 +36,12 @@ class Generator(Protocol):
     #: Recorded in reports: the model path or name, and the backend.
     description: dict[str, Any]
 
-    def complete(self, prompts: Sequence[str], n: int, params: GenParams) -> list[list[str]]:
+    def complete(self, prompts: Sequence[str], n: int, params: SamplingParams) -> list[list[str]]:
         """Raw completions (no chat template): ``n`` continuations of each prompt,
         ``result[i][j]`` the ``j``-th of prompt ``i``."""
         ...
 
-    def chat(self, conversations: Sequence[list[dict[str, str]]], params: GenParams) -> list[str]:
+    def chat(self, conversations: Sequence[list[dict[str, str]]], params: SamplingParams) -> list[str]:
         """One assistant answer to each conversation (OpenAI ``messages`` form)."""
         ...
 
@@ -95,13 +68,6 @@ class LocalGenerator:
         self.description = {"backend": "local", "model": str(model), "template": template}
 
     @staticmethod
-    def _sampling(params: GenParams, n: int):
-        from aquilachat import SamplingParams
-        return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                              max_tokens=params.max_tokens, stop=list(params.stop) or None,
-                              seed=params.seed, n=n)
-
-    @staticmethod
     def _texts(output: Any, n: int) -> list[str]:
         outs = getattr(output, "outputs", None)
         texts = [o.text for o in outs] if outs else [output.text]
@@ -109,12 +75,12 @@ class LocalGenerator:
             raise BackendError(f"local engine returned {len(texts)} completions, expected n={n}")
         return texts
 
-    def complete(self, prompts: Sequence[str], n: int, params: GenParams) -> list[list[str]]:
-        outputs = self.llm.generate(list(prompts), self._sampling(params, n))
+    def complete(self, prompts: Sequence[str], n: int, params: SamplingParams) -> list[list[str]]:
+        outputs = self.llm.generate(list(prompts), params.replace(n=n))
         return [self._texts(o, n) for o in outputs]
 
-    def chat(self, conversations: Sequence[list[dict[str, str]]], params: GenParams) -> list[str]:
-        outputs = self.llm.chat([list(c) for c in conversations], self._sampling(params, 1))
+    def chat(self, conversations: Sequence[list[dict[str, str]]], params: SamplingParams) -> list[str]:
+        outputs = self.llm.chat([list(c) for c in conversations], params.replace(n=1))
         return [self._texts(o, 1)[0] for o in outputs]
 
 
@@ -174,15 +140,18 @@ class OpenAIHTTPGenerator:
                 delay *= 2
         raise BackendError(f"{url}: no answer after {HTTP_RETRIES} attempts ({last})")
 
-    def _sampling(self, params: GenParams) -> dict[str, Any]:
+    def _sampling(self, params: SamplingParams) -> dict[str, Any]:
+        """The request fields of ``params``: ``temperature``, ``top_p`` and ``max_tokens`` always (a
+        server's own defaults may differ from ours), every other field the OpenAI routes take
+        (:data:`~aquilachat.sampling_params.OPENAI_FIELDS`) only where it differs from its default,
+        so that a server without vLLM's extensions (``top_k``) is not sent them needlessly. Every
+        stop string is sent: a server that takes fewer answers with an error naming ``stop``."""
         body: dict[str, Any] = {"model": self.model, "temperature": params.temperature, "top_p": params.top_p,
                                 "max_tokens": params.max_tokens}
-        if params.stop:
-            body["stop"] = list(params.stop)[:MAX_STOP]
-        if params.seed is not None:
-            body["seed"] = params.seed
-        if params.top_k:
-            body["top_k"] = params.top_k  # vLLM / aquilachat extension
+        for name in OPENAI_FIELDS:
+            value = getattr(params, name)
+            if name not in body and value != getattr(_DEFAULTS, name):
+                body[name] = value
         return body
 
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
@@ -192,7 +161,7 @@ class OpenAIHTTPGenerator:
             return list(pool.map(fn, items))
 
     # -------------------------------------------------------------- API
-    def complete(self, prompts: Sequence[str], n: int, params: GenParams) -> list[list[str]]:
+    def complete(self, prompts: Sequence[str], n: int, params: SamplingParams) -> list[list[str]]:
         def one(prompt: str) -> list[str]:
             texts: list[str] = []
             for _ in range(n):  # bounded: at most n requests per prompt
@@ -207,7 +176,7 @@ class OpenAIHTTPGenerator:
             return texts[:n]
         return self._map(one, list(prompts))
 
-    def chat(self, conversations: Sequence[list[dict[str, str]]], params: GenParams) -> list[str]:
+    def chat(self, conversations: Sequence[list[dict[str, str]]], params: SamplingParams) -> list[str]:
         def one(messages: list[dict[str, str]]) -> str:
             data = self._post("/chat/completions", {**self._sampling(params), "messages": messages, "n": 1})
             try:

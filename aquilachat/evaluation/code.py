@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import ValidationError
-from .backends import GenParams, Generator
+from ..sampling_params import SamplingParams
+from .backends import Generator
 from .datasets import KNOWN_BROKEN_CANONICAL, LANGUAGES, CodeDataset, Problem, resolve_code_datasets
 from .languages import LANGUAGE_SPECS, Toolchain, detect_toolchain, run_steps
 from .passk import mean_pass_at_k
@@ -53,7 +54,7 @@ class CodeEvalConfig:
         workers: samples executed at once.
         timeout_s: wall-clock limit of each run step (seconds); compile steps get ``compile_timeout_s``.
         memory_mb: ``RLIMIT_DATA`` of run steps (MiB); ``None`` keeps each language's default.
-        params: sampling parameters (per-language stop strings are added).
+        params: sampling parameters (per-language stop strings are added); default greedy, 512 tokens.
         truncate: cut completions at the end of the function (CodeGeeX ``cleanup_code``).
     """
 
@@ -68,7 +69,7 @@ class CodeEvalConfig:
     timeout_s: float = 10.0
     compile_timeout_s: float = 90.0
     memory_mb: int | None = None
-    params: GenParams = field(default_factory=GenParams)
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=512))
     data_dir: Path | None = None
     allow_network: bool = False
     truncate: bool = True

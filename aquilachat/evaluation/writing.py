@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from ..errors import DataError, ValidationError
 from ..io import iter_objects
-from .backends import GenParams, Generator
+from ..sampling_params import SamplingParams
+from .backends import Generator
 from .datasets import shared_data_dir
 
 __all__ = ["WritingQuestion", "load_questions", "load_judge_prompts", "load_references", "parse_grade",
@@ -272,8 +273,9 @@ class WritingEvalConfig:
     belle_prompts: Path | None = None
     judge_style: str = "mt-bench"
     temperature: float | None = None
-    params: GenParams = field(default_factory=lambda: GenParams(max_tokens=1024))
-    judge_params: GenParams = field(default_factory=lambda: GenParams(temperature=0.0, max_tokens=JUDGE_MAX_TOKENS))
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0, max_tokens=1024))
+    judge_params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0,
+                                                                                max_tokens=JUDGE_MAX_TOKENS))
     limit: int | None = None
     data_dir: Path | None = None
 

@@ -276,8 +276,9 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     """The server application.
 
     Args:
-        loader: returns the :class:`~aquilachat.llm.LLM` to serve; called once, in a background
-            thread, when the app starts (``/health`` is 503 until it returns).
+        loader: returns the :class:`~aquilachat.llm.LLM` whose engine, tokenizer and template
+            are served; called once, in a background thread, when the app starts (``/health`` is
+            503 until it returns).
         settings: see :class:`ServerSettings`.
         on_load_error: called (in the loader thread) if ``loader`` raises; the server then keeps
             answering 503 with the error on ``/health``.
@@ -293,7 +294,8 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
             engine = AsyncEngine(llm.engine, llm.tokenizer, loop, max_waiting=settings.max_waiting,
                                  observer=metrics)
             state.async_engine = engine
-            state.serving = Serving(llm, engine, model_name=settings.model_name, log_prompts=settings.log_prompts)
+            state.serving = Serving(engine, tokenizer=llm.tokenizer, template=llm.template,
+                                    model_name=settings.model_name, log_prompts=settings.log_prompts)
             log.info("model %s loaded in %.1f s (max_num_seqs %d, context %d tokens)", settings.model_name,
                      time.monotonic() - started, llm.engine.max_num_seqs, llm.engine.max_model_len)
         except BaseException as exc:  # noqa: BLE001 - reported on /health and to the caller

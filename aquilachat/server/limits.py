@@ -1,4 +1,9 @@
-"""The server's limits and defaults, as named constants (no imports: the CLI reads them for --help)."""
+"""The server's limits and defaults, as named constants (no imports: the CLI reads them for --help).
+
+These bound the work one request may ask of a shared server. The ranges of the sampling fields
+(stop strings, seed, penalties...) hold for every caller and are declared with the fields, in
+:mod:`aquilachat.sampling_params`.
+"""
 
 #: Largest request body accepted, in bytes (larger -> 413).
 MAX_BODY_BYTES = 1 << 20
@@ -12,13 +17,8 @@ MAX_TOKENS_LIMIT = 8192
 MAX_N = 16
 #: Most prompts in one ``/v1/completions`` request.
 MAX_PROMPTS = 64
-#: Most stop strings, and most characters in one.
-MAX_STOP = 16
-MAX_STOP_CHARS = 256
 #: Most ``[human, assistant]`` pairs in a legacy ``history``.
 MAX_HISTORY = 128
-#: Largest seed (torch generators take 64-bit seeds; answer ``i`` uses ``seed + i``).
-MAX_SEED = 2**63 - 1
 #: ``max_tokens`` of ``/v1/completions`` when the request gives none (as OpenAI).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 #: ``max_new_tokens`` of ``POST /`` when the request gives none (as the original server).

@@ -1,26 +1,32 @@
 """Request and response models of the HTTP API (the limits they enforce are in :mod:`.limits`).
 
-OpenAI models follow the field order of the OpenAI API reference (``/v1/chat/completions``,
-``/v1/completions``, ``/v1/models``); the fields this server does not implement are left out, so a
-request that uses them is rejected as an unknown field instead of being silently ignored.
-Extensions (vLLM's names) come last in each request: ``top_k``, ``repetition_penalty``,
-``ignore_eos``.
+OpenAI models hold the fields of the OpenAI API reference (``/v1/chat/completions``,
+``/v1/completions``, ``/v1/models``) that this server implements; the fields it does not implement
+are left out, so a request that uses them is rejected as an unknown field instead of being
+silently ignored. vLLM's extensions ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are taken
+too.
+
+The sampling fields are not declared here but derived from
+:class:`~aquilachat.sampling_params.SamplingParams` (:func:`param_field`): each has its name,
+default, range and description from there, so a field added there is taken by both OpenAI routes.
+Each request turns into sampling parameters with ``to_sampling_params()``, as vLLM's do.
 
 Every request model forbids unknown fields and validates strictly: ``"0.5"`` is not a number,
-``true`` is not an integer, ``NaN`` and ``Infinity`` are not accepted. Ranges are checked here so
-that a 400 names the field; :class:`~aquilachat.sampling.SamplingParams` checks them again.
+``true`` is not an integer, ``NaN`` and ``Infinity`` are not accepted. Pydantic enforces the ranges
+too, so a 400 names the field with its dotted location (``stop.1``); ``SamplingParams`` applies the
+same ranges to every other caller.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ..sampling_params import MAX_STOP, MAX_STOP_CHARS, OPENAI_FIELDS, PARAMS, SamplingParams
 from .limits import (DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_LEGACY_MAX_NEW_TOKENS, MAX_HISTORY,  # noqa: F401
-                     MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_SEED, MAX_STOP, MAX_STOP_CHARS, MAX_TEXT_CHARS,
-                     MAX_TOKENS_LIMIT)
+                     MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TEXT_CHARS, MAX_TOKENS_LIMIT)
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="forbid")
@@ -34,12 +40,26 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | No
 #: A prompt given as token ids.
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
+#: Request types of the list fields of SamplingParams (the number and bool fields map to their kind).
+_LIST_TYPES: dict[str, Any] = {"stop": Stop, "stop_token_ids": list[Annotated[int, Field(ge=0)]] | None}
 
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    """``stop`` as a list."""
-    if stop is None:
-        return []
-    return [stop] if isinstance(stop, str) else list(stop)
+
+def param_type(name: str) -> Any:
+    """The strict request type of ``SamplingParams.<name>`` with its default."""
+    spec = PARAMS[name]
+    if spec.kind is list:
+        return _LIST_TYPES[name]
+    return spec.kind | None if spec.default is None else spec.kind
+
+
+def param_field(name: str, **overrides: Any) -> Any:
+    """A request field for ``SamplingParams.<name>``: its default, its range (as bounds that
+    pydantic enforces and the JSON schema shows) and its meaning. ``overrides`` win: a route's own
+    default, a server limit (``le=MAX_N``), a description."""
+    spec = PARAMS[name]
+    bounds = {} if spec.range is None else {
+        key: value for key in ("ge", "gt", "le") if (value := getattr(spec.range, key)) is not None}
+    return Field(**{"default": spec.default, **bounds, "description": spec.doc, **overrides})
 
 
 # ---------------------------------------------------------------------------- errors
@@ -95,33 +115,41 @@ class StreamOptions(BaseModel):
         "Send one more chunk before [DONE] with empty choices and the request's usage."))
 
 
-class _SamplingRequest(BaseModel):
-    """Sampling fields shared by chat and text completions (OpenAI names; vLLM extensions)."""
+class _OpenAIRequest(BaseModel):
+    """What both OpenAI requests have besides the sampling fields they share."""
 
     model_config = _STRICT
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
-        "Subtracted from a token's logit once per previous occurrence in the answer."))
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description=(
-        "Subtracted from a token's logit if it already occurs in the answer."))
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description=(
-        "Seeds the sampler: the same seed gives the same answer, alone or among concurrent requests."))
-    stop: Stop = Field(default=None, description=(
-        f"Up to {MAX_STOP} strings that end the answer; the stop string itself is not returned."))
+    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
+    max_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
+        "Most tokens to generate per answer; default: up to the end of the context window on chat, "
+        f"{DEFAULT_COMPLETION_MAX_TOKENS} on completions (as OpenAI)."))
+    n: int = param_field("n", le=MAX_N, description=f"Answers per prompt, 1 to {MAX_N} (answer i uses seed + i).")
     stream: bool = Field(default=False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream.")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 is greedy (argmax).")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
-    # extensions (vLLM names)
-    top_k: int = Field(default=0, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables. Extension.")
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description=(
-        "CTRL repetition penalty on tokens of the prompt and answer; 1 disables. Extension."))
-    ignore_eos: bool = Field(default=False, description="Keep generating after the end-of-answer token (benchmarks). Extension.")
+
+    def requested_max_tokens(self) -> int | None:
+        """The ``max_tokens`` the request gives (None: not given)."""
+        return self.max_tokens
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The request's :class:`SamplingParams`; ``default_max_tokens`` when it gives no
+        ``max_tokens`` (as vLLM's ``to_sampling_params``).
+
+        Raises:
+            ValidationError: a value out of range (``.field`` names it); pydantic has checked the
+                same ranges already, so only a field added without them gets here.
+        """
+        requested = self.requested_max_tokens()
+        return SamplingParams(**{name: getattr(self, name) for name in OPENAI_FIELDS}, n=self.n,
+                              max_tokens=default_max_tokens if requested is None else requested)
 
 
-    def stop_list(self) -> list[str]:
-        """``stop`` as a list."""
-        return _stop_list(self.stop)
+#: :class:`_OpenAIRequest` with every sampling field both OpenAI routes take
+#: (:data:`~aquilachat.sampling_params.OPENAI_FIELDS`), as declared by ``SamplingParams``.
+_SamplingRequest = create_model(
+    "_SamplingRequest", __base__=_OpenAIRequest, __module__=__name__,
+    **{name: (param_type(name), param_field(name)) for name in OPENAI_FIELDS})
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -130,12 +158,8 @@ class ChatCompletionRequest(_SamplingRequest):
     model_config = _STRICT
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=(
         f"The conversation, 1 to {MAX_MESSAGES} messages."))
-    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
+    max_completion_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
         "Most tokens to generate (the newer name of max_tokens; wins when both are given)."))
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
-        "Most tokens to generate; default: up to the end of the context window."))
-    n: int = Field(default=1, ge=1, le=MAX_N, description=f"Answers to generate, 1 to {MAX_N} (answer i uses seed + i).")
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` or ``max_tokens`` (None: not given)."""
@@ -216,13 +240,9 @@ class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``: continue raw text (no chat template)."""
 
     model_config = _STRICT
-    model: str | None = Field(default=None, description="A model id from /v1/models (default: the served model).")
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(description=(
         f"A string, a list of up to {MAX_PROMPTS} strings, token ids, or a list of token-id lists."))
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT, description=(
-        f"Most tokens to generate per answer (default {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI)."))
-    n: int = Field(default=1, ge=1, le=MAX_N, description=f"Answers per prompt, 1 to {MAX_N} (answer i uses seed + i).")
 
 
 class CompletionChoice(BaseModel):
@@ -277,14 +297,24 @@ class LegacyRequest(BaseModel):
 
     model_config = _STRICT
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="The user's message.")
-    temperature: float = Field(default=0.9, ge=0.0, le=2.0, description="0 is greedy (argmax).")
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
-    top_k: int = Field(default=100, ge=-1, description="Keep the k most likely tokens; 0 or -1 disables.")
-    max_new_tokens: int = Field(default=DEFAULT_LEGACY_MAX_NEW_TOKENS, ge=1, le=MAX_TOKENS_LIMIT, description=(
-        "Most tokens to generate; the answer ends at the context window if that comes first."))
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seeds the sampler.")
+    temperature: float = param_field("temperature", default=0.9)
+    top_p: float = param_field("top_p", default=0.95)
+    top_k: int = param_field("top_k", default=100)
+    max_new_tokens: int = param_field("max_tokens", default=DEFAULT_LEGACY_MAX_NEW_TOKENS, le=MAX_TOKENS_LIMIT,
+                                      description="Most tokens to generate; the answer ends at the context "
+                                                  "window if that comes first.")
+    seed: int | None = param_field("seed")
     history: list[tuple[str, str]] = Field(default_factory=list, max_length=MAX_HISTORY, description=(
         "Earlier turns as [human, assistant] pairs, oldest first."))
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's :class:`SamplingParams` (``max_new_tokens`` is ``max_tokens``).
+
+        Raises:
+            ValidationError: a value out of range (``.field`` names it).
+        """
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_new_tokens, seed=self.seed)
 
 
 class LegacyResponse(BaseModel):

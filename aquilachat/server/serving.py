@@ -5,10 +5,13 @@ Nothing here touches HTTP; :mod:`aquilachat.server.app` routes requests here and
 (server-sent event strings plus a ``close`` that aborts generation), so the router can stop
 generation whenever the response ends, even if the stream was never iterated.
 
-Sampling follows the offline :class:`~aquilachat.llm.LLM` exactly: chat requests get the
-template's stop strings (``LLM.default_params``), answer ``i`` of ``n`` uses ``seed + i``, and the
-prompt ids come from ``LLM.encode_chat`` / ``Tokenizer.encode``. So a request with a seed returns
-what ``LLM.chat`` / ``LLM.generate`` return for the same seed.
+Serving needs the tokenizer, the chat template and the :class:`AsyncEngine`, and nothing else.
+Requests run as on the offline :class:`~aquilachat.llm.LLM`: prompt ids from the template's
+renderer (:func:`~aquilachat.chat_format.render`) or the tokenizer, sampling parameters from the
+request's ``to_sampling_params()``, the template's stop strings on chat answers, answer ``i`` of
+``n`` seeded with ``seed + i``, and the same :class:`~aquilachat.output_processor.OutputProcessor`
+turning tokens into text. So a request with a seed returns what ``LLM.chat`` / ``LLM.generate``
+return for the same seed.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
+from pydantic import BaseModel
+
+from ..chat_format import ChatTemplate, render
 from ..errors import ValidationError
-from ..llm import LLM
 from ..outputs import CompletionOutput
-from ..sampling import SamplingParams
-from .async_engine import INTERNAL_ERROR, AsyncEngine, QueueFullError, RequestHandle
+from ..sampling_params import SamplingParams
+from ..tokenizer import Tokenizer
+from .async_engine import INTERNAL_ERROR, AsyncEngine, ChoiceEvent, QueueFullError, RequestHandle
 from .limits import DEFAULT_COMPLETION_MAX_TOKENS, MAX_TOKENS_LIMIT, QUEUE_FULL_RETRY_AFTER_S
 from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionRequest,
                        ChatCompletionResponse, ChatCompletionStreamChoice, CompletionChoice, CompletionRequest,
@@ -80,10 +86,11 @@ def _sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def _validation_error(exc: ValidationError, default_param: str) -> APIError:
-    message = str(exc)
-    param = "max_tokens" if "max_tokens" in message else default_param
-    return APIError(400, message, param=param)
+def _validation_error(exc: ValidationError, prompt_param: str) -> APIError:
+    """A 400 naming the field the error names; ``prompt_param`` is the request's field for the
+    prompt (``messages``, ``prompt``, ``history``), named for errors of the prompt or of no one field."""
+    param = prompt_param if exc.field in (None, "prompt") else exc.field
+    return APIError(400, str(exc), param=param)
 
 
 def _generation_error(output: CompletionOutput) -> APIError:
@@ -92,19 +99,31 @@ def _generation_error(output: CompletionOutput) -> APIError:
     return APIError(500, f"generation failed: {output.error}", type="model_error", code="generation_error")
 
 
+def _chat_delta(e: ChoiceEvent) -> ChatCompletionStreamChoice:
+    return ChatCompletionStreamChoice(index=e.index, delta=DeltaMessage(content=e.text or None),
+                                      finish_reason=e.output.finish_reason if e.finished else None)
+
+
+def _completion_delta(e: ChoiceEvent) -> CompletionChoice:
+    return CompletionChoice(index=e.index, text=e.text, finish_reason=e.output.finish_reason if e.finished else None)
+
+
 class Serving:
-    """Serves one loaded :class:`~aquilachat.llm.LLM` through an :class:`AsyncEngine`.
+    """Serves a model through an :class:`AsyncEngine` (module docstring).
 
     Args:
-        llm: the model, tokenizer and chat template.
-        engine: the background engine around ``llm.engine``.
+        engine: the background engine.
+        tokenizer: the model's tokenizer (prompts of ``/v1/completions``).
+        template: the chat template (chat prompts and their stop strings).
         model_name: the id clients use (``/v1/models``; other ids -> 404).
         log_prompts: log prompts and answers (off by default: they may be private).
     """
 
-    def __init__(self, llm: LLM, engine: AsyncEngine, *, model_name: str, log_prompts: bool = False) -> None:
-        self.llm = llm
+    def __init__(self, engine: AsyncEngine, *, tokenizer: Tokenizer, template: ChatTemplate, model_name: str,
+                 log_prompts: bool = False) -> None:
         self.engine = engine
+        self.tokenizer = tokenizer
+        self.template = template
         self.model_name = model_name
         self.log_prompts = log_prompts
         self.created = int(time.time())
@@ -113,28 +132,41 @@ class Serving:
     def models(self) -> ModelList:
         """``GET /v1/models``."""
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created,
-                                         max_model_len=self.llm.engine.max_model_len)])
+                                         max_model_len=self.engine.engine.max_model_len)])
 
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Prompt ids of one conversation in the chat template.
+
+        Raises:
+            ValidationError: malformed messages (see :func:`~aquilachat.chat_format.render`).
+        """
+        return render(self.tokenizer, messages, self.template)
+
+    def _check(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
-    def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> SamplingParams:
+    @staticmethod
+    def _params(req: ChatCompletionRequest | CompletionRequest | LegacyRequest, *args) -> SamplingParams:
         try:
-            return SamplingParams(
-                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, max_tokens=max_tokens,
-                stop=req.stop_list(), seed=req.seed, n=req.n, repetition_penalty=req.repetition_penalty,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                ignore_eos=req.ignore_eos)
+            return req.to_sampling_params(*args)
         except ValidationError as exc:
-            raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
+            raise _validation_error(exc, "prompt") from None
 
-    def _submit(self, prompts: list[list[int]], params: SamplingParams, *, cap_to_context: bool,
+    async def _encode_chat(self, messages: list[dict], param: str) -> list[int]:
+        try:  # tokenizing a long conversation takes a while: not on the event loop
+            return await asyncio.to_thread(self.encode_chat, messages)
+        except ValidationError as exc:
+            raise _validation_error(exc, param) from None
+
+    def _submit(self, prompts: list[list[int]], params: SamplingParams, *, chat: bool, cap_to_context: bool,
                 param: str) -> RequestHandle:
         try:
-            return self.engine.submit(prompts, params, cap_to_context=cap_to_context,
-                                      request_id=uuid.uuid4().hex[:16])
+            return self.engine.submit(prompts, params, stop=self.template.stop if chat else (),
+                                      cap_to_context=cap_to_context, request_id=uuid.uuid4().hex[:16])
         except ValidationError as exc:
             raise _validation_error(exc, param) from None
         except QueueFullError as exc:
@@ -171,11 +203,30 @@ class Serving:
         completion = sum(len(o.token_ids) for o in outputs if o is not None)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    async def _encode_chat(self, messages: list[dict]) -> list[int]:
-        try:  # tokenizing a long conversation takes a while: not on the event loop
-            return await asyncio.to_thread(self.llm.encode_chat, messages)
-        except ValidationError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+    async def _stream(self, handle: RequestHandle, kind: str, prompt, include_usage: bool,
+                      chunk: Callable[..., dict], choice: Callable[[ChoiceEvent], BaseModel],
+                      first: Sequence[BaseModel] = ()) -> AsyncIterator[str]:
+        """The server-sent events of a streamed request: ``chunk([c])`` for each of ``first``, then
+        ``chunk([choice(event)])`` per event, the usage chunk (``chunk([], usage)``) if asked, and
+        ``[DONE]``. An answer that fails ends the stream with an error event."""
+        outputs: list[CompletionOutput | None] = [None] * handle.num_choices
+        try:
+            for c in first:
+                yield _sse(chunk([c]))
+            async for events in handle.events():
+                for e in events:
+                    if e.finished and e.output.finish_reason == "error":
+                        yield _sse(_generation_error(e.output).openai_body())
+                        return
+                    if e.finished:
+                        outputs[e.index] = e.output
+                    yield _sse(chunk([choice(e)]))
+            if include_usage:
+                yield _sse(chunk([], self._usage(handle, outputs)))
+            yield _sse("[DONE]")
+            self._log(handle, f"{kind} stream", outputs, prompt)
+        finally:
+            self.engine.abort(handle)
 
     # ------------------------------------------------------------------ chat
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse | Stream:
@@ -185,18 +236,17 @@ class Serving:
             APIError: 400 (bad messages or parameters, prompt too long), 404 (unknown model),
                 429 (queue full), 500 (generation failed; non-streamed only).
         """
-        self._check_model(req.model)
-        if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        self._check(req)
+        params = self._params(req, MAX_TOKENS_LIMIT)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = await self._encode_chat(messages)
-        requested = req.requested_max_tokens()
-        params = self.llm.default_params(self._params(req, requested or MAX_TOKENS_LIMIT))
-        handle = self._submit([ids], params, cap_to_context=requested is None, param="messages")
+        ids = await self._encode_chat(messages, "messages")
+        handle = self._submit([ids], params, chat=True, cap_to_context=req.requested_max_tokens() is None,
+                              param="messages")
         rid = f"chatcmpl-{handle.request_id}"
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return Stream(self._chat_stream(handle, rid, include_usage, messages), lambda: self.engine.abort(handle))
+            first = [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(handle.num_choices)]
+            return self._stream_response(req, handle, "chat", messages, ChatCompletionChunk, rid, _chat_delta, first)
         outputs = await self._collect(handle)
         self._log(handle, "chat", outputs, messages)
         return ChatCompletionResponse(
@@ -204,34 +254,20 @@ class Serving:
             choices=[ChatCompletionChoice(index=o.index, message=ChatCompletionMessage(content=o.text),
                                           finish_reason=o.finish_reason) for o in outputs])
 
-    async def _chat_stream(self, handle: RequestHandle, rid: str, include_usage: bool,
-                           prompt) -> AsyncIterator[str]:
+    def _stream_response(self, req: ChatCompletionRequest | CompletionRequest, handle: RequestHandle, kind: str,
+                         prompt, chunk: type[BaseModel], rid: str, choice: Callable[[ChoiceEvent], BaseModel],
+                         first: Sequence[BaseModel] = ()) -> Stream:
+        """A streamed answer: events of the ``chunk`` model with id ``rid``, ``choice(event)`` as
+        each event's one choice, ``first`` before any event (see :meth:`_stream`)."""
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
-        def chunk(choices, usage=None) -> str:
-            return _sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                            usage=usage).model_dump(mode="json"))
+        def make(choices, usage=None) -> dict:
+            return chunk(id=rid, created=created, model=self.model_name, choices=choices,
+                         usage=usage).model_dump(mode="json")
 
-        outputs: list[CompletionOutput | None] = [None] * handle.num_choices
-        try:
-            for i in range(handle.num_choices):
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            async for events in handle.events():
-                for e in events:
-                    if e.finished and e.output.finish_reason == "error":
-                        yield _sse(_generation_error(e.output).openai_body())
-                        return
-                    if e.finished:
-                        outputs[e.index] = e.output
-                    delta = DeltaMessage(content=e.text) if e.text else DeltaMessage()
-                    yield chunk([ChatCompletionStreamChoice(
-                        index=e.index, delta=delta, finish_reason=e.output.finish_reason if e.finished else None)])
-            if include_usage:
-                yield chunk([], self._usage(handle, outputs))
-            yield _sse("[DONE]")
-            self._log(handle, "chat stream", outputs, prompt)
-        finally:
-            self.engine.abort(handle)
+        return Stream(self._stream(handle, kind, prompt, include_usage, make, choice, first),
+                      lambda: self.engine.abort(handle))
 
     # ------------------------------------------------------------------ completions
     async def completion(self, req: CompletionRequest) -> CompletionResponse | Stream:
@@ -240,9 +276,8 @@ class Serving:
         Raises:
             APIError: 400, 404, 429, 500 as :meth:`chat`.
         """
-        self._check_model(req.model)
-        if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+        self._check(req)
+        params = self._params(req, DEFAULT_COMPLETION_MAX_TOKENS)
         prompt = req.prompt
         if isinstance(prompt, str):
             texts: list[str] | None = [prompt]
@@ -251,50 +286,21 @@ class Serving:
         else:
             texts = None
         if texts is not None:
-            prompts = await asyncio.to_thread(lambda: [self.llm.tokenizer.encode(t) for t in texts])
+            prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
         elif isinstance(prompt[0], int):
             prompts = [list(prompt)]  # type: ignore[arg-type]
         else:
             prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
-        params = self._params(req, req.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS)
-        handle = self._submit(prompts, params, cap_to_context=req.max_tokens is None, param="prompt")
+        handle = self._submit(prompts, params, chat=False, cap_to_context=req.max_tokens is None, param="prompt")
         rid = f"cmpl-{handle.request_id}"
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return Stream(self._completion_stream(handle, rid, include_usage, texts),
-                          lambda: self.engine.abort(handle))
+            return self._stream_response(req, handle, "completion", texts, CompletionResponse, rid, _completion_delta)
         outputs = await self._collect(handle)
         self._log(handle, "completion", outputs, texts)
         return CompletionResponse(
             id=rid, model=self.model_name, usage=self._usage(handle, outputs),
             choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
                      for i, o in enumerate(outputs)])
-
-    async def _completion_stream(self, handle: RequestHandle, rid: str, include_usage: bool,
-                                 prompt) -> AsyncIterator[str]:
-        created = int(time.time())
-
-        def chunk(choices, usage=None) -> str:
-            return _sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=choices,
-                                           usage=usage).model_dump(mode="json"))
-
-        outputs: list[CompletionOutput | None] = [None] * handle.num_choices
-        try:
-            async for events in handle.events():
-                for e in events:
-                    if e.finished and e.output.finish_reason == "error":
-                        yield _sse(_generation_error(e.output).openai_body())
-                        return
-                    if e.finished:
-                        outputs[e.index] = e.output
-                    yield chunk([CompletionChoice(index=e.index, text=e.text,
-                                                  finish_reason=e.output.finish_reason if e.finished else None)])
-            if include_usage:
-                yield chunk([], self._usage(handle, outputs))
-            yield _sse("[DONE]")
-            self._log(handle, "completion stream", outputs, prompt)
-        finally:
-            self.engine.abort(handle)
 
     # ------------------------------------------------------------------ the original API
     async def legacy(self, req: LegacyRequest) -> LegacyResponse:
@@ -304,20 +310,13 @@ class Serving:
         Raises:
             APIError: as :meth:`chat`.
         """
+        params = self._params(req)
         messages: list[dict] = []
         for human, assistant in req.history:
             messages += [{"role": "user", "content": human}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": req.prompt})
-        try:
-            ids = await asyncio.to_thread(self.llm.encode_chat, messages)
-        except ValidationError as exc:
-            raise APIError(400, str(exc), param="history") from None
-        try:
-            params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                    max_tokens=req.max_new_tokens, seed=req.seed)
-        except ValidationError as exc:
-            raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
-        handle = self._submit([ids], self.llm.default_params(params), cap_to_context=True, param="prompt")
+        ids = await self._encode_chat(messages, "history")
+        handle = self._submit([ids], params, chat=True, cap_to_context=True, param="prompt")
         outputs = await self._collect(handle)
         self._log(handle, "legacy", outputs, messages)
         text = outputs[0].text
