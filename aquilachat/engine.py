@@ -5,17 +5,24 @@ Each :meth:`Engine.step` gives every running sequence exactly one new token:
 1. admit waiting sequences while a cache slot is free, the KV-token budget allows
    (``prompt + max_tokens`` tokens reserved per sequence) and the step's prefill stays within
    ``max_num_batched_tokens`` padded prompt tokens (the activation memory the memory plan counted;
-   one sequence is always admitted), first come first served;
-2. **prefill** the newly admitted ones in one batch (prompts right-padded; each row's logits
-   taken at its own last prompt token, padding never reaches a real row: attention is causal and
-   the pad positions are overwritten by the row's later tokens before they become visible);
+   one sequence is always admitted), first come first served. With prefix caching
+   (:mod:`aquilachat.prefix_cache`, on by default) a sequence goes to a slot that already holds
+   the keys and values of its prompt's longest cached prefix, or gets them copied from the slot
+   that does;
+2. **prefill** the newly admitted ones in one batch (each prompt from its first uncached token,
+   right-padded; each row's logits taken at its own last prompt token, padding never reaches a
+   real row: attention is causal and the pad positions are overwritten by the row's later tokens
+   before they become visible). A sequence that asked for prompt log-probabilities gets them from
+   this same pass (:meth:`Engine._prompt_logprobs`);
 3. **decode** the sequences that were already running, one token each, in one batch; rows at
    different positions share the step through per-row positions and a causal mask over the cache;
    the final hidden states of steps 2 and 3 go through the vocabulary projection together (one
    product for all rows: for small models it is most of a step's work);
-4. sample all rows together (:func:`aquilachat.sampling.sample`), append, and retire sequences
-   that hit EOS, a stop id, ``max_tokens``, the context window, or a sampling error. A retired
-   sequence frees its slot at once; the next step can admit a new one.
+4. sample all rows together (:func:`aquilachat.sampling.sample`; a sequence with a response
+   format passes its grammar's token mask, one with ``min_tokens`` the ids that would end it),
+   append, and retire sequences that hit EOS, a stop id, ``max_tokens``, the context window, the
+   end of their grammar, or a sampling error. A retired sequence frees its slot at once; the next
+   step can admit a new one.
 
 Text never enters the engine. Stop strings are checked by the caller on detokenized text, which
 then calls :meth:`Engine.finish` (see :mod:`aquilachat.output_processor`).
@@ -33,14 +40,27 @@ import torch
 
 from .errors import ValidationError
 from .model import AquilaForCausalLM, KVCache
-from .sampling import SamplingParams, sample
+from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
+from .sampling import SamplingParams, sample, sanitize_logits
+from .structured_output import bitmask_to_bool
 
-__all__ = ["Engine", "Sequence", "StepOutput", "EngineStats"]
+__all__ = ["Engine", "Sequence", "StepOutput", "EngineStats", "PROMPT_LOGPROBS_CHUNK"]
+
+#: Prompt positions projected onto the vocabulary at once for prompt log-probabilities (bounds the
+#: ``[chunk, vocab]`` fp32 logits: 26 MB for the Aquila vocabulary).
+PROMPT_LOGPROBS_CHUNK = 64
 
 
 @dataclass
 class Sequence:
-    """One answer being generated (a request with ``n`` answers has ``n`` sequences)."""
+    """One answer being generated (a request with ``n`` answers has ``n`` sequences).
+
+    ``constraint``: the answer's grammar state (:class:`~aquilachat.structured_output.GrammarConstraint`)
+    when it has a response format; ``end_ids``: ``[n]`` ids that end the answer, held back while it
+    is shorter than ``params.min_tokens``; ``prompt_logprobs``: per prompt token, ``(logprob,
+    [(id, logprob), ...])`` (None for the first) once prefilled, when ``params.prompt_logprobs``
+    is set; ``num_cached_tokens``: leading prompt tokens found in the prefix cache.
+    """
 
     seq_id: str
     prompt_ids: list[int]
@@ -50,6 +70,10 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+    constraint: object | None = None
+    end_ids: torch.Tensor | None = None
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
     slot: int | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -100,6 +124,10 @@ class Engine:
         max_num_batched_tokens: most padded prompt tokens (rows x longest prompt) one prefill
             step takes (vLLM's name); default ``max(max_model_len, 2048)``. A longer prompt still
             runs, alone in its step.
+        enable_prefix_caching: keep and reuse the keys and values of prompt prefixes across
+            requests (vLLM's name; :mod:`aquilachat.prefix_cache`). Outputs are the same with and
+            without it.
+        prefix_block_size: tokens per cached block.
 
     Thread safety: :meth:`add` and :meth:`finish` may be called from other threads while one
     thread calls :meth:`step`.
@@ -108,7 +136,8 @@ class Engine:
     def __init__(self, model: AquilaForCausalLM, *, eos_token_ids: list[int] | tuple[int, ...] = (),
                  allowed: torch.Tensor | None = None, max_num_seqs: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
-                 max_num_batched_tokens: int | None = None) -> None:
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         if max_num_seqs < 1:
             raise ValidationError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.model = model.eval()
@@ -126,6 +155,8 @@ class Engine:
         self.cache = KVCache.allocate(self.config, max_num_seqs, self.max_model_len,
                                       dtype=model.dtype, device=self.device)
         self.free_slots = list(range(max_num_seqs))
+        self.prefix_cache = PrefixCache(max_num_seqs, prefix_block_size) if enable_prefix_caching else None
+        self._bitmask: torch.Tensor | None = None  # [max_num_seqs, ceil(V / 32)] int32, for grammars
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()
@@ -138,9 +169,10 @@ class Engine:
         """Validate a request before any work; return its effective ``max_tokens``.
 
         Raises:
-            ValidationError: empty prompt, an id outside the vocabulary, or prompt + max_tokens
-                beyond the context window (unless ``cap_to_context``, which caps ``max_tokens``
-                so the answer ends with ``finish_reason="length"`` at the window).
+            ValidationError: empty prompt, an id outside the vocabulary (in the prompt or
+                ``logit_bias``), or prompt + max_tokens beyond the context window (unless
+                ``cap_to_context``, which caps ``max_tokens`` so the answer ends with
+                ``finish_reason="length"`` at the window).
         """
         if not prompt_ids:
             raise ValidationError("prompt", "the prompt is empty (no tokens)")
@@ -148,6 +180,10 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValidationError("prompt", f"prompt token id {bad} is outside the model vocabulary (0..{vocab - 1})")
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise ValidationError("logit_bias", f"logit_bias names token id {bad}, outside the model vocabulary "
+                                                f"(0..{vocab - 1})")
         n = len(prompt_ids)
         if n >= self.max_model_len:
             raise ValidationError("prompt", f"the prompt has {n} tokens; the context window is {self.max_model_len} "
@@ -161,12 +197,18 @@ class Engine:
         return params.max_tokens
 
     def add(self, prompt_ids: list[int], params: SamplingParams, *, seq_id: str | None = None,
-            seed_offset: int = 0, cap_to_context: bool = False, max_tokens: int | None = None) -> Sequence:
+            seed_offset: int = 0, cap_to_context: bool = False, max_tokens: int | None = None,
+            constraint: object | None = None, extra_end_ids: list[int] | tuple[int, ...] = ()) -> Sequence:
         """Queue one sequence; it joins the running batch at the next step with a free slot.
 
         ``seed_offset`` is added to ``params.seed`` (answer ``i`` of ``n`` uses ``seed + i``).
         ``max_tokens``: what :meth:`check_request` returned for this prompt when the caller has
         validated it already (the request is then not checked again); None checks it here.
+        ``constraint``: the answer's own grammar state (a response format), with
+        ``fill_bitmask(bitmask, row)``, ``accept(token_id) -> bool`` and ``terminated``.
+        ``extra_end_ids``: ids that end the answer besides EOS and ``params.stop_token_ids``
+        (tokens that would start a stop string), held back while the answer is shorter than
+        ``params.min_tokens``.
 
         Raises:
             ValidationError: see :meth:`check_request`.
@@ -178,7 +220,11 @@ class Engine:
             gen.manual_seed(params.seed + seed_offset)
         else:
             gen.seed()
-        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, gen, max_tokens)
+        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, gen, max_tokens,
+                       constraint=constraint)
+        if params.min_tokens:
+            ends = sorted(self.eos_token_ids | set(params.stop_token_ids) | set(extra_end_ids))
+            seq.end_ids = torch.tensor([t for t in ends if t < self.config.vocab_size], device=self.device)
         with self._lock:
             self.waiting.append(seq)
         return seq
@@ -211,6 +257,8 @@ class Engine:
             self.free_slots = list(range(self.max_num_seqs))
             for slot in self.free_slots:  # a failed step may have left anything in the cache
                 self._clear_slot(slot)
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
         return seqs
 
     def has_unfinished(self) -> bool:
@@ -244,9 +292,15 @@ class Engine:
 
     def _retire(self, seq: Sequence, reason: str, stop_reason=None, error: str | None = None) -> None:
         seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
+        seq.constraint = None
         if seq.slot is not None:
             if reason == "error":
                 self._clear_slot(seq.slot, seq.num_tokens)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop(seq.slot)
+            elif self.prefix_cache is not None:
+                # the slot keeps the keys/values of every token but the last (never fed back)
+                self.prefix_cache.record(seq.slot, seq.prompt_ids + seq.output_ids, seq.num_tokens - 1)
             self.free_slots.append(seq.slot)
             seq.slot = None
         if seq in self.running:
@@ -265,14 +319,34 @@ class Engine:
                 need = len(seq.prompt_ids) + seq.max_tokens
                 if self.running and reserved + need > self.kv_cache_tokens:
                     break
-                longest = max(longest, len(seq.prompt_ids))
-                if new and (len(new) + 1) * longest > self.max_num_batched_tokens:
-                    break  # the prefill batch is right-padded to its longest prompt
+                if new and (len(new) + 1) * max(longest, len(seq.prompt_ids)) > self.max_num_batched_tokens:
+                    break  # the prefill batch is right-padded to its longest prompt (at most)
                 self.waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
+                self._take_slot(seq)
+                longest = max(longest, len(seq.prompt_ids) - seq.num_cached_tokens)
                 reserved += need
                 new.append(seq)
         return new
+
+    def _take_slot(self, seq: Sequence) -> None:
+        """Give ``seq`` a free slot: with prefix caching the one the prefix cache chooses (its
+        cached prefix copied in first if it lives in another slot), else the first free one."""
+        if self.prefix_cache is None:
+            seq.slot = self.free_slots.pop(0)
+            return
+        alloc = self.prefix_cache.allocate(seq.prompt_ids, self.free_slots,
+                                           reuse=seq.params.prompt_logprobs is None)
+        self.free_slots.remove(alloc.slot)
+        seq.slot, seq.num_cached_tokens = alloc.slot, alloc.cached_tokens
+        if alloc.source is not None:
+            self._copy_prefix(alloc.source, alloc.slot, alloc.cached_tokens)
+
+    @torch.inference_mode()
+    def _copy_prefix(self, source: int, target: int, num_positions: int) -> None:
+        """Copy the keys/values of the first ``num_positions`` positions from slot ``source`` to ``target``."""
+        for k, v in zip(self.cache.k, self.cache.v):
+            k[target, :, :num_positions].copy_(k[source, :, :num_positions])
+            v[target, :, :num_positions].copy_(v[source, :, :num_positions])
 
     def _slots_arg(self, slots: list[int]) -> torch.Tensor | slice:
         if slots == list(range(slots[0], slots[0] + len(slots))):
@@ -281,16 +355,58 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Hidden states ``[B, hidden]`` at each new sequence's last prompt token; fills its cache slot."""
-        lengths = [len(s.prompt_ids) for s in seqs]
+        """Hidden states ``[B, hidden]`` at each new sequence's last prompt token; fills its cache
+        slot from its first uncached position (``num_cached_tokens``); collects prompt
+        log-probabilities for the sequences that asked."""
+        starts = [s.num_cached_tokens for s in seqs]
+        lengths = [len(s.prompt_ids) - start for s, start in zip(seqs, starts)]
         T = max(lengths)
         pad = self.config.pad_token_id or 0
-        ids = torch.tensor([s.prompt_ids + [pad] * (T - len(s.prompt_ids)) for s in seqs], device=self.device)
-        positions = torch.arange(T, device=self.device).expand(len(seqs), T)
+        ids = torch.tensor([s.prompt_ids[start:] + [pad] * (T - n) for s, start, n in zip(seqs, starts, lengths)],
+                           device=self.device)
+        if any(starts):
+            # pad positions past the cache's end all write to its last position: beyond every real
+            # token of the row, and overwritten before they become visible
+            S = self.cache.max_seq_len
+            positions = (torch.tensor(starts, device=self.device)[:, None]
+                         + torch.arange(T, device=self.device)).clamp_max(S - 1)
+            kv_len = min(max(starts) + T, S)
+        else:
+            positions = torch.arange(T, device=self.device).expand(len(seqs), T)
+            kv_len = T
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
-                                           kv_len=T, logits_index=last)
-        return hidden[:, 0]
+        slots = self._slots_arg([s.slot for s in seqs])
+        if all(s.params.prompt_logprobs is None for s in seqs):
+            hidden = self.model.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len,
+                                               logits_index=last)
+            return hidden[:, 0]
+        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
+        for row, seq in enumerate(seqs):
+            if seq.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = self._prompt_logprobs(seq, hidden[row, :lengths[row]])
+        return hidden[torch.arange(len(seqs), device=self.device), last]
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list:
+        """Per prompt token, ``(logprob, top)`` of it given the tokens before it (None for the
+        first), from the prefill's hidden states ``[n, hidden]`` of the whole prompt: the
+        distribution of :func:`~aquilachat.sampling.sanitize_logits` (the model's, the same as
+        generated tokens' logprobs), ``top`` its ``params.prompt_logprobs`` most likely ids."""
+        ids = seq.prompt_ids
+        k = seq.params.prompt_logprobs
+        out: list = [None]
+        for begin in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
+            end = min(begin + PROMPT_LOGPROBS_CHUNK, len(ids) - 1)
+            logprobs = sanitize_logits(self.model.compute_logits(hidden[begin:end]), self.allowed).log_softmax(-1)
+            targets = torch.tensor(ids[begin + 1:end + 1], device=self.device)
+            chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()  # (end - begin,)
+            if k:
+                values, indices = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            out.extend(zip(chosen, tops))
+        return out
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -306,6 +422,21 @@ class Engine:
     def _logits(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, V]`` of the prefill and decode rows, in one vocabulary product."""
         return self.model.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
+
+    def _token_masks(self, batch: list[Sequence]) -> torch.Tensor | None:
+        """``[B, V]`` bool: the ids each row's grammar allows next (all for rows without one);
+        None when no row has a grammar."""
+        rows = [i for i, s in enumerate(batch) if s.constraint is not None]
+        if not rows:
+            return None
+        V = self.config.vocab_size
+        if self._bitmask is None:
+            self._bitmask = torch.empty(self.max_num_seqs, (V + 31) // 32, dtype=torch.int32)
+        bitmask = self._bitmask[:len(batch)]
+        bitmask.fill_(-1)  # all bits set: every id allowed
+        for i in rows:
+            batch[i].constraint.fill_bitmask(bitmask, i)
+        return bitmask_to_bool(bitmask, V).to(self.device)
 
     def step(self) -> list[StepOutput]:
         """Run one step (module docstring); returns what happened to each sequence it touched,
@@ -323,11 +454,15 @@ class Engine:
         if new:
             parts.append(self._prefill(new))
             self.stats.prompt_tokens += sum(len(s.prompt_ids) for s in new)
+            if self.prefix_cache is not None:
+                for seq in new:  # concurrent requests with the same prefix can copy it from here
+                    self.prefix_cache.record(seq.slot, seq.prompt_ids, len(seq.prompt_ids))
         if old:
             parts.append(self._decode(old))
         logits = self._logits(parts)
         result = sample(logits, [s.params for s in batch], [s.generator for s in batch], allowed=self.allowed,
-                        prompt_ids=[s.prompt_ids for s in batch], output_ids=[s.output_ids for s in batch])
+                        prompt_ids=[s.prompt_ids for s in batch], output_ids=[s.output_ids for s in batch],
+                        token_masks=self._token_masks(batch), end_ids=[s.end_ids for s in batch])
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if any(s.params.logprobs is not None for s in batch) else None
         now = time.monotonic()
@@ -346,6 +481,15 @@ class Engine:
             if logprobs is not None:
                 seq.logprobs.append(logprobs[i])
                 seq.top_logprobs.append(result.top_logprobs[i])
+            if seq.constraint is not None:
+                if not seq.constraint.accept(tok):
+                    self._retire(seq, "error", error=f"the response format's grammar refused token {tok}")
+                    outputs.append(StepOutput(seq, tok, True))
+                    continue
+                if seq.constraint.terminated:  # the JSON is complete and its end token taken
+                    self._retire(seq, "stop", stop_reason=tok)
+                    outputs.append(StepOutput(seq, tok, True))
+                    continue
             if tok in self.eos_token_ids and not seq.params.ignore_eos:
                 self._retire(seq, "stop", stop_reason=tok)
             elif tok in seq.params.stop_token_ids:

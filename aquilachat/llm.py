@@ -14,6 +14,7 @@ from .errors import ValidationError
 from .output_processor import ChoiceEvent, OutputProcessor, RequestState
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output import GrammarBackend
 
 __all__ = ["LLM", "DEFAULT_MODEL"]
 
@@ -45,6 +46,13 @@ class LLM:
         kv_cache_memory: KV cache size: bytes or a size string (``"4GB"``, ``"512MiB"``), or a
             fraction in (0, 1] of the memory left after weights and workspace (default: 90 % of
             it, no more than the slots need); see :func:`aquilachat.memory.parse_kv_cache_memory`.
+        enable_prefix_caching: reuse the keys and values of prompt prefixes across requests
+            (vLLM's name; on by default; outputs are the same without it). See
+            :mod:`aquilachat.prefix_cache`.
+
+    ``SamplingParams.structured_outputs`` (a JSON schema or any JSON object) is enforced with
+    xgrammar (:mod:`aquilachat.structured_output`, the ``structured`` extra); the chat template's
+    stop strings then do not apply (the answer ends when the JSON is complete).
 
     Raises:
         CheckpointError, ConfigError, TokenizerError: the model cannot be loaded (message names the file).
@@ -55,7 +63,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | Checkpoint = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
                  device: str = "auto", template: str | None = None, max_num_seqs: int | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
-                 kv_cache_memory: str | int | float | None = None) -> None:
+                 kv_cache_memory: str | int | float | None = None, enable_prefix_caching: bool = True) -> None:
         ckpt = Checkpoint.open(model)
         self.model_name = str(model) if not isinstance(model, Checkpoint) else model.name
         self.memory_plan = ckpt.plan_memory(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
@@ -71,8 +79,18 @@ class LLM:
         self.engine = Engine(self.model, eos_token_ids=sorted(eos),
                              allowed=self.tokenizer.decodable_mask(self.config.vocab_size),
                              max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
-                             kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=plan.max_num_batched_tokens)
+                             kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=plan.max_num_batched_tokens,
+                             enable_prefix_caching=enable_prefix_caching)
         self.tokenizer.token_bytes(0)  # builds the detokenizer's byte table now (0.4 s for 100k ids), not in a request
+        self._grammar_backend: GrammarBackend | None = None
+
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """Compiles response formats for this model's vocabulary (built on first use)."""
+        if self._grammar_backend is None:
+            self._grammar_backend = GrammarBackend.for_tokenizer(self.tokenizer, self.config.vocab_size,
+                                                                 sorted(self.engine.eos_token_ids))
+        return self._grammar_backend
 
     # ------------------------------------------------------------------ helpers
     def encode_chat(self, messages: Seq[dict]) -> list[int]:
@@ -97,10 +115,13 @@ class LLM:
 
     def _start(self, prompts: list[list[int]], params: SamplingParams, *, stop: Seq[str] = (),
                cap_to_context: bool = False) -> tuple[RequestState, Iterator[ChoiceEvent]]:
-        """Validate a request (:meth:`OutputProcessor.prepare`); return it and the iterator that
-        generates it, yielding its events."""
+        """Validate a request (:meth:`OutputProcessor.prepare`; a response format is compiled
+        first); return it and the iterator that generates it, yielding its events."""
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.grammar_backend.compile(params.structured_outputs)
         processor = OutputProcessor(self.engine, self.tokenizer)
-        request = processor.prepare(prompts, params, stop=stop, cap_to_context=cap_to_context)
+        request = processor.prepare(prompts, params, stop=stop, cap_to_context=cap_to_context, grammar=grammar)
         return request, self._drive(processor, request)
 
     def _drive(self, processor: OutputProcessor, request: RequestState) -> Iterator[ChoiceEvent]:
@@ -148,7 +169,13 @@ class LLM:
             raise ValidationError("messages", "messages must be a non-empty list")
         conversations = messages if isinstance(messages[0], list) else [messages]
         items = [(None, self.encode_chat(c)) for c in conversations]
-        return self._run(items, params or SamplingParams(), stop=self.template.stop, on_delta=on_delta)
+        params = params or SamplingParams()
+        return self._run(items, params, stop=self.chat_stop(params), on_delta=on_delta)
+
+    def chat_stop(self, params: SamplingParams) -> tuple[str, ...]:
+        """The template's stop strings for a chat answer; none with a response format (the grammar
+        ends the answer when the JSON is complete, and a ``###`` inside a JSON string must not)."""
+        return () if params.structured_outputs is not None else self.template.stop
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     cap_to_context: bool = False) -> Iterator[str]:
@@ -162,7 +189,7 @@ class LLM:
         """
         params = (params or SamplingParams()).replace(n=1)
         ids = self.encode_chat(messages)
-        request, events = self._start([ids], params, stop=self.template.stop, cap_to_context=cap_to_context)
+        request, events = self._start([ids], params, stop=self.chat_stop(params), cap_to_context=cap_to_context)
         self.last_output = None
         for event in events:
             if event.text:

@@ -24,6 +24,7 @@ the final text.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -35,7 +36,8 @@ from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["OutputProcessor", "OutputTracker", "RequestState", "ChoiceEvent", "EngineObserver", "INTERNAL_ERROR"]
+__all__ = ["OutputProcessor", "OutputTracker", "RequestState", "ChoiceEvent", "EngineObserver", "INTERNAL_ERROR",
+           "stop_string_token_ids"]
 
 log = logging.getLogger("aquilachat")
 
@@ -61,13 +63,44 @@ class ChoiceEvent:
 
     ``text`` is new text safe to show (possibly empty); when ``finished``, ``output`` holds the
     final :class:`~aquilachat.outputs.CompletionOutput` (``finish_reason`` ``"stop"``,
-    ``"length"`` or ``"error"`` with ``output.error``).
+    ``"length"`` or ``"error"`` with ``output.error``). ``tokens`` is the range ``(start, end)``
+    of the answer's token ids not reported by an earlier event (their log-probabilities are in
+    the sequence and, at the end, in ``output``); the ranges of an answer's events add up to
+    its ``token_ids``.
     """
 
     index: int
     text: str
     finished: bool = False
     output: CompletionOutput | None = None
+    tokens: tuple[int, int] = (0, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _stop_string_ids(tokenizer: Tokenizer, stop: str) -> frozenset[int]:
+    data = stop.encode("utf-8")
+    prefixes = [data[:k] for k in range(1, len(data))]
+    ids = set()
+    for i in range(tokenizer.vocab_size):
+        b = tokenizer.token_bytes(i, skip_special_tokens=True)
+        if b and (data in b or any(b.endswith(p) for p in prefixes)):
+            ids.add(i)
+    return frozenset(ids)
+
+
+def stop_string_token_ids(tokenizer: Tokenizer, stops: Iterable[str]) -> list[int]:
+    """The ids that would start a stop string, held back while an answer is shorter than
+    ``min_tokens`` (so the first ``min_tokens`` tokens never begin a stop string, and the answer
+    keeps all of their text): those whose bytes contain a stop string or end with a proper prefix
+    of one. Nothing else can start one there: by induction the text so far holds no stop string
+    and ends with no prefix of one, so a stop string beginning in it must begin in the new token.
+    vLLM's ``min_tokens`` holds back only the end-of-answer and stop ids; a chat template's
+    ``###`` is text, so without this the bundled model could still end at once. Cached per
+    tokenizer and stop string (one pass over the vocabulary, ~0.1 s for 100k ids)."""
+    ids: set[int] = set()
+    for stop in stops:
+        ids |= _stop_string_ids(tokenizer, stop)
+    return sorted(ids)
 
 
 @dataclass
@@ -80,6 +113,7 @@ class _Choice:
     last_token_time: float | None = None
     done: bool = False
     output: CompletionOutput | None = None
+    reported: int = 0  # token ids covered by earlier events
 
 
 @dataclass
@@ -92,6 +126,10 @@ class RequestState:
         params: the sampling parameters of every answer.
         max_tokens: per prompt, the answer length :meth:`Engine.check_request` allowed.
         stop: stop strings besides ``params.stop`` (a chat template's).
+        grammar: the compiled response format (:class:`~aquilachat.structured_output.CompiledGrammar`),
+            each answer gets its own matcher; None: no constraint.
+        end_ids: ids held back while an answer is shorter than ``params.min_tokens`` besides EOS
+            and stop ids (:func:`stop_string_token_ids`).
         arrival: ``time.monotonic()`` when the request was validated (time to first token counts from it).
         choices: one per answer once :meth:`OutputProcessor.add` has queued them.
     """
@@ -101,6 +139,8 @@ class RequestState:
     params: SamplingParams
     max_tokens: list[int]
     stop: tuple[str, ...] = ()
+    grammar: object | None = None
+    end_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     choices: list[_Choice] = field(default_factory=list)
 
@@ -138,8 +178,10 @@ class OutputProcessor:
         self._routes: dict[str, tuple[RequestState, _Choice]] = {}  # seq_id -> owner
 
     def prepare(self, prompts: list[list[int]], params: SamplingParams, *, request_id: str | None = None,
-                stop: Iterable[str] = (), cap_to_context: bool = False) -> RequestState:
-        """Validate a request; nothing is queued yet.
+                stop: Iterable[str] = (), cap_to_context: bool = False, grammar: object | None = None) -> RequestState:
+        """Validate a request; nothing is queued yet. ``grammar``: the request's compiled response
+        format (:meth:`~aquilachat.structured_output.GrammarBackend.compile`, which the caller runs
+        off any event loop: it may take a while).
 
         Raises:
             ValidationError: a prompt is empty, has ids outside the vocabulary, or does not fit
@@ -147,8 +189,10 @@ class OutputProcessor:
                 ``max_tokens`` to the window instead); see :meth:`Engine.check_request`.
         """
         max_tokens = [self.engine.check_request(ids, params, cap_to_context=cap_to_context) for ids in prompts]
+        stop = tuple(stop)
+        end_ids = stop_string_token_ids(self.tokenizer, [*params.stop, *stop]) if params.min_tokens else []
         return RequestState(request_id or f"req-{next(_REQUEST_IDS)}", [list(ids) for ids in prompts], params,
-                            max_tokens, tuple(stop))
+                            max_tokens, stop, grammar, end_ids)
 
     def add(self, request: RequestState) -> None:
         """Queue the answers of a prepared request in the engine."""
@@ -159,8 +203,10 @@ class OutputProcessor:
                 request.choices.append(choice)
                 seq_id = f"{request.request_id}-{choice.index}"
                 self._routes[seq_id] = (request, choice)  # before add: another thread may step it at once
+                constraint = request.grammar.constraint() if request.grammar is not None else None
                 choice.seq = self.engine.add(ids, request.params, seq_id=seq_id, seed_offset=i,
-                                             max_tokens=request.max_tokens[p])
+                                             max_tokens=request.max_tokens[p], constraint=constraint,
+                                             extra_end_ids=request.end_ids)
 
     def process(self, outputs: list[StepOutput]) -> list[tuple[RequestState, list[ChoiceEvent]]]:
         """The events of one engine step, grouped by request; answers with no new text and not
@@ -230,12 +276,16 @@ class OutputProcessor:
             self.engine.finish(seq, "stop", choice.tracker.stop_string)
         if choice.tracker.done:
             return self._finish(choice, seq.seq_id, text, choice.tracker.completion())
-        return ChoiceEvent(choice.index, text) if text else None
+        if not text:
+            return None
+        start, choice.reported = choice.reported, choice.tracker.num_consumed
+        return ChoiceEvent(choice.index, text, tokens=(start, choice.reported))
 
     def _finish(self, choice: _Choice, seq_id: str, text: str, output: CompletionOutput) -> ChoiceEvent:
         choice.done, choice.output = True, output
         self._routes.pop(seq_id, None)
-        return ChoiceEvent(choice.index, text, True, output)
+        start, choice.reported = min(choice.reported, len(output.token_ids)), len(output.token_ids)
+        return ChoiceEvent(choice.index, text, True, output, tokens=(start, choice.reported))
 
 
 class OutputTracker:
@@ -313,6 +363,11 @@ class OutputTracker:
         return delta, False
 
     @property
+    def num_consumed(self) -> int:
+        """Output ids turned into text so far."""
+        return self._consumed
+
+    @property
     def text(self) -> str:
         """The answer so far (final once :attr:`done`)."""
         return self._text if self.done else self._text[: self._sent]
@@ -330,4 +385,5 @@ class OutputTracker:
             index=self.index, text=self.text, token_ids=list(seq.output_ids[:n]), finish_reason=reason,
             error=seq.error, logprobs=list(seq.logprobs[:n]) if want_lp else None,
             top_logprobs=list(seq.top_logprobs[:n]) if want_lp and seq.params.logprobs else None,
-            stop_reason=stop_reason)
+            stop_reason=stop_reason, prompt_logprobs=seq.prompt_logprobs,
+            num_cached_tokens=seq.num_cached_tokens)

@@ -21,6 +21,10 @@ class CompletionOutput:
         logprobs: per generated token, its log-probability (natural log) when requested.
         top_logprobs: per generated token, ``[(id, logprob), ...]`` when ``logprobs > 0``.
         stop_reason: the stop string or id that matched, if any.
+        prompt_logprobs: when ``prompt_logprobs`` was asked, per prompt token ``(logprob, [(id,
+            logprob), ...])`` given the tokens before it (None for the first token); the same for
+            every answer of a prompt.
+        num_cached_tokens: leading prompt tokens whose keys and values came from the prefix cache.
     """
 
     index: int
@@ -31,6 +35,8 @@ class CompletionOutput:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    num_cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -62,6 +68,11 @@ class RequestOutput:
     @property
     def error(self) -> str | None:
         return self.outputs[0].error
+
+    @property
+    def prompt_logprobs(self) -> list | None:
+        """Per prompt token ``(logprob, top)`` (None for the first) when asked (vLLM's field)."""
+        return self.outputs[0].prompt_logprobs
 
     @property
     def finished(self) -> bool:

@@ -26,7 +26,13 @@ vLLM differ, the choice and why):
 - ``presence_penalty`` and ``frequency_penalty`` in ``[-2, 2]`` (OpenAI, vLLM).
 - ``seed`` in ``[0, 2**63 - 1]``: an int64, as vLLM's server takes, and non-negative so that
   ``seed + i`` (answer ``i`` of ``n``) is always a valid ``torch.Generator`` seed.
-- ``logprobs`` in ``[0, 20]`` (OpenAI's ``top_logprobs``).
+- ``logprobs`` and ``prompt_logprobs`` in ``[0, 20]`` (OpenAI's ``top_logprobs``; vLLM's
+  ``prompt_logprobs``).
+- ``min_p`` in ``[0, 1]`` (vLLM; Nguyen et al. 2024); ``min_tokens >= 0`` and at most
+  ``max_tokens`` (vLLM).
+- ``logit_bias``: token id -> bias in ``[-100, 100]`` (OpenAI's range; the ids are checked against
+  the model's vocabulary when a request is validated), at most :data:`MAX_LOGIT_BIAS` entries. OpenAI
+  states no count; the bound keeps the per-step work of a request small.
 - ``stop``: at most :data:`MAX_STOP` strings of 1 to :data:`MAX_STOP_CHARS` characters. OpenAI
   takes 4, vLLM any number; 16 leaves room for a code evaluation's stop strings (Python's four)
   plus the user's own, while bounding the per-token cost of matching stop strings on the text and
@@ -47,8 +53,8 @@ from typing import Any
 
 from .errors import ValidationError
 
-__all__ = ["SamplingParams", "Range", "ParamSpec", "PARAMS", "OPENAI_FIELDS", "CLI_FIELDS",
-           "MAX_LOGPROBS", "MAX_STOP", "MAX_STOP_CHARS", "MAX_SEED"]
+__all__ = ["SamplingParams", "StructuredOutputs", "Range", "ParamSpec", "PARAMS", "OPENAI_FIELDS", "CLI_FIELDS",
+           "MAX_LOGPROBS", "MAX_STOP", "MAX_STOP_CHARS", "MAX_SEED", "MAX_LOGIT_BIAS", "LOGIT_BIAS_RANGE"]
 
 #: Most top-logprob alternatives a request may ask for (as the OpenAI API).
 MAX_LOGPROBS = 20
@@ -57,6 +63,8 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 256
 #: Largest seed: answer ``i`` uses ``seed + i``, which must stay a valid 64-bit generator seed.
 MAX_SEED = 2**63 - 1
+#: Most ``logit_bias`` entries in one request (see the module docstring).
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,12 @@ class Range:
             raise ValidationError(name, f"{name} must be {self}, got {value!r}")
 
 
-def _param(default: Any, doc: str, range: Range | None = None, *, openai: bool = False, cli: bool = False):
+#: The values of one ``logit_bias`` entry (OpenAI's).
+LOGIT_BIAS_RANGE = Range(ge=-100, le=100)
+
+
+def _param(default: Any, doc: str, range: Range | None = None, *, openai: bool = False, cli: bool = False,
+           kind: type | None = None):
     """Declare a :class:`SamplingParams` field.
 
     Args:
@@ -96,8 +109,40 @@ def _param(default: Any, doc: str, range: Range | None = None, *, openai: bool =
         openai: the OpenAI routes take it under this name with this default (fields whose default
             or bound differs per route, ``max_tokens`` and ``n``, are declared by each request).
         cli: ``aquilachat chat``, ``generate`` and ``eval`` take it as ``--name-with-dashes``.
+        kind: the value's type where neither ``range`` nor the default tells it (``dict`` for
+            ``logit_bias``; default ``list``).
     """
-    return field(default=default, metadata={"doc": doc, "range": range, "openai": openai, "cli": cli})
+    return field(default=default, metadata={"doc": doc, "range": range, "openai": openai, "cli": cli,
+                                            "kind": kind})
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """Constrain an answer to JSON: vLLM's ``StructuredOutputsParams``, the part behind OpenAI's
+    ``response_format`` (:mod:`aquilachat.structured_output` enforces it with a token mask).
+
+    Attributes:
+        json: a JSON schema (a dict) the answer must validate against, or None.
+        json_object: the answer is any JSON object (OpenAI's ``json_object``).
+        strict: with a schema, objects have only the properties it names unless it allows more
+            (``additionalProperties`` defaults to false, as OpenAI's ``strict: true``); False (the
+            default, as OpenAI's) gives JSON Schema's own meaning: extra properties allowed.
+
+    Raises:
+        ValidationError: neither or both of ``json`` and ``json_object``, or a schema that is no
+            JSON object (field ``response_format``).
+    """
+
+    json: dict | None = None
+    json_object: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.json is None) == (not self.json_object):
+            raise ValidationError("response_format", "structured output needs exactly one of a JSON schema "
+                                                     "and json_object")
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValidationError("response_format", f"the JSON schema must be a JSON object, got {self.json!r:.80}")
 
 
 @dataclass
@@ -137,8 +182,22 @@ class SamplingParams:
                                       Range(ge=-2, le=2), openai=True, cli=True)
     logprobs: int | None = _param(None, "Return each generated token's log-probability (natural log) and this many "
                                         "most likely alternatives.", Range(integer=True, ge=0, le=MAX_LOGPROBS))
+    prompt_logprobs: int | None = _param(None, "Return each prompt token's log-probability given the tokens before "
+                                               "it (the first has none) and this many most likely alternatives.",
+                                         Range(integer=True, ge=0, le=MAX_LOGPROBS))
     ignore_eos: bool = _param(False, "Keep generating after the end-of-answer token (benchmarks).", openai=True)
     skip_special_tokens: bool = _param(True, "Leave control tokens out of the text.")
+    min_p: float = _param(0.0, "Min-p sampling: drop tokens whose probability is below min_p times the most "
+                               "likely token's (after temperature); 0 disables.", Range(ge=0, le=1),
+                          openai=True, cli=True)
+    min_tokens: int = _param(0, "The answer cannot end (end-of-answer token, stop token or stop string) before "
+                                "this many tokens.", Range(integer=True, ge=0), openai=True, cli=True)
+    logit_bias: dict[int, float] | None = _param(
+        None, f"Token id -> bias in [-100, 100] added to its logit before sampling (-100 bans it, 100 all but "
+              f"forces it); at most {MAX_LOGIT_BIAS} ids.", openai=True, cli=True, kind=dict)
+    structured_outputs: StructuredOutputs | None = _param(
+        None, "Constrain the answer to JSON (a schema, or any JSON object); the server's response_format.",
+        kind=StructuredOutputs)
 
     def __post_init__(self) -> None:
         for spec in PARAMS.values():
@@ -157,6 +216,13 @@ class SamplingParams:
                 raise ValidationError("stop_token_ids", f"stop_token_ids[{i}] must be a non-negative integer, got {t!r}")
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.min_tokens > self.max_tokens:
+            raise ValidationError("min_tokens", f"min_tokens ({self.min_tokens}) must be at most max_tokens "
+                                                f"({self.max_tokens})")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValidationError("structured_outputs", "structured_outputs must be a StructuredOutputs, got "
+                                                        f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -184,10 +250,34 @@ def _stop_list(stop: Any) -> list[str]:
     return list(stop)
 
 
+def _logit_bias(bias: Any) -> dict[int, float] | None:
+    """``logit_bias`` as a checked ``{id: bias}`` (keys may be JSON's digit strings)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValidationError("logit_bias", f"logit_bias must be an object of token id -> bias, got {bias!r:.80}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValidationError("logit_bias", f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ValidationError("logit_bias", f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+        try:
+            LOGIT_BIAS_RANGE.check(f"logit_bias[{key}]", value)
+        except ValidationError as exc:
+            raise ValidationError("logit_bias", str(exc)) from None
+        out[token] = float(value)
+    return out
+
+
 @dataclass(frozen=True)
 class ParamSpec:
-    """One :class:`SamplingParams` field as declared: ``kind`` is ``int``, ``float``, ``bool`` or
-    ``list`` (``stop``, ``stop_token_ids``)."""
+    """One :class:`SamplingParams` field as declared: ``kind`` is ``int``, ``float``, ``bool``,
+    ``list`` (``stop``, ``stop_token_ids``), ``dict`` (``logit_bias``) or
+    :class:`StructuredOutputs`."""
 
     name: str
     default: Any
@@ -195,17 +285,21 @@ class ParamSpec:
     range: Range | None
     openai: bool
     cli: bool
+    declared_kind: type | None = None
 
     @property
     def kind(self) -> type:
         if self.range is not None:
             return int if self.range.integer else float
-        return bool if isinstance(self.default, bool) else list
+        if isinstance(self.default, bool):
+            return bool
+        return self.declared_kind or list
 
 
 #: Every field of :class:`SamplingParams`, in declaration order.
-PARAMS: dict[str, ParamSpec] = {f.name: ParamSpec(f.name, f.default, **f.metadata)
-                                for f in dataclasses.fields(SamplingParams)}
+PARAMS: dict[str, ParamSpec] = {
+    f.name: ParamSpec(f.name, f.default, f.metadata["doc"], f.metadata["range"], f.metadata["openai"],
+                      f.metadata["cli"], f.metadata["kind"]) for f in dataclasses.fields(SamplingParams)}
 #: Fields the OpenAI routes take under their own name with their default (``max_tokens`` and ``n``
 #: are declared per route).
 OPENAI_FIELDS: tuple[str, ...] = tuple(name for name, spec in PARAMS.items() if spec.openai)

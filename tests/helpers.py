@@ -65,8 +65,13 @@ def make_tiny_model(out: Path, tokenizer_dir: Path, *, seed: int = 0, **override
 def bad_sampling_values(name: str) -> list:
     """Values that ``SamplingParams.<name>`` must refuse, from its declared range: just outside
     each bound, plus a value of the wrong type (a JSON string for a number or a bool)."""
-    from aquilachat.sampling_params import MAX_STOP, MAX_STOP_CHARS, PARAMS
+    from aquilachat.sampling_params import MAX_LOGIT_BIAS, MAX_STOP, MAX_STOP_CHARS, PARAMS
     spec = PARAMS[name]
+    if name == "logit_bias":
+        return [{"5": 100.5}, {"5": -101}, {"x": 1}, {"-1": 1}, {"5": "1"},
+                {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}, [5]]
+    if name == "structured_outputs":
+        return [{"json": {}}, "json"]
     if name == "stop":
         return ["", [""], ["a"] * (MAX_STOP + 1), "x" * (MAX_STOP_CHARS + 1), 5]
     if name == "stop_token_ids":

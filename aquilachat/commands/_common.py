@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ValidationError
 from ..sampling_params import CLI_FIELDS, PARAMS, SamplingParams
 
 #: Sampling defaults of ``chat`` and ``generate``: a little more focused than SamplingParams's
@@ -34,12 +35,16 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = No
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE|FRACTION",
                    help="KV cache budget: a size (4GB, 512MiB) or a fraction in (0, 1] of the memory left "
                         "after the weights (default: 90%% of it, no more than the slots need)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse the keys and values of prompt prefixes across requests (prefix caching "
+                        "is on by default; outputs are the same either way)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """``LLM`` keyword arguments from :func:`add_model_args` and :func:`add_engine_args`."""
     return {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs,
-            "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory}
+            "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory,
+            "enable_prefix_caching": args.enable_prefix_caching}
 
 
 def add_sampling_args(p: argparse.ArgumentParser, **defaults) -> dict[str, argparse.Action]:
@@ -60,6 +65,9 @@ def add_sampling_args(p: argparse.ArgumentParser, **defaults) -> dict[str, argpa
         help = (spec.doc + (f" Range: {spec.range}." if spec.range is not None else "")).replace("%", "%%")
         if spec.kind is list:
             actions[name] = g.add_argument(flag, action="append", default=default, help=help + " Repeatable.")
+        elif spec.kind is dict:  # logit_bias: --logit-bias ID=BIAS, repeatable
+            actions[name] = g.add_argument(flag, action="append", default=default, metavar="ID=VALUE",
+                                           help=help + " Repeatable: --logit-bias 1234=-100.")
         elif spec.kind is bool:
             actions[name] = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
@@ -72,6 +80,24 @@ def sampling_params(args: argparse.Namespace, **overrides) -> SamplingParams:
     """The :class:`SamplingParams` of the options :func:`add_sampling_args` added, with ``overrides``.
 
     Raises:
-        ValidationError: a value out of range, naming the field.
+        ValidationError: a value out of range or a malformed ``ID=VALUE``, naming the field.
     """
-    return SamplingParams(**{**{name: getattr(args, name) for name in CLI_FIELDS}, **overrides})
+    values = {name: getattr(args, name) for name in CLI_FIELDS}
+    for name in CLI_FIELDS:
+        if PARAMS[name].kind is dict and isinstance(values[name], list):
+            values[name] = _pairs(name, values[name])
+    return SamplingParams(**{**values, **overrides})
+
+
+def _pairs(name: str, items: list[str]) -> dict[str, float]:
+    """``["1234=-100", ...]`` -> ``{"1234": -100.0}`` (ids are checked by SamplingParams)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValidationError(name, f"--{name.replace('_', '-')} takes ID=VALUE (e.g. 1234=-100), got {item!r}")
+    return out

@@ -20,8 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ..server.limits import DEFAULT_MAX_WAITING
     p = sub.add_parser("serve", help="serve a model over HTTP (original API and OpenAI-compatible API)",
                        description="Serve a model over HTTP: POST / (the original AquilaChat API), "
+                                   "POST /func and /stream_func (FlagAI's Aquila server API), "
                                    "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, "
-                                   "GET /health, GET /metrics. Requests are batched continuously.")
+                                   "GET /health, GET /metrics, GET /openapi.json and /docs. Requests are "
+                                   "batched continuously; prompt prefixes are cached (--no-prefix-caching).")
     add_model_args(p)
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1",
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         # the plan's decisions, explicitly: the loader thread sizes nothing again
         return LLM(ckpt, template=args.template, device=plan.device, dtype=plan.dtype,
                    max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
-                   kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes)
+                   kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes,
+                   enable_prefix_caching=args.enable_prefix_caching)
 
     failed: list[BaseException] = []
 

@@ -2,8 +2,14 @@
 
 What lives here and nowhere else: reading the body (size limit, UTF-8, JSON), parsing it into the
 :mod:`~aquilachat.server.protocol` model, authentication, turning errors into JSON bodies (the
-OpenAI error object on ``/v1/*``, the original shape on ``POST /``), cancelling a request whose
-client has gone, ``/health`` and ``/metrics``.
+OpenAI error object on ``/v1/*``, the original shape on ``POST /``, FlagAI's reply shape on
+``/func`` and ``/stream_func``), cancelling a request whose client has gone, ``/health``,
+``/metrics``, and the OpenAPI description (``/openapi.json``, ``/docs``).
+
+The routes read their raw bodies (so that a body is size-limited as it streams in, strict JSON
+types hold, and every error keeps its route's shape) and declare those bodies to FastAPI for the
+OpenAPI schema (``openapi_extra`` with the protocol models' JSON schemas in
+``components.schemas``), with their responses.
 
 The model loads in a background thread after the server starts: until it is loaded ``/health``
 and every API route answer 503 with ``Retry-After``. No request body, prompt or answer is logged
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import threading
@@ -23,16 +30,20 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine
 from .limits import DEFAULT_MAX_WAITING, LOADING_RETRY_AFTER_S, MAX_BODY_BYTES
-from .protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                       ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, LegacyRequest, LegacyResponse,
+                       ModelList)
 from .serving import APIError, Serving, Stream
 
 __all__ = ["create_app", "ServerSettings", "ServerMetrics"]
@@ -68,6 +79,9 @@ class ServerMetrics:
 
     Exposed: ``aquilachat_requests_total{endpoint,status}``, ``aquilachat_prompt_tokens_total``,
     ``aquilachat_generation_tokens_total``, ``aquilachat_sampling_errors_total``,
+    ``aquilachat_prefix_cache_queries_total`` and ``aquilachat_prefix_cache_hits_total`` (prompt
+    tokens looked up in the prefix cache and found there: vLLM's ``prefix_cache_queries`` /
+    ``prefix_cache_hits``; the hit rate is their ratio),
     ``aquilachat_running_sequences``, ``aquilachat_waiting_sequences``, ``aquilachat_model_loaded``,
     and the histograms ``aquilachat_time_to_first_token_seconds`` (request arrival to a sequence's
     first token) and ``aquilachat_inter_token_latency_seconds``.
@@ -111,6 +125,11 @@ class _EngineCollector:
                                 ("aquilachat_sampling_errors", "Sequences that failed in sampling "
                                                                "(non-finite logits)", "sampling_errors")):
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+        cache = engine.prefix_cache if engine is not None else None
+        yield CounterMetricFamily("aquilachat_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                  value=cache.queries if cache is not None else 0)
+        yield CounterMetricFamily("aquilachat_prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+                                  "keys and values reused)", value=cache.hits if cache is not None else 0)
         yield GaugeMetricFamily("aquilachat_running_sequences", "Sequences in the running batch",
                                 value=engine.num_running if engine else 0)
         yield GaugeMetricFamily("aquilachat_waiting_sequences", "Sequences waiting for a slot",
@@ -133,8 +152,21 @@ class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
-def _error_response(exc: APIError, legacy: bool) -> JSONResponse:
-    body = exc.legacy_body() if legacy else exc.openai_body()
+#: Error body shapes per route: the OpenAI error object everywhere else.
+_LEGACY_PATHS = {"/"}
+_FLAGAI_PATHS = {"/func", "/stream_func"}
+#: Paths served without the API key: health checks, and the API's description (no model access).
+_PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+
+def _error_response(exc: APIError, path: str, model_name: str = "", input_length: int = 0) -> JSONResponse:
+    """``exc`` in the error shape of the route at ``path``."""
+    if path in _LEGACY_PATHS:
+        body = exc.legacy_body()
+    elif path in _FLAGAI_PATHS:
+        body = exc.flagai_body(model_name, input_length)
+    else:
+        body = exc.openai_body()
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
@@ -177,13 +209,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(model: type[BaseModel], body: bytes) -> BaseModel:
+def _parse(model: type[BaseModel], body: bytes, *, json_string: bool = False) -> BaseModel:
+    """``body`` as ``model``; ``json_string``: the body may also be a JSON string holding the object
+    (FlagAI's client posts ``json=json.dumps(config)`` and its server ran ``json.loads`` on the
+    parsed body)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"the body is not UTF-8 (invalid byte at offset {exc.start})") from None
     if not text.strip():
         raise APIError(400, "the body is empty; send a JSON object")
+    if json_string and text.lstrip().startswith('"'):
+        try:
+            inner = json.loads(text)
+        except ValueError as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(inner, str) or not inner.strip():
+            raise APIError(400, "the body's JSON string must hold a JSON object")
+        text = inner
     try:
         return model.model_validate_json(text)
     except PydanticValidationError as exc:
@@ -215,10 +258,11 @@ async def _cancel_on_disconnect(request: Request, work) -> Any:
 
 
 class _EventStreamResponse(StreamingResponse):
-    """Server-sent events; ``on_close`` runs however the response ends (done, client gone, error)."""
+    """Server-sent events (or plain text); ``on_close`` runs however the response ends (done,
+    client gone, error)."""
 
     def __init__(self, stream: Stream) -> None:
-        super().__init__(stream.chunks, media_type="text/event-stream",
+        super().__init__(stream.chunks, media_type=stream.media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = stream.close
 
@@ -245,7 +289,7 @@ class _GuardMiddleware:
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         error = None
-        if self._key is not None and path != "/health":
+        if self._key is not None and path not in _PUBLIC_PATHS:
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
@@ -260,11 +304,41 @@ class _GuardMiddleware:
         if error is None:
             return await self.app(scope, receive, send)
         self.metrics.requests.labels(_endpoint(path), str(error.status)).inc()
-        await _error_response(error, legacy=path == "/")(scope, receive, send)
+        await _error_response(error, path, self.settings.model_name)(scope, receive, send)
 
 
 _ENDPOINTS = {"/": "legacy", "/v1/chat/completions": "chat", "/v1/completions": "completions",
-              "/v1/models": "models", "/health": "health", "/metrics": "metrics"}
+              "/v1/models": "models", "/health": "health", "/metrics": "metrics", "/func": "flagai",
+              "/stream_func": "flagai_stream", "/openapi.json": "openapi", "/docs": "docs"}
+
+#: The request body models, for ``components.schemas`` of the OpenAPI description.
+_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, LegacyRequest, FlagAIRequest, FlagAIStreamRequest)
+#: Error responses every generating route may give.
+_ERRORS = {400: "Bad request (the field is named in param)", 401: "Missing or invalid API key",
+           404: "Unknown model", 413: "Body too large", 429: "Server busy (Retry-After)",
+           500: "Generation failed", 503: "Model loading or failed to load (Retry-After)"}
+
+
+def _body(model: type[BaseModel], *, json_string: bool = False) -> dict:
+    """``openapi_extra`` declaring ``model`` as the JSON request body (or a JSON string holding it)."""
+    schema: dict = {"$ref": f"#/components/schemas/{model.__name__}"}
+    if json_string:
+        schema = {"oneOf": [schema, {"type": "string", "contentMediaType": "application/json",
+                                     "description": f"A {model.__name__} serialized as a JSON string (FlagAI's client)"}]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _responses(ok: type[BaseModel] | None, error: type[BaseModel], *, stream: str | None = None,
+               codes: tuple[int, ...] = tuple(_ERRORS)) -> dict:
+    """FastAPI ``responses``: ``ok`` (JSON, or ``stream`` media type too) and the error shape."""
+    out: dict = {code: {"model": error, "description": _ERRORS[code]} for code in codes}
+    success: dict = {"description": "The answer"}
+    if ok is not None:
+        success["model"] = ok
+    if stream is not None:
+        success["content"] = {stream: {"schema": {"type": "string"}}}
+    out[200] = success
+    return out
 
 
 def _endpoint(path: str) -> str:
@@ -295,7 +369,8 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
                                  observer=metrics)
             state.async_engine = engine
             state.serving = Serving(engine, tokenizer=llm.tokenizer, template=llm.template,
-                                    model_name=settings.model_name, log_prompts=settings.log_prompts)
+                                    model_name=settings.model_name, log_prompts=settings.log_prompts,
+                                    grammar=getattr(llm, "grammar_backend", None))
             log.info("model %s loaded in %.1f s (max_num_seqs %d, context %d tokens)", settings.model_name,
                      time.monotonic() - started, llm.engine.max_num_seqs, llm.engine.max_model_len)
         except BaseException as exc:  # noqa: BLE001 - reported on /health and to the caller
@@ -312,7 +387,23 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         if state.async_engine is not None:
             state.async_engine.shutdown()
 
-    app = FastAPI(title="aquilachat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    from .. import __version__
+    app = FastAPI(title="aquilachat", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="AquilaChat-family chat models: the original AquilaChat API (POST /), FlagAI's Aquila "
+                              "server API (POST /func, /stream_func) and an OpenAI-compatible API (/v1/*).")
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.aquilachat = state
     app.state.metrics = metrics
     app.add_middleware(_GuardMiddleware, settings=settings, metrics=metrics)
@@ -327,48 +418,73 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
                        code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
     async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call) -> Response:
-        legacy = endpoint == "legacy"
+        path = request.url.path
+        own_shape = path in _LEGACY_PATHS or path in _FLAGAI_PATHS  # their bodies leave out unset fields
+        req = None
         try:
             serving = serving_or_503()
             if model is None:
                 result = call(serving, None)
             else:
-                req = _parse(model, await _read_body(request, settings.max_body_bytes))
+                req = _parse(model, await _read_body(request, settings.max_body_bytes),
+                             json_string=path in _FLAGAI_PATHS)
                 result = await _cancel_on_disconnect(request, call(serving, req))
             if isinstance(result, Stream):
                 response: Response = _EventStreamResponse(result)
             else:
-                response = JSONResponse(result.model_dump(mode="json", exclude_none=legacy))
+                response = JSONResponse(result.model_dump(mode="json", exclude_none=own_shape))
         except APIError as exc:
-            response = _error_response(exc, legacy)
+            response = _error_response(exc, path, settings.model_name, len(getattr(req, "prompt", "") or ""))
         except _ClientGone:
             response = Response(status_code=499)  # nobody reads it; nginx's "client closed request"
         except Exception:  # noqa: BLE001 - the server keeps serving
             log.exception("internal error in %s", endpoint)
             response = _error_response(APIError(500, "internal server error; see the server log",
-                                                type="internal_error", code="internal_error"), legacy)
+                                                type="internal_error", code="internal_error"), path, settings.model_name)
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
-    @app.post("/")
+    @app.post("/", openapi_extra=_body(LegacyRequest), responses=_responses(LegacyResponse, LegacyResponse))
     async def legacy_generate(request: Request) -> Response:
-        """The original AquilaChat API."""
+        """The original AquilaChat API: the prompt (after history) answered in the chat template.
+        Errors have the same shape, with status and error."""
         return await handle(request, "legacy", LegacyRequest, lambda s, r: s.legacy(r))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/func", openapi_extra=_body(FlagAIRequest, json_string=True),
+              responses=_responses(FlagAIResponse, FlagAIResponse, codes=(400, 401, 413, 429, 503)))
+    async def flagai_func(request: Request) -> Response:
+        """FlagAI's Aquila server API: one answer with its tokens and log-probabilities. Errors have
+        the same shape with no completions, status and error (a failed generation: 422)."""
+        return await handle(request, "flagai", FlagAIRequest, lambda s, r: s.flagai(r))
+
+    @app.post("/stream_func", openapi_extra=_body(FlagAIStreamRequest, json_string=True),
+              responses=_responses(None, FlagAIResponse, stream="text/plain", codes=(400, 401, 413, 429, 503)))
+    async def flagai_stream_func(request: Request) -> Response:
+        """FlagAI's Aquila server API: the answer streamed as plain text. Errors as /func."""
+        return await handle(request, "flagai_stream", FlagAIStreamRequest, lambda s, r: s.flagai(r, stream=True))
+
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest),
+              responses=_responses(ChatCompletionResponse, ErrorResponse, stream="text/event-stream"))
     async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions: the conversation answered in the model's chat template
+        (server-sent events with stream)."""
         return await handle(request, "chat", ChatCompletionRequest, lambda s, r: s.chat(r))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest),
+              responses=_responses(CompletionResponse, ErrorResponse, stream="text/event-stream"))
     async def completions(request: Request) -> Response:
+        """OpenAI (legacy) completions: raw text continued, with echo and logprobs for scoring."""
         return await handle(request, "completions", CompletionRequest, lambda s, r: s.completion(r))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(ModelList, ErrorResponse, codes=(401, 503)))
     async def models(request: Request) -> Response:
+        """The served model."""
         return await handle(request, "models", None, lambda s, r: s.models())
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"description": "Loaded: {\"status\": \"ok\", \"memory\": the memory plan}"},
+                                   503: {"description": "Loading, or the model failed to load"}})
     async def health() -> Response:
+        """Whether the model is loaded (no API key needed)."""
         if state.serving is not None:
             return JSONResponse({"status": "ok", "memory": state.memory_plan})
         if state.load_error is not None:
@@ -376,8 +492,10 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         return JSONResponse({"status": "loading"}, status_code=503,
                             headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text format",
+                                          "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
     async def metrics_route() -> Response:
+        """Prometheus metrics."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StarletteHTTPException)
@@ -386,12 +504,13 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
         return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {message}",
                                         type="not_found_error" if exc.status_code == 404 else "invalid_request_error",
-                                        headers=dict(exc.headers or {})), legacy=False)
+                                        headers=dict(exc.headers or {})), "")
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
         return _error_response(APIError(500, "internal server error; see the server log",
-                                        type="internal_error", code="internal_error"), legacy=request.url.path == "/")
+                                        type="internal_error", code="internal_error"), request.url.path,
+                               settings.model_name)
 
     return app

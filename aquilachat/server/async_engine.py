@@ -131,9 +131,10 @@ class AsyncEngine:
         return self.engine.max_num_seqs + self.max_waiting
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, *, stop: Iterable[str] = (),
-               cap_to_context: bool = False, request_id: str | None = None) -> RequestHandle:
+               cap_to_context: bool = False, request_id: str | None = None, grammar: object | None = None) -> RequestHandle:
         """Queue ``params.n`` answers for each prompt (answer ``i`` seeded with ``seed + i``);
-        ``stop``: stop strings besides ``params.stop`` (a chat template's).
+        ``stop``: stop strings besides ``params.stop`` (a chat template's); ``grammar``: the
+        compiled response format (compiled by the caller, off the event loop).
 
         Choice ``p * n + i`` is answer ``i`` of prompt ``p``. Never blocks on generation.
 
@@ -146,7 +147,7 @@ class AsyncEngine:
         if self._stop:
             raise RuntimeError("the engine is shut down")
         request = self.processor.prepare(prompts, params, request_id=request_id, stop=stop,
-                                         cap_to_context=cap_to_context)
+                                         cap_to_context=cap_to_context, grammar=grammar)
         count = request.num_choices
         if self._active and self._active + count > self.capacity:
             raise QueueFullError(f"the server is busy ({self._active} sequences running or queued, "

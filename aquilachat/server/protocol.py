@@ -3,8 +3,12 @@
 OpenAI models hold the fields of the OpenAI API reference (``/v1/chat/completions``,
 ``/v1/completions``, ``/v1/models``) that this server implements; the fields it does not implement
 are left out, so a request that uses them is rejected as an unknown field instead of being
-silently ignored. vLLM's extensions ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are taken
-too.
+silently ignored. vLLM's extensions ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``
+and ``ignore_eos`` are taken too, and ``response_format`` on ``/v1/completions`` as vLLM takes it.
+
+FlagAI's own Aquila server API (``POST /func``, ``POST /stream_func``; FlagAI
+``examples/Aquila/Aquila-server/aquila_server.py``) has its models at the end, with FlagAI's field
+names and per-route defaults.
 
 The sampling fields are not declared here but derived from
 :class:`~aquilachat.sampling_params.SamplingParams` (:func:`param_field`): each has its name,
@@ -24,7 +28,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..sampling_params import MAX_STOP, MAX_STOP_CHARS, OPENAI_FIELDS, PARAMS, SamplingParams
+from ..errors import ValidationError
+
+from ..sampling_params import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS,
+                               OPENAI_FIELDS, PARAMS, SamplingParams, StructuredOutputs)
 from .limits import (DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_LEGACY_MAX_NEW_TOKENS, MAX_HISTORY,  # noqa: F401
                      MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TEXT_CHARS, MAX_TOKENS_LIMIT)
 
@@ -40,8 +47,14 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | No
 #: A prompt given as token ids.
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
-#: Request types of the list fields of SamplingParams (the number and bool fields map to their kind).
-_LIST_TYPES: dict[str, Any] = {"stop": Stop, "stop_token_ids": list[Annotated[int, Field(ge=0)]] | None}
+#: ``logit_bias``: token ids (JSON object keys, so digit strings) -> bias.
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                           Annotated[float, Field(ge=LOGIT_BIAS_RANGE.ge, le=LOGIT_BIAS_RANGE.le)]],
+                      Field(max_length=MAX_LOGIT_BIAS)] | None
+
+#: Request types of the list and dict fields of SamplingParams (the number and bool fields map to their kind).
+_LIST_TYPES: dict[str, Any] = {"stop": Stop, "stop_token_ids": list[Annotated[int, Field(ge=0)]] | None,
+                               "logit_bias": LogitBias}
 
 
 def param_type(name: str) -> Any:
@@ -107,6 +120,44 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text for part in self.content)
 
 
+class JSONSchemaFormat(BaseModel):
+    """``response_format.json_schema`` (OpenAI's structured outputs)."""
+
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The schema's name (letters, digits, _ and -).")
+    description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS, description="Accepted and ignored.")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema", description=(
+        "The JSON Schema the answer must validate against (absent: any JSON value). Supported keywords: "
+        "aquilachat.structured_output.SUPPORTED_KEYWORDS; others get a 400 naming the schema path."))
+    strict: bool | None = Field(default=None, description=(
+        "true: objects have only the properties the schema names unless it allows more; false or absent: "
+        "extra properties allowed where the schema does not forbid them."))
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or
+    ``json_schema`` (an answer that validates against the schema), enforced with a token mask."""
+
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema.")
+    json_schema: JSONSchemaFormat | None = Field(default=None, description="Required with type json_schema.")
+
+    def to_structured_outputs(self) -> StructuredOutputs | None:
+        """The :class:`~aquilachat.sampling_params.StructuredOutputs` it asks for (None for text).
+
+        Raises:
+            ValidationError: ``json_schema`` missing for type json_schema (field ``response_format``).
+        """
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None:
+            raise ValidationError("response_format", "response_format.json_schema is required with type json_schema")
+        return StructuredOutputs(json=self.json_schema.schema_ if self.json_schema.schema_ is not None else {},
+                                 strict=bool(self.json_schema.strict))
+
+
 class StreamOptions(BaseModel):
     """Options of a streamed response."""
 
@@ -127,22 +178,33 @@ class _OpenAIRequest(BaseModel):
     stream: bool = Field(default=False, description="Stream the answer as server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream.")
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    response_format: ResponseFormat | None = Field(default=None, description=(
+        "Constrain the answer to JSON: {\"type\": \"json_object\"} or {\"type\": \"json_schema\", "
+        "\"json_schema\": {\"name\", \"schema\", \"strict\"}}; a completed answer always parses and validates."))
 
     def requested_max_tokens(self) -> int | None:
         """The ``max_tokens`` the request gives (None: not given)."""
         return self.max_tokens
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs``: how many alternatives per generated token (None: no logprobs)."""
+        return None
+
+    def to_sampling_params(self, default_max_tokens: int, **overrides: Any) -> SamplingParams:
         """The request's :class:`SamplingParams`; ``default_max_tokens`` when it gives no
-        ``max_tokens`` (as vLLM's ``to_sampling_params``).
+        ``max_tokens`` (as vLLM's ``to_sampling_params``); ``overrides`` win.
 
         Raises:
             ValidationError: a value out of range (``.field`` names it); pydantic has checked the
-                same ranges already, so only a field added without them gets here.
+                same ranges already, so only a field added without them, or ``min_tokens`` above
+                ``max_tokens``, gets here.
         """
         requested = self.requested_max_tokens()
-        return SamplingParams(**{name: getattr(self, name) for name in OPENAI_FIELDS}, n=self.n,
-                              max_tokens=default_max_tokens if requested is None else requested)
+        fields = {name: getattr(self, name) for name in OPENAI_FIELDS}
+        fields.update(n=self.n, max_tokens=default_max_tokens if requested is None else requested,
+                      logprobs=self.sampling_logprobs(),
+                      structured_outputs=self.response_format.to_structured_outputs() if self.response_format else None)
+        return SamplingParams(**{**fields, **overrides})
 
 
 #: :class:`_OpenAIRequest` with every sampling field both OpenAI routes take
@@ -160,10 +222,32 @@ class ChatCompletionRequest(_SamplingRequest):
         f"The conversation, 1 to {MAX_MESSAGES} messages."))
     max_completion_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
         "Most tokens to generate (the newer name of max_tokens; wins when both are given)."))
+    logprobs: bool = Field(default=False, description=(
+        "Return each generated token's log-probability: the model's own distribution, before temperature, "
+        "penalties, logit_bias and filters (as OpenAI and vLLM define it)."))
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description=(
+        f"With logprobs: also the 0 to {MAX_LOGPROBS} most likely tokens at each position."))
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` or ``max_tokens`` (None: not given)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_logprobs(self) -> int | None:
+        """``top_logprobs`` (0 if not given) when ``logprobs`` is true.
+
+        Raises:
+            ValidationError: ``top_logprobs`` without ``logprobs`` (as OpenAI).
+        """
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValidationError("top_logprobs", "top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class PromptTokensDetails(BaseModel):
+    """Where the prompt tokens came from."""
+
+    model_config = _RESPONSE
+    cached_tokens: int = Field(description="Prompt tokens whose keys and values came from the prefix cache.")
 
 
 class UsageInfo(BaseModel):
@@ -173,6 +257,7 @@ class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletionMessage(BaseModel):
@@ -183,13 +268,37 @@ class ChatCompletionMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    """One alternative at a position: its text, log-probability and UTF-8 bytes (a token may
+    hold part of a character: ``token`` then shows U+FFFD, ``bytes`` the exact bytes)."""
+
+    model_config = _RESPONSE
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    """One generated token with its ``top_logprobs`` alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs`` of a chat completion (of the chunk's new tokens when streamed)."""
+
+    model_config = _RESPONSE
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: None = None
+
+
 class ChatCompletionChoice(BaseModel):
     """One answer of a chat completion."""
 
     model_config = _RESPONSE
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -219,7 +328,7 @@ class ChatCompletionStreamChoice(BaseModel):
     model_config = _RESPONSE
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -243,6 +352,30 @@ class CompletionRequest(_SamplingRequest):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(description=(
         f"A string, a list of up to {MAX_PROMPTS} strings, token ids, or a list of token-id lists."))
+    max_tokens: int | None = param_field("max_tokens", default=None, ge=0, le=MAX_TOKENS_LIMIT, description=(
+        f"Most tokens to generate per answer (default {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI); 0 generates "
+        "nothing (with echo and logprobs: score the prompt)."))
+    echo: bool = Field(default=False, description=(
+        "Return the prompt before the answer (with logprobs: the prompt tokens' log-probabilities too, the first "
+        "token's null)."))
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description=(
+        f"Return each token's log-probability and the 0 to {MAX_LOGPROBS} most likely alternatives at each position "
+        "(the model's own distribution, before temperature, penalties, logit_bias and filters)."))
+
+    def sampling_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of a completion (OpenAI's legacy shape): per token its text, its
+    log-probability (null for the first token of an echoed prompt), the most likely alternatives
+    with the token itself (null for that first token), and its character offset in the text."""
+
+    model_config = _RESPONSE
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
@@ -251,7 +384,7 @@ class CompletionChoice(BaseModel):
     model_config = _RESPONSE
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
@@ -324,4 +457,77 @@ class LegacyResponse(BaseModel):
     response: str
     status: int
     time: str = Field(description="Local time of the answer, %Y-%m-%d %H:%M:%S.")
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------- FlagAI's Aquila server
+class FlagAIRequest(BaseModel):
+    """``POST /func``: FlagAI's Aquila server API (``aquila_server.py``, port 7860). The body is
+    this object, or a JSON *string* holding it (FlagAI's client posts ``json=json.dumps(config)``).
+
+    Defaults are FlagAI's. ``sft`` false (FlagAI's default) completes ``prompt`` as raw text after
+    the BOS token, with runs of newlines collapsed (FlagAI's ``re.sub('\\n+', '\\n', ...)``); true
+    answers it in the chat template after ``history``. Unknown fields are ignored, as FlagAI's
+    server ignores them.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="The user's message or the raw text.")
+    top_p: float = param_field("top_p", default=0.95)
+    max_new_tokens: int = param_field("max_tokens", default=DEFAULT_LEGACY_MAX_NEW_TOKENS, le=MAX_TOKENS_LIMIT,
+                                      description="Most tokens to generate; the answer ends at the context "
+                                                  "window if that comes first.")
+    top_k_per_token: int = param_field("top_k", default=1000)
+    temperature: float = param_field("temperature", default=0.9)
+    history: list[Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]], Field(min_length=2, max_length=2)]] = \
+        Field(default_factory=list, max_length=2 * MAX_HISTORY, description=(
+            "Earlier messages as [role, text] pairs, oldest first; role ASSISTANT is the model's, any other the "
+            "user's. The oldest are dropped when the conversation does not fit the context window. With sft only."))
+    sft: bool = Field(default=False, description="Answer in the chat template (true) or complete raw text (false).")
+    seed: int = param_field("seed", default=1234)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's :class:`SamplingParams` (``max_new_tokens`` is ``max_tokens``,
+        ``top_k_per_token`` is ``top_k``); every token's log-probability is kept for the reply.
+
+        Raises:
+            ValidationError: a value out of range (``.field`` names it).
+        """
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k_per_token,
+                              max_tokens=self.max_new_tokens, seed=self.seed, logprobs=0)
+
+
+class FlagAIStreamRequest(FlagAIRequest):
+    """``POST /stream_func``: as ``/func`` with FlagAI's stream defaults (``top_k_per_token`` 20,
+    ``top_p`` 0.9), always in the chat template; the answer streams as plain text. ``time``
+    (FlagAI's generation time limit, which its server overrode with 40 s) is accepted and ignored."""
+
+    top_p: float = param_field("top_p", default=0.9)
+    top_k_per_token: int = param_field("top_k", default=20)
+    sft: bool = Field(default=True, description="Ignored: /stream_func always answers in the chat template.")
+    time: float | None = Field(default=None, description="Accepted and ignored.")
+
+
+class FlagAICompletion(BaseModel):
+    """One answer of ``/func``: ``tokens`` are the vocabulary strings of the answer's tokens (byte-level
+    BPE strings, as FlagAI returns them), ``logprobs`` their log-probabilities (natural log, the
+    model's distribution), ``top_logprobs_dicts`` ``[{token: logprob}]`` per token, and
+    ``model_in`` the prompt text the model saw."""
+
+    model_config = _RESPONSE
+    text: str
+    tokens: list[str]
+    logprobs: list[float]
+    top_logprobs_dicts: list[dict[str, float]]
+    model_in: str
+
+
+class FlagAIResponse(BaseModel):
+    """The reply of ``/func``; an error has the same shape with no completions, ``status`` and ``error``."""
+
+    model_config = _RESPONSE
+    completions: list[FlagAICompletion]
+    input_length: int = Field(description="Characters in the prompt (FlagAI's len(prompt)).")
+    model_info: str = Field(description="The served model's name.")
+    status: int | None = None
     error: str | None = None

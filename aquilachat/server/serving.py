@@ -5,13 +5,20 @@ Nothing here touches HTTP; :mod:`aquilachat.server.app` routes requests here and
 (server-sent event strings plus a ``close`` that aborts generation), so the router can stop
 generation whenever the response ends, even if the stream was never iterated.
 
-Serving needs the tokenizer, the chat template and the :class:`AsyncEngine`, and nothing else.
+Serving needs the tokenizer, the chat template and the :class:`AsyncEngine` (and, for
+``response_format``, a :class:`~aquilachat.structured_output.GrammarBackend`), and nothing else.
 Requests run as on the offline :class:`~aquilachat.llm.LLM`: prompt ids from the template's
 renderer (:func:`~aquilachat.chat_format.render`) or the tokenizer, sampling parameters from the
 request's ``to_sampling_params()``, the template's stop strings on chat answers, answer ``i`` of
 ``n`` seeded with ``seed + i``, and the same :class:`~aquilachat.output_processor.OutputProcessor`
 turning tokens into text. So a request with a seed returns what ``LLM.chat`` / ``LLM.generate``
 return for the same seed.
+
+Log-probabilities (``logprobs`` / ``top_logprobs`` on chat, ``logprobs: N`` and ``echo`` on
+completions) are those of the model's own distribution, before temperature, penalties,
+``logit_bias`` and filters (:mod:`aquilachat.sampling`, step 1; OpenAI's and vLLM's definition),
+natural logs, ``-inf`` reported as -9999.0 (JSON has no infinity; vLLM's value). An echoed
+prompt's log-probabilities come from the same prefill pass that starts the answer.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,21 +38,30 @@ from pydantic import BaseModel
 from ..chat_format import ChatTemplate, render
 from ..errors import ValidationError
 from ..outputs import CompletionOutput
+from ..sampling import CONSTRAINT_ERROR
 from ..sampling_params import SamplingParams
+from ..structured_output import GrammarBackend
 from ..tokenizer import Tokenizer
 from .async_engine import INTERNAL_ERROR, AsyncEngine, ChoiceEvent, QueueFullError, RequestHandle
 from .limits import DEFAULT_COMPLETION_MAX_TOKENS, MAX_TOKENS_LIMIT, QUEUE_FULL_RETRY_AFTER_S
 from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatCompletionStreamChoice, CompletionChoice, CompletionRequest,
-                       CompletionResponse, DeltaMessage, ErrorDetail, ErrorResponse, LegacyRequest,
-                       LegacyResponse, ModelCard, ModelList, UsageInfo)
+                       ChatCompletionResponse, ChatCompletionStreamChoice, ChatCompletionTokenLogprob,
+                       ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                       DeltaMessage, ErrorDetail, ErrorResponse, FlagAICompletion, FlagAIRequest, FlagAIResponse,
+                       LegacyRequest, LegacyResponse, ModelCard, ModelList, PromptTokensDetails, TopLogprob,
+                       UsageInfo)
 
-__all__ = ["Serving", "APIError", "Stream", "LEGACY_TIME_FORMAT"]
+__all__ = ["Serving", "APIError", "Stream", "LEGACY_TIME_FORMAT", "FLAGAI_GENERATION_ERROR_STATUS"]
 
 log = logging.getLogger("aquilachat.server")
 
 #: The ``time`` field of the original API.
 LEGACY_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+#: Log-probability reported for an impossible token (JSON has no -Infinity; vLLM's value).
+MIN_LOGPROB = -9999.0
+#: Status of a FlagAI-route request whose generation failed (non-finite logits): FlagAI's routes
+#: never answer 500 (the original's failure), so the request is reported as one this model cannot process.
+FLAGAI_GENERATION_ERROR_STATUS = 422
 
 
 class APIError(Exception):
@@ -71,14 +89,21 @@ class APIError(Exception):
         return LegacyResponse(response="", status=self.status, time=time.strftime(LEGACY_TIME_FORMAT),
                               error=self.message).model_dump(mode="json")
 
+    def flagai_body(self, model_name: str, input_length: int = 0) -> dict:
+        """FlagAI's ``/func`` shape with no completions: ``{"completions": [], "input_length",
+        "model_info", "status", "error"}``."""
+        return FlagAIResponse(completions=[], input_length=input_length, model_info=model_name, status=self.status,
+                              error=self.message).model_dump(mode="json")
+
 
 @dataclass
 class Stream:
-    """A streamed answer: ``chunks`` yields server-sent event strings; ``close()`` aborts the
-    generation (idempotent, harmless once finished)."""
+    """A streamed answer: ``chunks`` yields server-sent event strings (or plain text with
+    ``media_type="text/plain"``); ``close()`` aborts the generation (idempotent, harmless once finished)."""
 
     chunks: AsyncIterator[str]
     close: Callable[[], None]
+    media_type: str = "text/event-stream"
 
 
 def _sse(payload: dict | str) -> str:
@@ -96,16 +121,33 @@ def _validation_error(exc: ValidationError, prompt_param: str) -> APIError:
 def _generation_error(output: CompletionOutput) -> APIError:
     if output.error == INTERNAL_ERROR:
         return APIError(500, INTERNAL_ERROR, type="internal_error", code="internal_error")
+    if output.error == CONSTRAINT_ERROR:  # e.g. min_tokens beyond where the response format's JSON ends
+        return APIError(400, f"generation stopped: {output.error}", code="no_valid_token")
     return APIError(500, f"generation failed: {output.error}", type="model_error", code="generation_error")
 
 
-def _chat_delta(e: ChoiceEvent) -> ChatCompletionStreamChoice:
-    return ChatCompletionStreamChoice(index=e.index, delta=DeltaMessage(content=e.text or None),
-                                      finish_reason=e.output.finish_reason if e.finished else None)
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB
 
 
-def _completion_delta(e: ChoiceEvent) -> CompletionChoice:
-    return CompletionChoice(index=e.index, text=e.text, finish_reason=e.output.finish_reason if e.finished else None)
+class _TokenSlice:
+    """The ids, log-probabilities and alternatives of some of an answer's tokens."""
+
+    def __init__(self, ids: list[int], logprobs: list[float], tops: list | None) -> None:
+        self.ids, self.logprobs, self.tops = ids, logprobs, tops
+
+
+def _event_tokens(handle: RequestHandle, e: ChoiceEvent) -> _TokenSlice:
+    """The tokens an event covers (:attr:`ChoiceEvent.tokens`), from the final output once finished,
+    else from the running sequence (lists the engine thread only appends to)."""
+    start, end = e.tokens
+    if e.finished:
+        out = e.output
+        return _TokenSlice(out.token_ids[start:end], (out.logprobs or [])[start:end],
+                           out.top_logprobs[start:end] if out.top_logprobs else None)
+    seq = handle.request.choices[e.index].seq
+    return _TokenSlice(seq.output_ids[start:end], seq.logprobs[start:end],
+                       seq.top_logprobs[start:end] if seq.params.logprobs else None)
 
 
 class Serving:
@@ -117,16 +159,28 @@ class Serving:
         template: the chat template (chat prompts and their stop strings).
         model_name: the id clients use (``/v1/models``; other ids -> 404).
         log_prompts: log prompts and answers (off by default: they may be private).
+        grammar: compiles ``response_format`` (default: one for ``tokenizer`` and the engine's
+            vocabulary, built on first use).
     """
 
     def __init__(self, engine: AsyncEngine, *, tokenizer: Tokenizer, template: ChatTemplate, model_name: str,
-                 log_prompts: bool = False) -> None:
+                 log_prompts: bool = False, grammar: GrammarBackend | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.template = template
         self.model_name = model_name
         self.log_prompts = log_prompts
         self.created = int(time.time())
+        self._grammar = grammar
+
+    @property
+    def grammar(self) -> GrammarBackend:
+        """The response-format compiler."""
+        if self._grammar is None:
+            core = self.engine.engine
+            self._grammar = GrammarBackend.for_tokenizer(self.tokenizer, core.config.vocab_size,
+                                                         sorted(core.eos_token_ids))
+        return self._grammar
 
     # ------------------------------------------------------------------ helpers
     def models(self) -> ModelList:
@@ -150,9 +204,10 @@ class Serving:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
 
     @staticmethod
-    def _params(req: ChatCompletionRequest | CompletionRequest | LegacyRequest, *args) -> SamplingParams:
+    def _params(req: ChatCompletionRequest | CompletionRequest | LegacyRequest | FlagAIRequest, *args,
+                **overrides) -> SamplingParams:
         try:
-            return req.to_sampling_params(*args)
+            return req.to_sampling_params(*args, **overrides)
         except ValidationError as exc:
             raise _validation_error(exc, "prompt") from None
 
@@ -162,11 +217,24 @@ class Serving:
         except ValidationError as exc:
             raise _validation_error(exc, param) from None
 
-    def _submit(self, prompts: list[list[int]], params: SamplingParams, *, chat: bool, cap_to_context: bool,
-                param: str) -> RequestHandle:
+    async def _compile(self, params: SamplingParams):
+        """The compiled response format of ``params`` (None without one), compiled off the event
+        loop (the first request also builds the vocabulary's tables: seconds for 100k ids)."""
+        if params.structured_outputs is None:
+            return None
         try:
-            return self.engine.submit(prompts, params, stop=self.template.stop if chat else (),
-                                      cap_to_context=cap_to_context, request_id=uuid.uuid4().hex[:16])
+            return await asyncio.to_thread(self.grammar.compile, params.structured_outputs,
+                                           "response_format.json_schema.schema")
+        except ValidationError as exc:
+            raise _validation_error(exc, "response_format") from None
+
+    def _submit(self, prompts: list[list[int]], params: SamplingParams, *, chat: bool, cap_to_context: bool,
+                param: str, grammar=None) -> RequestHandle:
+        # a response format's grammar ends the answer; the template's "###" inside a JSON string must not
+        stop = self.template.stop if chat and params.structured_outputs is None else ()
+        try:
+            return self.engine.submit(prompts, params, stop=stop, cap_to_context=cap_to_context,
+                                      request_id=uuid.uuid4().hex[:16], grammar=grammar)
         except ValidationError as exc:
             raise _validation_error(exc, param) from None
         except QueueFullError as exc:
@@ -198,17 +266,63 @@ class Serving:
             log.info("%s answers: %s", handle.request_id,
                      json.dumps([o.text for o in outputs if o is not None], ensure_ascii=False))
 
-    def _usage(self, handle: RequestHandle, outputs: list[CompletionOutput]) -> UsageInfo:
+    def _usage(self, handle: RequestHandle, outputs: list[CompletionOutput], *, generated: bool = True) -> UsageInfo:
         prompt = sum(handle.prompt_lens)
-        completion = sum(len(o.token_ids) for o in outputs if o is not None)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        completion = sum(len(o.token_ids) for o in outputs if o is not None) if generated else 0
+        n = handle.request.params.n
+        cached = sum(o.num_cached_tokens for o in outputs[::n] if o is not None)  # each prompt once
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    # ------------------------------------------------------------------ log-probabilities
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def _chat_logprobs(self, tokens: _TokenSlice) -> ChoiceLogprobs:
+        """OpenAI's chat ``logprobs``: per token its text, log-probability, bytes and alternatives."""
+        content = []
+        for i, (tid, lp) in enumerate(zip(tokens.ids, tokens.logprobs)):
+            tops = tokens.tops[i] if tokens.tops is not None else []
+            content.append(ChatCompletionTokenLogprob(
+                token=self._token_str(tid), logprob=_logprob(lp), bytes=list(self.tokenizer.token_bytes(tid)),
+                top_logprobs=[TopLogprob(token=self._token_str(t), logprob=_logprob(v),
+                                         bytes=list(self.tokenizer.token_bytes(t))) for t, v in tops]))
+        return ChoiceLogprobs(content=content)
+
+    def _completion_logprobs(self, ids: list[int], logprobs: list[float | None], tops: list | None,
+                             offset: int) -> CompletionLogprobs:
+        """OpenAI's legacy completion ``logprobs`` of ``ids`` (a ``None`` log-probability: the
+        first token of an echoed prompt); ``tops`` per token ``[(id, logprob)]`` (None: none asked);
+        each ``top_logprobs`` dict holds the alternatives and the token itself (OpenAI: "up to
+        logprobs + 1 elements"); ``offset``: the text offset of the first token."""
+        texts = [self._token_str(t) for t in ids]
+        top_dicts: list[dict[str, float] | None] = []
+        offsets = []
+        for i, (tid, lp) in enumerate(zip(ids, logprobs)):
+            offsets.append(offset)
+            offset += len(texts[i])
+            if lp is None:
+                top_dicts.append(None)
+                continue
+            entry = {self._token_str(t): _logprob(v) for t, v in (tops[i] if tops is not None else [])}
+            entry.setdefault(texts[i], _logprob(lp))
+            top_dicts.append(entry)
+        return CompletionLogprobs(tokens=texts, token_logprobs=[None if lp is None else _logprob(lp) for lp in logprobs],
+                                  top_logprobs=top_dicts, text_offset=offsets)
+
+    def _echo_logprobs(self, prompt_ids: list[int], output: CompletionOutput) -> CompletionLogprobs:
+        """The completion ``logprobs`` of an echoed prompt, from the prefill's prompt log-probabilities."""
+        pairs = output.prompt_logprobs or [None] * len(prompt_ids)
+        return self._completion_logprobs(prompt_ids, [None if p is None else p[0] for p in pairs],
+                                         [[] if p is None else p[1] for p in pairs], 0)
 
     async def _stream(self, handle: RequestHandle, kind: str, prompt, include_usage: bool,
                       chunk: Callable[..., dict], choice: Callable[[ChoiceEvent], BaseModel],
-                      first: Sequence[BaseModel] = ()) -> AsyncIterator[str]:
+                      first: Sequence[BaseModel] = (), generated: bool = True) -> AsyncIterator[str]:
         """The server-sent events of a streamed request: ``chunk([c])`` for each of ``first``, then
         ``chunk([choice(event)])`` per event, the usage chunk (``chunk([], usage)``) if asked, and
-        ``[DONE]``. An answer that fails ends the stream with an error event."""
+        ``[DONE]``. An answer that fails ends the stream with an error event. ``generated``
+        False: the answers' tokens are not counted (``max_tokens: 0``)."""
         outputs: list[CompletionOutput | None] = [None] * handle.num_choices
         try:
             for c in first:
@@ -222,7 +336,7 @@ class Serving:
                         outputs[e.index] = e.output
                     yield _sse(chunk([choice(e)]))
             if include_usage:
-                yield _sse(chunk([], self._usage(handle, outputs)))
+                yield _sse(chunk([], self._usage(handle, outputs, generated=generated)))
             yield _sse("[DONE]")
             self._log(handle, f"{kind} stream", outputs, prompt)
         finally:
@@ -240,23 +354,34 @@ class Serving:
         params = self._params(req, MAX_TOKENS_LIMIT)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await self._encode_chat(messages, "messages")
+        grammar = await self._compile(params)
         handle = self._submit([ids], params, chat=True, cap_to_context=req.requested_max_tokens() is None,
-                              param="messages")
+                              param="messages", grammar=grammar)
         rid = f"chatcmpl-{handle.request_id}"
+        want_logprobs = params.logprobs is not None
         if req.stream:
             first = [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(handle.num_choices)]
-            return self._stream_response(req, handle, "chat", messages, ChatCompletionChunk, rid, _chat_delta, first)
+
+            def delta(e: ChoiceEvent) -> ChatCompletionStreamChoice:
+                return ChatCompletionStreamChoice(
+                    index=e.index, delta=DeltaMessage(content=e.text or None),
+                    logprobs=self._chat_logprobs(_event_tokens(handle, e)) if want_logprobs else None,
+                    finish_reason=e.output.finish_reason if e.finished else None)
+
+            return self._stream_response(req, handle, "chat", messages, ChatCompletionChunk, rid, delta, first)
         outputs = await self._collect(handle)
         self._log(handle, "chat", outputs, messages)
         return ChatCompletionResponse(
             id=rid, model=self.model_name, usage=self._usage(handle, outputs),
-            choices=[ChatCompletionChoice(index=o.index, message=ChatCompletionMessage(content=o.text),
-                                          finish_reason=o.finish_reason) for o in outputs])
+            choices=[ChatCompletionChoice(
+                index=o.index, message=ChatCompletionMessage(content=o.text), finish_reason=o.finish_reason,
+                logprobs=self._chat_logprobs(_TokenSlice(o.token_ids, o.logprobs or [], o.top_logprobs))
+                if want_logprobs else None) for o in outputs])
 
     def _stream_response(self, req: ChatCompletionRequest | CompletionRequest, handle: RequestHandle, kind: str,
                          prompt, chunk: type[BaseModel], rid: str, choice: Callable[[ChoiceEvent], BaseModel],
-                         first: Sequence[BaseModel] = ()) -> Stream:
+                         first: Sequence[BaseModel] = (), generated: bool = True) -> Stream:
         """A streamed answer: events of the ``chunk`` model with id ``rid``, ``choice(event)`` as
         each event's one choice, ``first`` before any event (see :meth:`_stream`)."""
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -266,18 +391,25 @@ class Serving:
             return chunk(id=rid, created=created, model=self.model_name, choices=choices,
                          usage=usage).model_dump(mode="json")
 
-        return Stream(self._stream(handle, kind, prompt, include_usage, make, choice, first),
+        return Stream(self._stream(handle, kind, prompt, include_usage, make, choice, first, generated),
                       lambda: self.engine.abort(handle))
 
     # ------------------------------------------------------------------ completions
     async def completion(self, req: CompletionRequest) -> CompletionResponse | Stream:
-        """``POST /v1/completions`` (raw text, no template).
+        """``POST /v1/completions`` (raw text, no template). ``echo`` puts the prompt before each
+        answer (and, with ``logprobs``, its tokens' log-probabilities, from the prefill pass);
+        ``max_tokens: 0`` generates nothing: the engine samples one token, which is dropped (as
+        vLLM does), so a prompt is scored in one prefill.
 
         Raises:
             APIError: 400, 404, 429, 500 as :meth:`chat`.
         """
         self._check(req)
-        params = self._params(req, DEFAULT_COMPLETION_MAX_TOKENS)
+        zero = req.max_tokens == 0
+        overrides: dict = {"max_tokens": 1} if zero else {}
+        if req.echo and req.logprobs is not None:
+            overrides["prompt_logprobs"] = req.logprobs
+        params = self._params(req, DEFAULT_COMPLETION_MAX_TOKENS, **overrides)
         prompt = req.prompt
         if isinstance(prompt, str):
             texts: list[str] | None = [prompt]
@@ -291,16 +423,63 @@ class Serving:
             prompts = [list(prompt)]  # type: ignore[arg-type]
         else:
             prompts = [list(p) for p in prompt]  # type: ignore[union-attr]
-        handle = self._submit(prompts, params, chat=False, cap_to_context=req.max_tokens is None, param="prompt")
+        grammar = await self._compile(params)
+        handle = self._submit(prompts, params, chat=False, cap_to_context=req.max_tokens is None, param="prompt",
+                              grammar=grammar)
+        n = params.n
+        echoes = None
+        if req.echo:
+            echoes = texts if texts is not None else [self.tokenizer.decode(ids) for ids in prompts]
         rid = f"cmpl-{handle.request_id}"
         if req.stream:
-            return self._stream_response(req, handle, "completion", texts, CompletionResponse, rid, _completion_delta)
+            started: set[int] = set()
+            offsets: dict[int, int] = {}
+
+            def delta(e: ChoiceEvent) -> CompletionChoice:
+                text, logprobs = ("" if zero else e.text), None
+                tokens = _event_tokens(handle, e) if req.logprobs is not None else None
+                if tokens is not None and zero:
+                    tokens = _TokenSlice([], [], None)
+                if e.index not in started:
+                    started.add(e.index)
+                    if echoes is not None:
+                        p = e.index // n
+                        text = echoes[p] + text
+                        if tokens is not None:
+                            seq = handle.request.choices[e.index].seq
+                            logprobs = self._echo_logprobs(prompts[p], CompletionOutput(
+                                0, prompt_logprobs=seq.prompt_logprobs))
+                            offsets[e.index] = len(echoes[p])
+                if tokens is not None:
+                    part = self._completion_logprobs(tokens.ids, tokens.logprobs, tokens.tops,
+                                                     offsets.get(e.index, 0))
+                    offsets[e.index] = (part.text_offset[-1] + len(part.tokens[-1])) if part.tokens else \
+                        offsets.get(e.index, 0)
+                    logprobs = part if logprobs is None else _join(logprobs, part)
+                return CompletionChoice(index=e.index, text=text, logprobs=logprobs,
+                                        finish_reason=e.output.finish_reason if e.finished else None)
+
+            return self._stream_response(req, handle, "completion", texts, CompletionResponse, rid, delta,
+                                         generated=not zero)
         outputs = await self._collect(handle)
         self._log(handle, "completion", outputs, texts)
-        return CompletionResponse(
-            id=rid, model=self.model_name, usage=self._usage(handle, outputs),
-            choices=[CompletionChoice(index=i, text=o.text, finish_reason=o.finish_reason)
-                     for i, o in enumerate(outputs)])
+        choices = []
+        for i, o in enumerate(outputs):
+            p = i // n
+            text, ids, lps, tops = o.text, o.token_ids, o.logprobs or [], o.top_logprobs
+            if zero:
+                text, ids, lps, tops = "", [], [], None
+            logprobs = None
+            if req.logprobs is not None:
+                offset = len(echoes[p]) if echoes is not None else 0
+                logprobs = self._completion_logprobs(ids, lps, tops, offset)
+                if echoes is not None:
+                    logprobs = _join(self._echo_logprobs(prompts[p], o), logprobs)
+            if echoes is not None:
+                text = echoes[p] + text
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=o.finish_reason))
+        return CompletionResponse(id=rid, model=self.model_name, choices=choices,
+                                  usage=self._usage(handle, outputs, generated=not zero))
 
     # ------------------------------------------------------------------ the original API
     async def legacy(self, req: LegacyRequest) -> LegacyResponse:
@@ -323,3 +502,108 @@ class Serving:
         if text.startswith(" "):  # the template's answer prefix, as the original server stripped it
             text = text[1:]
         return LegacyResponse(response=text, status=200, time=time.strftime(LEGACY_TIME_FORMAT))
+
+
+    # ------------------------------------------------------------------ FlagAI's Aquila server
+    async def flagai(self, req: FlagAIRequest, *, stream: bool = False) -> FlagAIResponse | Stream:
+        """``POST /func`` (``stream=False``) and ``POST /stream_func``: FlagAI's Aquila server API
+        (``examples/Aquila/Aquila-server/aquila_server.py``) on this engine and template.
+
+        ``sft`` (always on ``/stream_func``) answers ``prompt`` after ``history`` in the chat
+        template, dropping the oldest messages that do not fit the context window; otherwise the
+        prompt is completed as raw text after the BOS token (FlagAI's non-sft path). Either way
+        the answer ends at the template's stop strings and loses one leading space, as FlagAI's
+        ``predict`` cut it; ``tokens`` are the answer's tokens (FlagAI cut them to the text too),
+        ``logprobs`` their log-probabilities. ``/stream_func`` streams the answer as plain text.
+
+        Raises:
+            APIError: 400 (bad fields, history that does not alternate), 429, and
+                :data:`FLAGAI_GENERATION_ERROR_STATUS` when generation fails.
+        """
+        params = self._params(req)
+        if req.sft or stream:
+            ids = await self._flagai_chat_ids(req, params)
+        else:  # FlagAI: encode_plus(re.sub('\\n+', '\\n', prompt))["input_ids"][:-1]: BOS + text
+            bos = self.tokenizer.bos_token_id
+            text = re.sub("\n+", "\n", req.prompt)
+            ids = ([bos] if bos is not None else []) + await asyncio.to_thread(self.tokenizer.encode, text)
+        handle = self._submit([ids], params, chat=True, cap_to_context=True, param="prompt")
+        if stream:
+            return Stream(self._flagai_stream(handle), lambda: self.engine.abort(handle), media_type="text/plain")
+        try:
+            outputs = await self._collect(handle)
+        except APIError as exc:
+            if exc.status == 500 and exc.type == "model_error":
+                exc.status = FLAGAI_GENERATION_ERROR_STATUS
+            raise
+        self._log(handle, "flagai", outputs, req.prompt)
+        out = outputs[0]
+        text, token_ids, logprobs = out.text, out.token_ids, out.logprobs or []
+        # the tokens that spell the text (FlagAI cut its token list to the text's token count)
+        target, spelled, keep = len(text.encode("utf-8")), 0, 0
+        for tid in token_ids:
+            if spelled >= target:
+                break
+            spelled += len(self.tokenizer.token_bytes(tid, skip_special_tokens=True))
+            keep += 1
+        token_ids, logprobs = token_ids[:keep], logprobs[:keep]
+        if text.startswith(" "):  # the template's answer prefix, as FlagAI stripped it
+            text = text[1:]
+            if token_ids and self.tokenizer.token_bytes(token_ids[0]) == b" ":
+                token_ids, logprobs = token_ids[1:], logprobs[1:]
+        tokens = [self.tokenizer.id_to_token(t) or "[unkonwn_token]" for t in token_ids]  # FlagAI's fallback
+        values = [_logprob(v) for v in logprobs]
+        return FlagAIResponse(
+            completions=[FlagAICompletion(text=text, tokens=tokens, logprobs=values,
+                                          top_logprobs_dicts=[{t: v} for t, v in zip(tokens, values)],
+                                          model_in=self.tokenizer.decode(ids))],
+            input_length=len(req.prompt), model_info=self.model_name)
+
+    async def _flagai_chat_ids(self, req: FlagAIRequest, params: SamplingParams) -> list[int]:
+        """Prompt ids of ``history`` + ``prompt`` in the template, oldest messages dropped until
+        the prompt leaves room for the answer (``max_new_tokens``, at most a quarter of the window)."""
+        messages = [{"role": "assistant" if role == "ASSISTANT" else "user", "content": text}
+                    for role, text in req.history] + [{"role": "user", "content": req.prompt}]
+        window = self.engine.engine.max_model_len
+        room = min(params.max_tokens, window // 4)
+
+        def fit() -> list[int]:
+            nonlocal messages
+            while True:
+                while messages[0]["role"] != "user":
+                    messages = messages[1:]
+                ids = self.encode_chat(messages)
+                if len(ids) + room <= window or len(messages) == 1:
+                    return ids
+                messages = messages[1:]
+
+        try:
+            return await asyncio.to_thread(fit)
+        except ValidationError as exc:
+            raise _validation_error(exc, "history") from None
+
+    async def _flagai_stream(self, handle: RequestHandle) -> AsyncIterator[str]:
+        """The answer's text deltas as plain text (a failed generation just ends the stream, as
+        FlagAI's did: plain text has no place for an error)."""
+        outputs: list[CompletionOutput | None] = [None]
+        try:
+            async for events in handle.events():
+                for e in events:
+                    if e.finished:
+                        outputs[0] = e.output
+                        if e.output.finish_reason == "error":
+                            log.warning("%s stream_func: generation failed: %s", handle.request_id, e.output.error)
+                            return
+                    if e.text:
+                        yield e.text
+            self._log(handle, "flagai stream", outputs)
+        finally:
+            self.engine.abort(handle)
+
+
+def _join(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """Two runs of completion ``logprobs`` one after the other (an echoed prompt, then its answer)."""
+    return CompletionLogprobs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs,
+                              text_offset=first.text_offset + second.text_offset)
