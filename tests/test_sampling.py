@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aquilachat.errors import ValidationError
-from aquilachat.sampling import SamplingParams, apply_penalties, sample, sanitize_logits
+from aquilachat.sampling import (CONSTRAINT_ERROR, NO_CANDIDATE_ERROR, SamplingParams, apply_penalties, sample,
+                                 sanitize_logits)
 from aquilachat.sampling_params import MAX_STOP, PARAMS
 from tests.helpers import bad_sampling_values
 
@@ -68,6 +69,9 @@ params_strategy = st.builds(
     presence_penalty=st.sampled_from([0.0, -2.0, 2.0]),
     frequency_penalty=st.sampled_from([0.0, -2.0, 2.0]),
     seed=st.integers(0, 2**31),
+    min_p=st.sampled_from([0.0, 0.05, 1.0]),
+    min_tokens=st.sampled_from([0, 3]),
+    logit_bias=st.sampled_from([None, {0: 100.0, 3: -100.0}, {V - 1: 5.5}]),
 )
 
 
@@ -75,25 +79,41 @@ params_strategy = st.builds(
 @given(rows=st.lists(st.lists(logit_values, min_size=V, max_size=V), min_size=1, max_size=4),
        params=st.lists(params_strategy, min_size=4, max_size=4),
        allowed_cut=st.integers(1, V),
-       history=st.lists(st.integers(0, V - 1), max_size=6))
-def test_never_raises_and_only_decodable_ids(rows, params, allowed_cut, history):
+       history=st.lists(st.integers(0, V - 1), max_size=6),
+       masks=st.one_of(st.none(), st.lists(st.lists(st.booleans(), min_size=V, max_size=V), min_size=4, max_size=4)),
+       end_ids=st.lists(st.integers(0, V - 1), max_size=5))
+def test_never_raises_and_only_decodable_ids(rows, params, allowed_cut, history, masks, end_ids):
+    """Any logits (NaN, infinities), any parameters, token masks (a grammar's), min_tokens end ids
+    and logit biases: never an exception, never an id outside ``allowed`` or a row's mask, never a
+    banned end id before min_tokens; an error only for a row left with no candidate."""
     logits = torch.tensor(rows, dtype=torch.float32)
     B = logits.shape[0]
     allowed = torch.zeros(V, dtype=torch.bool)
     allowed[:allowed_cut] = True
+    token_masks = torch.tensor(masks[:B]) if masks is not None else None
+    ends = [torch.tensor(end_ids, dtype=torch.long)] * B
     gens = [torch.Generator().manual_seed(p.seed) for p in params[:B]]
-    res = sample(logits, params[:B], gens, allowed=allowed, prompt_ids=[history] * B, output_ids=[history] * B)
+    res = sample(logits, params[:B], gens, allowed=allowed, prompt_ids=[history] * B, output_ids=[history] * B,
+                 token_masks=token_masks, end_ids=ends)
     for b in range(B):
         tok = int(res.token_ids[b])
+        constrained = bool(token_masks is not None or params[b].logit_bias or len(history) < params[b].min_tokens)
+        penalized = params[b].repetition_penalty != 1 or params[b].presence_penalty or params[b].frequency_penalty
         if b in res.errors:
             assert tok == -1
-            # an error only when no decodable id has a non-NaN logit other than -inf
             row = logits[b, :allowed_cut]
-            assert not bool(((row > -math.inf) & ~row.isnan()).any()) or params[b].repetition_penalty != 1 \
-                or params[b].presence_penalty or params[b].frequency_penalty
+            has_candidate = bool(((row > -math.inf) & ~row.isnan()).any())  # before the constraints
+            if res.errors[b] == CONSTRAINT_ERROR:
+                assert has_candidate and constrained
+            else:  # no decodable id with a finite logit (or penalties overflowed every one)
+                assert res.errors[b] == NO_CANDIDATE_ERROR and (not has_candidate or penalized)
         else:
             assert 0 <= tok < allowed_cut
             assert not math.isnan(logits[b, tok].item())
+            if token_masks is not None:
+                assert bool(token_masks[b, tok])
+            if len(history) < params[b].min_tokens:
+                assert tok not in end_ids
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -194,6 +214,66 @@ def test_same_seed_same_draws_alone_or_batched():
     batch_gens = [torch.Generator().manual_seed(s) for s in (1, 7, 3)]
     batched = sample(logits, [SamplingParams(seed=1), p, SamplingParams(seed=3)], batch_gens)
     assert int(batched.token_ids[1]) == alone[0]
+
+
+def test_logit_bias_as_openai_defines():
+    """Added to the logit before sampling: a bias moves the greedy choice, -100 bans, +100 all but
+    forces; the reported logprobs stay the model's (before the bias, vLLM's raw logprobs)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    greedy = SamplingParams(temperature=0, logprobs=1)
+    assert int(sample(logits, [greedy.replace(logit_bias={1: 1.5})], [None]).token_ids[0]) == 1
+    assert int(sample(logits, [greedy.replace(logit_bias={0: -100})], [None]).token_ids[0]) == 1
+    res = sample(logits, [greedy.replace(logit_bias={3: 100})], [None])
+    assert int(res.token_ids[0]) == 3
+    assert float(res.logprobs[0]) == pytest.approx(float(torch.log_softmax(logits, -1)[0, 3]))
+    draws = {int(sample(logits, [SamplingParams(seed=s, logit_bias={"2": 100})], [torch.Generator().manual_seed(s)])
+                 .token_ids[0]) for s in range(50)}
+    assert draws == {2}
+
+
+def test_min_p_keeps_tokens_within_a_factor_of_the_top():
+    """Nguyen et al. 2024: keep ids with p >= min_p * p_max, probabilities after temperature."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    for min_p, temperature, want in ((0.5, 1.0, {0, 1}), (0.25, 1.0, {0, 1, 2}), (0.5, 2.0, {0, 1, 2}),
+                                     (1.0, 1.0, {0})):
+        # at temperature 2 the probabilities are proportional to sqrt(p): 0.15 -> 0.55 of the top's
+        draws = {int(sample(logits, [SamplingParams(temperature=temperature, min_p=min_p, seed=s)],
+                            [torch.Generator().manual_seed(s)]).token_ids[0]) for s in range(300)}
+        assert draws == want, (min_p, temperature, draws)
+
+
+def test_min_tokens_holds_back_the_end_ids():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])  # id 1 (the end id) is by far the most likely
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[1])
+    ends = [torch.tensor([1])]
+    assert int(sample(logits, [params], [None], output_ids=[[2]], end_ids=ends).token_ids[0]) == 2
+    assert int(sample(logits, [params], [None], output_ids=[[2, 2]], end_ids=ends).token_ids[0]) == 1
+    # without end_ids, the row's stop_token_ids are the end ids
+    assert int(sample(logits, [params], [None], output_ids=[[]]).token_ids[0]) == 2
+
+
+def test_token_masks_and_their_dead_end():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [math.nan, math.nan, math.nan]])
+    masks = torch.tensor([[False, True, True], [False, False, False], [True, True, True]])
+    res = sample(logits, [SamplingParams(temperature=0)] * 3, [None] * 3, token_masks=masks)
+    assert int(res.token_ids[0]) == 1
+    assert res.errors == {1: CONSTRAINT_ERROR, 2: NO_CANDIDATE_ERROR}
+    draws = {int(sample(logits[:1], [SamplingParams(seed=s)], [torch.Generator().manual_seed(s)],
+                        token_masks=masks[:1]).token_ids[0]) for s in range(100)}
+    assert draws == {1, 2}
+
+
+def test_logprobs_are_before_temperature():
+    """OpenAI / vLLM: the log-probability of the model's distribution, whatever the temperature."""
+    logits = torch.tensor([[1.0, 0.5, -1.0]])
+    want = torch.log_softmax(logits, -1)[0]
+    for temperature in (0.0, 0.3, 3.0):
+        res = sample(logits, [SamplingParams(temperature=temperature, seed=1, logprobs=3)],
+                     [torch.Generator().manual_seed(1)])
+        tok = int(res.token_ids[0])
+        assert float(res.logprobs[0]) == pytest.approx(float(want[tok]))
+        assert [i for i, _ in res.top_logprobs[0]] == [0, 1, 2]
 
 
 def test_sanitize_rows():
