@@ -113,3 +113,19 @@ def test_a_stream_that_hits_non_finite_logits_ends_with_an_error_event(server, o
     assert bad.status_code == 500 and good.status_code == 200
     want = oracle.chat(ok["messages"], SamplingParams(temperature=0, max_tokens=12))[0]
     assert good.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_flagai_routes_answer_a_failed_generation_without_a_500(server):
+    """FlagAI's own server answered 500 when sampling met NaN (the original's known failure); its
+    routes here answer in FlagAI's shape, never 500, and keep serving."""
+    import json
+    r = httpx.post(server.url + "/func", json=json.dumps({"prompt": POISON * 60, "sft": True}), timeout=30)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["completions"] == [] and body["status"] == 422 and "NaN" in body["error"]
+    assert body["model_info"] == MODEL and body["input_length"] == 60
+    r = httpx.post(server.url + "/stream_func", json=json.dumps({"prompt": POISON * 60}), timeout=30)
+    assert r.status_code == 200 and r.text == ""  # plain text has no room for an error: the stream ends
+    r = httpx.post(server.url + "/func", json=json.dumps({"prompt": "hello", "temperature": 0, "max_new_tokens": 4}),
+                   timeout=30)
+    assert r.status_code == 200 and len(r.json()["completions"]) == 1

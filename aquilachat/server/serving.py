@@ -304,7 +304,9 @@ class Serving:
             if lp is None:
                 top_dicts.append(None)
                 continue
-            entry = {self._token_str(t): _logprob(v) for t, v in (tops[i] if tops is not None else [])}
+            entry: dict[str, float] = {}
+            for t, v in (tops[i] if tops is not None else []):  # most likely first: ids that print
+                entry.setdefault(self._token_str(t), _logprob(v))  # alike (U+FFFD) keep the best
             entry.setdefault(texts[i], _logprob(lp))
             top_dicts.append(entry)
         return CompletionLogprobs(tokens=texts, token_logprobs=[None if lp is None else _logprob(lp) for lp in logprobs],
@@ -564,6 +566,13 @@ class Serving:
         the prompt leaves room for the answer (``max_new_tokens``, at most a quarter of the window)."""
         messages = [{"role": "assistant" if role == "ASSISTANT" else "user", "content": text}
                     for role, text in req.history] + [{"role": "user", "content": req.prompt}]
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")  # leading answers are dropped
+        for i in range(first + 1, len(messages)):
+            if messages[i]["role"] == messages[i - 1]["role"]:
+                where = f"history[{i}]" if i < len(req.history) else "the prompt"
+                raise APIError(400, f"history: {where} follows another {messages[i]['role']} message; the user's and "
+                                    "the ASSISTANT's messages must alternate, and the history must end with an "
+                                    "ASSISTANT message (the prompt is the user's)", param="history")
         window = self.engine.engine.max_model_len
         room = min(params.max_tokens, window // 4)
 
