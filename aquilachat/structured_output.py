@@ -63,7 +63,8 @@ __all__ = ["GrammarBackend", "GrammarConstraint", "CompiledGrammar", "bitmask_to
            "SUPPORTED_KEYWORDS", "ANNOTATION_KEYWORDS", "SUPPORTED_FORMATS", "INSTALL_HINT"]
 
 #: What to install when xgrammar is missing.
-INSTALL_HINT = "structured output (response_format) needs xgrammar: pip install 'aquilachat[structured]'"
+INSTALL_HINT = ("structured output (response_format) needs xgrammar and jsonschema: "
+                "pip install 'aquilachat[structured]'")
 #: Schema keywords the grammar enforces.
 SUPPORTED_KEYWORDS = frozenset({
     "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems",
@@ -103,7 +104,10 @@ def check_schema(schema: Any, where: str) -> None:
     """
     if not isinstance(schema, dict):
         raise ValidationError("response_format", f"{where}: a JSON schema must be an object, got {schema!r:.80}")
-    import jsonschema
+    try:
+        import jsonschema
+    except ImportError:
+        raise ValidationError("response_format", INSTALL_HINT) from None
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -15,6 +15,16 @@ of the time to first token (request sent -> first streamed text), in seconds.
     python bench/serve.py                       # N = 1, 4, 16; max-num-seqs 1 vs 16
     python bench/serve.py --clients 1 8 --max-tokens 64
 
+``--workload multi-turn`` instead compares prefix caching on and off (two servers, the second with
+``--no-prefix-caching``, both ``--max-num-seqs 16``): 16 clients each hold a 4-turn chat through
+streamed ``/v1/chat/completions``; every conversation starts with the chat template's system
+prompt (shared by all) and each turn resends the whole history plus a new ~40-token question, as
+chat clients do. Reported per mode: TTFT p50 / p99 over all turns, over the first turns and over
+the later turns, generated tokens per second, and the share of prompt tokens served from the
+prefix cache (``usage.prompt_tokens_details.cached_tokens``).
+
+    python bench/serve.py --workload multi-turn [--clients 16] [--turns 4] [--max-tokens 32]
+
 This is a benchmark, not a test: numbers depend on the machine and on whatever else runs on it
 (the load average is printed with the table).
 """
@@ -76,13 +86,14 @@ def free_port() -> int:
 class Server:
     """``aquilachat serve`` in a subprocess."""
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, threads: int, max_model_len: int) -> None:
+    def __init__(self, model_dir: Path, max_num_seqs: int, threads: int, max_model_len: int,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "aquilachat", "serve", "--model", str(model_dir), "--device", "cpu",
                "--port", str(self.port), "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
-               "--served-model-name", "bench", "--log-level", "warning"]
+               "--served-model-name", "bench", "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO)
 
     def wait_ready(self) -> None:
@@ -155,6 +166,112 @@ async def run_clients(url: str, clients: int, requests_per_client: int, max_toke
             "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99), "ttfts": ttfts}
 
 
+#: Words the multi-turn questions are made of (English and Chinese, as AquilaChat's users write).
+QUESTION_WORDS = ["explain", "the", "river", "mountain", "算法", "golang", "sorting", "天空", "quick", "fox",
+                  "bubble", "世界", "why", "how", "冒泡排序", "memory", "cache", "example", "please", "history"]
+
+
+def question(client: int, turn: int, words: int = 24) -> str:
+    """Client ``client``'s question of turn ``turn`` (distinct per client and turn, ~40 tokens)."""
+    return f"Client {client}, question {turn + 1}: " + " ".join(
+        QUESTION_WORDS[(client * 7 + turn * 3 + k * k) % len(QUESTION_WORDS)] for k in range(words)) + "?"
+
+
+async def one_chat(client, url: str, messages: list[dict], max_tokens: int, temperature: float) -> dict:
+    """One streamed chat turn: its TTFT (s), answer text, generated and prompt tokens, cached tokens."""
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    ttft, parts, usage = None, [], None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            for choice in event["choices"]:
+                if choice["delta"].get("content"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - sent
+                    parts.append(choice["delta"]["content"])
+            usage = event.get("usage") or usage
+    return {"ttft": ttft if ttft is not None else time.perf_counter() - sent, "text": "".join(parts),
+            "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"],
+            "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
+
+
+async def run_multi_turn(url: str, clients: int, turns: int, max_tokens: int, temperature: float) -> dict:
+    """``clients`` concurrent conversations of ``turns`` turns each (module docstring)."""
+    import httpx
+
+    async def conversation(c, i: int) -> list[tuple[int, dict]]:
+        messages: list[dict] = []
+        results = []
+        for turn in range(turns):
+            messages.append({"role": "user", "content": question(i, turn)})
+            result = await one_chat(c, url, messages, max_tokens, temperature)
+            messages.append({"role": "assistant", "content": result["text"]})
+            results.append((turn, result))
+        return results
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as c:
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(conversation(c, i) for i in range(clients)))
+        wall = time.perf_counter() - start
+    results = [r for rs in per_client for r in rs]
+    return {"wall_s": wall, "results": results}
+
+
+def multi_turn(args, model_dir: Path) -> int:
+    """Prefix caching on vs off on the multi-turn chat workload (module docstring)."""
+    modes = {"on": (), "off": ("--no-prefix-caching",)}
+    load_before = os.getloadavg()
+    servers = {name: Server(model_dir, 16, args.threads, args.max_model_len, extra)
+               for name, extra in modes.items()}
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            asyncio.run(run_clients(server.url, 1, 1, 4, args.temperature))  # warm-up (a completion: no chat prefix)
+        for rep in range(args.repeats):
+            for name, server in servers.items():
+                stats = asyncio.run(run_multi_turn(server.url, args.clients[0], args.turns, args.max_tokens,
+                                                   args.temperature))
+                runs[name].append(stats)
+                ttfts = sorted(r["ttft"] for _, r in stats["results"])
+                print(f"prefix caching {name:>3}, run {rep + 1}: TTFT p50 {percentile(ttfts, 50):.3f} s, "
+                      f"p99 {percentile(ttfts, 99):.3f} s, {sum(r['tokens'] for _, r in stats['results']) / stats['wall_s']:.1f} tok/s",
+                      flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    load_after = os.getloadavg()
+    print()
+    print(f"{args.clients[0]} clients x {args.turns} turns, {args.max_tokens} tokens per answer (ignore_eos, temperature "
+          f"{args.temperature}), {args.repeats} run(s) per mode, interleaved; {args.threads} torch thread(s); load "
+          f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print()
+    print("| prefix caching | turns | TTFT p50 s | TTFT p99 s | TTFT p50 turn 1 | TTFT p50 turns 2+ | tokens/s | "
+          "prompt tokens | cached |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, stats_list in runs.items():
+        results = [tr for s in stats_list for tr in s["results"]]
+        ttfts = sorted(r["ttft"] for _, r in results)
+        first = sorted(r["ttft"] for t, r in results if t == 0)
+        later = sorted(r["ttft"] for t, r in results if t > 0)
+        tokens = sum(r["tokens"] for _, r in results)
+        wall = sum(s["wall_s"] for s in stats_list)
+        prompt = sum(r["prompt_tokens"] for _, r in results)
+        cached = sum(r["cached"] for _, r in results)
+        print(f"| {name} | {len(results)} | {percentile(ttfts, 50):.3f} | {percentile(ttfts, 99):.3f} | "
+              f"{percentile(first, 50):.3f} | {percentile(later, 50):.3f} | {tokens / wall:.1f} | {prompt} | "
+              f"{cached / prompt:.0%} |")
+    return 0
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of already sorted values."""
     if len(sorted_values) == 1:
@@ -181,13 +298,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads of the server (OMP_NUM_THREADS; default 1: on a shared 2-core "
                         "machine more threads spin against other processes)")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse / keep the random model here")
+    p.add_argument("--workload", choices=["batching", "multi-turn"], default="batching",
+                   help="batching: max-num-seqs modes vs N clients (default); multi-turn: prefix caching on vs off "
+                        "on 4-turn chats sharing the system prompt (--clients defaults to 16)")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default 4)")
     args = p.parse_args(argv)
+    if args.workload == "multi-turn":
+        if args.clients == [1, 4, 16]:
+            args.clients = [16]
+        if args.max_model_len == 512:
+            args.max_model_len = 1024  # four turns of history
 
     with tempfile.TemporaryDirectory(prefix="aquilachat-bench-") as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
         if not (model_dir / "config.json").exists():
             model_dir.mkdir(parents=True, exist_ok=True)
             print("model:", build_model(model_dir, args.preset), flush=True)
+        if args.workload == "multi-turn":
+            return multi_turn(args, model_dir)
         load_before = os.getloadavg()
         # All servers run at once and the modes take turns for every N and repetition, so that a
         # change in the machine's load (other processes) affects every mode alike.
