@@ -73,8 +73,13 @@ def test_every_sampling_option_is_checked_with_the_same_ranges(name, capsys):
         if PARAMS[name].kind is list:
             if isinstance(value, list):
                 cases.append([arg for v in value for arg in (flag, v)])
+        elif PARAMS[name].kind is dict:  # --logit-bias ID=VALUE, repeatable
+            if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+                cases.append([f"{flag}={k}={v}" for k, v in value.items()])
         elif isinstance(value, (int, float)) and not (PARAMS[name].kind is int and isinstance(value, float)):
             cases.append([flag, str(value)])  # strings and fractions of integers: argparse's own errors
+    if PARAMS[name].kind is dict:
+        cases += [[flag, "5"], [flag, "5=high"]]  # not ID=VALUE
     assert cases
     for command in (["chat", "hi"], ["generate", "--prompt", "hi"], ["eval", "code"]):
         for argv in cases:
@@ -111,3 +116,18 @@ def test_interactive_history_longer_than_context_is_trimmed(tiny_dir, capsys, mo
     captured = capsys.readouterr()
     assert "no longer fit" in captured.err and "error" not in captured.err
     assert len(captured.out.splitlines()) >= 4
+
+
+def test_generate_takes_the_new_sampling_options_and_no_prefix_caching(tiny_dir, capsys):
+    """--logit-bias ID=VALUE (repeatable), --min-tokens, --min-p, --no-prefix-caching: what LLM gives."""
+    llm = LLM(str(tiny_dir), device="cpu", enable_prefix_caching=False)
+    forced = llm.tokenizer.encode(" fox")[0]
+    eos = llm.tokenizer.eos_token_id
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=3, max_tokens=6, min_tokens=6, min_p=0.1,
+                            logit_bias={forced: 4.0, eos: 100.0})
+    want = llm.generate(["hi"], params)[0]
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--seed", "3", "--max-tokens", "6",
+                 "--min-tokens", "6", "--min-p", "0.1", "--logit-bias", f"{forced}=4", "--logit-bias", f"{eos}=100",
+                 "--no-prefix-caching", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert out["token_ids"] == want.token_ids and len(out["token_ids"]) == 6  # EOS held back by min_tokens

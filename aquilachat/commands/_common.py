@@ -99,5 +99,5 @@ def _pairs(name: str, items: list[str]) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValidationError(name, f"--{name.replace('_', '-')} takes ID=VALUE (e.g. 1234=-100), got {item!r}")
+            raise ValidationError(name, f"{name}: --{name.replace('_', '-')} takes ID=VALUE (e.g. 1234=-100), got {item!r}")
     return out
