@@ -148,8 +148,19 @@ def apply_constraints(logits: torch.Tensor, params: list[SamplingParams], output
         logits = logits.index_put((torch.cat(banned_rows), torch.cat(banned_ids)),
                                   torch.tensor(-math.inf, device=logits.device))
     if token_masks is not None:
-        logits = logits.masked_fill(~token_masks, -math.inf)
+        logits = _keep(logits, token_masks)
     return logits
+
+
+def _keep(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logits`` (no NaN) with the ids where ``mask`` (bool, broadcastable) is False set to -inf.
+
+    As ``masked_fill(~mask, -inf)``, but the minimum with a +inf / -inf bound: masked_fill and
+    where with a bool mask took 0.4-0.5 ms per 100,008-id row on the development CPU, this 0.06 ms
+    (a grammar's mask is applied at every step of a constrained answer).
+    """
+    bound = mask.view(torch.uint8).float().mul_(2).sub_(1).mul_(math.inf)  # +inf where kept, -inf elsewhere
+    return torch.minimum(logits, bound)
 
 
 def _min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -278,7 +289,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 seen[b, torch.tensor(prompts[b], device=device)] = True
         x = apply_penalties(x, seen=seen, counts=counts, repetition=rep, presence=pres, frequency=freq)
         x = sanitize_logits(x, allowed)
-    token_ids = x.argmax(dim=-1)
+    _, token_ids = _max_rows(x)  # argmax (the first maximum), faster for a large V
     # rows with at least one candidate: sanitized logits hold no NaN or +inf, so a row has a
     # finite logit iff its largest one is not -inf (a gather, not another pass over the logits)
     finite = x.gather(-1, token_ids[:, None])[:, 0] > -math.inf
