@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..sampling_params import CLI_FIELDS, PARAMS, SamplingParams
 
@@ -34,6 +35,21 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = No
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE|FRACTION",
                    help="KV cache budget: a size (4GB, 512MiB) or a fraction in (0, 1] of the memory left "
                         "after the weights (default: 90%% of it, no more than the slots need)")
+
+
+#: Models at least this large (bytes of weights) get their memory plan printed when a command loads them.
+REPORT_PLAN_BYTES = 10**9
+
+
+def load_llm(args: argparse.Namespace, command: str, **kwargs):
+    """The ``LLM`` of :func:`add_model_args` / :func:`add_engine_args`; for a model of at least
+    :data:`REPORT_PLAN_BYTES` its memory plan goes to stderr (what was decided, and why)."""
+    from ..llm import LLM
+    llm = LLM(args.model, **engine_kwargs(args), **kwargs)
+    plan = llm.memory_plan
+    if plan.weight_bytes >= REPORT_PLAN_BYTES:
+        print(f"aquilachat {command}: {plan.summary()}; dtype: {plan.dtype_reason}", file=sys.stderr)
+    return llm
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
