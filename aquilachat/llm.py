@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
-from .chat_format import get_template, render
+from .chat_format import get_template, render, template_name_of
 from .checkpoint import load_model, resolve_model_path
 from .engine import Engine
 from .errors import ValidationError
@@ -30,7 +30,8 @@ class LLM:
         dtype: ``"auto"`` (the checkpoint's dtype; float32 for float16 checkpoints on the CPU),
             ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
-        template: chat template name for :meth:`chat` (default ``aquila-chat``).
+        template: chat template name for :meth:`chat` (default: the template of the checkpoint's
+            ``chat_template`` when it is one of ours, else ``aquila-chat``).
         max_num_seqs: sequences decoded together (KV cache slots).
         max_model_len: context window in tokens (default: the model's).
         kv_cache_tokens: KV-token budget for admitting sequences (default: ``max_num_seqs *
@@ -48,7 +49,7 @@ class LLM:
         self.model = load_model(path, dtype=dtype, device=device)
         self.config = self.model.config
         self.tokenizer = Tokenizer.from_dir(path)
-        self.template = get_template(template)
+        self.template = get_template(template or template_name_of(self.tokenizer.chat_template))
         eos = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

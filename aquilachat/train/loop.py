@@ -705,7 +705,7 @@ def _save(run_dir: Path, step: int, *, wrapped, core, opt, config: TrainConfig, 
     return save_checkpoint(run_dir, step, dist_info=info, config=core.config, tokenizer=tokenizer,
                            model_state=sd, training_state=training_state,
                            rank_state=_rng_state(info.device), optimizer_state=optim_state, adapter_state=adapter,
-                           keep=config.keep_checkpoints)
+                           keep=config.keep_checkpoints, template=config.template)
 
 
 def _load_optimizer(opt, wrapped, ckpt: Path, state: dict[str, Any], config: TrainConfig, info: DistInfo) -> None:
@@ -732,14 +732,16 @@ def _export(run_dir: Path, *, wrapped, core, config: TrainConfig, info: DistInfo
         if info.is_main:
             base = _unwrap(wrapped).merge_and_unload()
             sd = {k: v.detach().cpu() for k, v in base.state_dict().items()}
-            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype)
+            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype,
+                         template=config.template)
     else:
         unwrapped = _unwrap(wrapped)
         sd = _full_state_dict(wrapped, unwrapped, info, config)
         if sd is not None:
             if config.lora:
                 sd = merge_lora_state_dict(sd, scaling)
-            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype)
+            export_final(run_dir, sd, core.config, tokenizer, dtype=config.export_dtype,
+                         template=config.template)
     if info.distributed:
         import torch.distributed as dist
         dist.barrier()
