@@ -222,6 +222,79 @@ def ollama_modelfile(gguf_file: str, template: str | None, *, context_length: in
     return "\n".join(lines) + "\n"
 
 
+def _add_model_metadata(gguf, w, config, *, name: str, outtype: str) -> None:
+    """``general.*`` and the ``llama.*`` hyperparameters (llama.cpp ``src/llama-arch.cpp`` keys)."""
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+    if outtype == "q8_0":
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_dimension_count(config.head_dim)
+    w.add_rope_freq_base(config.rope_theta)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    # llama.cpp (common/common.cpp) applies these unless the user sets them; min_p 0 switches off
+    # a filter our sampler does not have
+    w.add_sampling_temp(CHAT_SAMPLING_DEFAULTS["temperature"])
+    w.add_sampling_top_p(CHAT_SAMPLING_DEFAULTS["top_p"])
+    w.add_sampling_top_k(CHAT_SAMPLING_DEFAULTS["top_k"])
+    w.add_sampling_min_p(0.0)
+
+
+def _add_tokenizer_metadata(w, tokenizer, vocab, *, pre: str, template: str) -> None:
+    """``tokenizer.ggml.*`` and ``tokenizer.chat_template``."""
+    tokens, types, merges = vocab
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for add, token_id in ((w.add_bos_token_id, tokenizer.bos_token_id), (w.add_eos_token_id, tokenizer.eos_token_id),
+                          (w.add_unk_token_id, tokenizer.unk_token_id), (w.add_pad_token_id, tokenizer.pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    w.add_add_bos_token(False)  # our prompts carry no BOS (chat_format.render adds none)
+    w.add_add_eos_token(False)
+    w.add_chat_template(jinja_template(template))
+
+
+def _write_tensors(gguf, w, model, *, outtype: str, source: Path) -> None:
+    """Write the header, then each tensor converted on its own (see the module docstring), and close."""
+    from .checkpoint import _permute_half_to_interleaved
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    params = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight", None)
+    plan = []
+    for key, t in params.items():
+        name = names.get_name(key, try_suffixes=(".weight",))
+        if name is None:
+            raise CheckpointError(f"{source}: tensor {key!r} has no llama.cpp name")
+        qtype = _qtype(gguf, tuple(t.shape), outtype)
+        w.add_tensor_info(name, *_nbytes(gguf, tuple(t.shape), qtype), raw_dtype=qtype)
+        plan.append((key, name, qtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for key, name, qtype in plan:
+        t = params.pop(key).detach()
+        if key.endswith("self_attn.q_proj.weight"):
+            t = _permute_half_to_interleaved(t, config.num_attention_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            t = _permute_half_to_interleaved(t, config.num_key_value_heads)
+        w.write_tensor_data(_encode(gguf, name, t, qtype))
+    w.close()
+
+
 def write_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str | None = None,
                template: str | None = None) -> GGUFExport:
     """Convert a checkpoint (any layout :func:`~aquilachat.checkpoint.load_model` reads) to one GGUF
@@ -244,89 +317,34 @@ def write_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str |
             cannot reproduce, an unknown ``outtype``, f16 overflow; the message names the file,
             tensor or setting.
     """
-    from .checkpoint import _config_file, _permute_half_to_interleaved, load_model, resolve_dtype, resolve_model_path
+    from .checkpoint import _config_file, load_model, resolve_dtype, resolve_model_path
     from .config import ModelConfig
     from .export import export_template
     from .tokenizer import Tokenizer
     gguf = _gguf()
     src_path = resolve_model_path(src)
+    name = Path(str(src).rstrip("/")).name  # the directory, bundled name or repo name
     config = ModelConfig.from_file(_config_file(src_path))
     outtype = outtype or _default_outtype(config)
     if outtype not in OUTTYPES:
         raise ConfigError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    # everything that can refuse the tokenizer runs before the weights are loaded
     tokenizer = Tokenizer.from_dir(src_path)
     spec = tokenizer.to_json()
     pre, note = llama_cpp_pre_tokenizer(spec)
     template = export_template(tokenizer, template)
-    tokens, types, merges = gguf_vocab(tokenizer, spec, config.vocab_size)
+    vocab = gguf_vocab(tokenizer, spec, config.vocab_size)
     # the stored dtype, so that f16 / bf16 source bits reach the file unchanged
     model = load_model(src_path, dtype=resolve_dtype("auto", config, torch.device("cuda")), device="cpu")
 
-    out = _gguf_path(src_path.name, Path(dst), outtype)
+    out = _gguf_path(name, Path(dst), outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")
     w = gguf.GGUFWriter(tmp, "llama")
-    Q = gguf.GGMLQuantizationType
-    w.add_name(src_path.name)
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
-    if outtype == "q8_0":
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
-    w.add_rope_dimension_count(config.head_dim)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_vocab_size(config.vocab_size)
-
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for add, token_id in ((w.add_bos_token_id, tokenizer.bos_token_id), (w.add_eos_token_id, tokenizer.eos_token_id),
-                          (w.add_unk_token_id, tokenizer.unk_token_id), (w.add_pad_token_id, tokenizer.pad_token_id)):
-        if token_id is not None:
-            add(token_id)
-    w.add_add_bos_token(False)
-    w.add_add_eos_token(False)
-    w.add_chat_template(jinja_template(template))
-    w.add_sampling_temp(CHAT_SAMPLING_DEFAULTS["temperature"])
-    w.add_sampling_top_p(CHAT_SAMPLING_DEFAULTS["top_p"])
-    w.add_sampling_top_k(CHAT_SAMPLING_DEFAULTS["top_k"])
-    w.add_sampling_min_p(0.0)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    params = dict(model.state_dict())
-    if config.tie_word_embeddings:
-        params.pop("lm_head.weight", None)
-    plan = []
-    for key, t in params.items():
-        name = names.get_name(key, try_suffixes=(".weight",))
-        if name is None:
-            raise CheckpointError(f"{src_path}: tensor {key!r} has no llama.cpp name")
-        qtype = _qtype(gguf, tuple(t.shape), outtype)
-        shape, dtype, nbytes = _nbytes(gguf, tuple(t.shape), qtype)
-        w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=qtype)
-        plan.append((key, name, qtype))
+    _add_model_metadata(gguf, w, config, name=name, outtype=outtype)
+    _add_tokenizer_metadata(w, tokenizer, vocab, pre=pre, template=template)
     try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for key, name, qtype in plan:
-            t = params.pop(key).detach()
-            if key.endswith("self_attn.q_proj.weight"):
-                t = _permute_half_to_interleaved(t, config.num_attention_heads)
-            elif key.endswith("self_attn.k_proj.weight"):
-                t = _permute_half_to_interleaved(t, config.num_key_value_heads)
-            w.write_tensor_data(_encode(gguf, name, t, qtype))
-        w.close()
+        _write_tensors(gguf, w, model, outtype=outtype, source=src_path)
         os.replace(tmp, out)
     except BaseException:
         w.close()

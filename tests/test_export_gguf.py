@@ -218,11 +218,20 @@ def test_aquila_vocabulary_padded_and_tied(tmp_path, aquila_tokenizer_dir):
     assert "output.weight" not in tensors(r) and "token_embd.weight" in tensors(r)
 
 
-def test_flagai_layout_gives_the_same_file(src, tmp_path):
+@pytest.mark.parametrize("layout", ["flagai", "training checkpoint"])
+def test_other_layouts_give_the_same_file(src, tmp_path, layout):
     model = load_model(src, device="cpu")
-    save_flagai(model, tmp_path / "flagai", tokenizer=Tokenizer.from_dir(src))
+    tok = Tokenizer.from_dir(src)
+    if layout == "flagai":
+        save_flagai(model, tmp_path / "other", tokenizer=tok)
+        other = tmp_path / "other"
+    else:  # a step directory of a LoRA run: weights, optimizer and RNG state, adapter file
+        from aquilachat.train.checkpoint import save_checkpoint
+        other = save_checkpoint(tmp_path / "run", 7, dist_info=None, config=model.config, tokenizer=tok,
+                                model_state=model.state_dict(), training_state={"step": 7}, rank_state={},
+                                optimizer_state={}, adapter_state={"lora_A": torch.zeros(2, 2)})
     a = tensors(reader(write_gguf(src, tmp_path / "hf.gguf", outtype="f32").path))
-    b = tensors(reader(write_gguf(tmp_path / "flagai", tmp_path / "flagai.gguf", outtype="f32").path))
+    b = tensors(reader(write_gguf(other, tmp_path / "other.gguf", outtype="f32").path))
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name

@@ -14,14 +14,15 @@ def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None
     if template:
         from ..chat_format import TEMPLATES
         p.add_argument("--template", default=None, choices=list(TEMPLATES),
-                       help="chat template (default aquila-chat)")
+                       help="chat template (default: the one the checkpoint declares, else aquila-chat)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 256) -> None:
+    from ..chat_format import CHAT_SAMPLING_DEFAULTS as d  # also what exports declare
     g = p.add_argument_group("sampling (OpenAI / vLLM names)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus mass in (0, 1] (default 0.9)")
-    g.add_argument("--top-k", type=int, default=0, help="0 disables (default)")
+    g.add_argument("--temperature", type=float, default=d["temperature"], help=f"0 = greedy (default {d['temperature']})")
+    g.add_argument("--top-p", type=float, default=d["top_p"], help=f"nucleus mass in (0, 1] (default {d['top_p']})")
+    g.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 disables (default {d['top_k']})")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"default {max_tokens}")
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)

@@ -22,7 +22,6 @@ by the next save. With several nodes, ``output_dir`` must be on a file system al
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
