@@ -337,7 +337,7 @@ def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
     from .export import write_serving_files
-    write_serving_files(path, config, template=template)
+    write_serving_files(path, config, template=template, tokenizer=tokenizer)
 
 
 def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,

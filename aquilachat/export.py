@@ -65,11 +65,13 @@ def export_template(tokenizer, template: str | None) -> str:
     return carried or get_template(None).name
 
 
-def write_serving_files(path: str | Path, config: ModelConfig, *, template: str | None = None) -> str:
+def write_serving_files(path: str | Path, config: ModelConfig, *, template: str | None = None,
+                        tokenizer=None) -> str:
     """Write ``generation_config.json`` and the Jinja ``chat_template`` of ``tokenizer_config.json``
     into an exported checkpoint directory whose tokenizer files are already written.
 
-    ``template``: see :func:`export_template`. A directory without tokenizer files gets only
+    ``template``: see :func:`export_template`. ``tokenizer``: the tokenizer those files were written
+    from (read from ``path`` when not given). A directory without tokenizer files gets only
     ``generation_config.json`` (without template stop ids). Returns the template name.
 
     Raises:
@@ -79,7 +81,8 @@ def write_serving_files(path: str | Path, config: ModelConfig, *, template: str 
     from .tokenizer import Tokenizer
     path = Path(path)
     tok_config = path / "tokenizer_config.json"
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() or (path / "vocab.json").exists() else None
+    if tokenizer is None and ((path / "tokenizer.json").exists() or (path / "vocab.json").exists()):
+        tokenizer = Tokenizer.from_dir(path)
     name = export_template(tokenizer, template)
     gen = generation_config(config, tokenizer, name)
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")

@@ -132,13 +132,30 @@ def test_convert_keeps_the_template_and_llm_serves_with_it(tmp_path, byte_tokeni
     assert LLM(src, device="cpu").template.name == "aquila-chat"  # save_hf's default
 
 
-def test_training_export_declares_the_trained_template(tmp_path, byte_tokenizer_dir):
+@pytest.mark.usefixtures("one_torch_thread")
+def test_training_run_declares_the_trained_template(tmp_path, byte_tokenizer_dir):
+    """A one-step SFT run in aquila-v2: its checkpoint and its final export declare aquila-v2, and
+    ``aquilachat chat --model final`` serves it in aquila-v2 without being told."""
+    from aquilachat import LLM
+    from aquilachat.train.config import load_config
+    from aquilachat.train.loop import train
+    from tests.train_helpers import make_setup, write_config
+    setup = make_setup(tmp_path, byte_tokenizer_dir)
+    cfg, _ = load_config(write_config(setup / "v2.yaml", template="aquila-v2", max_steps=1, save_interval=1))
+    res = train(cfg, mode="sft", progress=False, log=lambda m: None)
+    for path in (res.final_dir, res.run_dir / "checkpoints" / "step_00000001"):
+        assert read(path, "config.json")["architectures"] == ["LlamaForCausalLM"]
+        assert read(path, "tokenizer_config.json")["chat_template"] == jinja_template("aquila-v2")
+        tok = Tokenizer.from_dir(path)
+        assert GenerationConfig.from_pretrained(path).eos_token_id == [tok.token_to_id("</s>"), 0]  # + <|endoftext|>
+    assert LLM(res.final_dir, device="cpu").template.name == "aquila-v2"
+
+
+def test_export_final_writes_the_template(tmp_path, byte_tokenizer_dir):
     tok = Tokenizer.from_dir(byte_tokenizer_dir)
     cfg = tiny_config(tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     from aquilachat.model import AquilaForCausalLM
-    sd = AquilaForCausalLM(cfg).state_dict()
-    final = export_final(tmp_path, sd, cfg, tok, template="aquila-legacy")
-    assert read(final, "config.json")["architectures"] == ["LlamaForCausalLM"]
+    final = export_final(tmp_path, AquilaForCausalLM(cfg).state_dict(), cfg, tok, template="aquila-legacy")
     assert read(final, "tokenizer_config.json")["chat_template"] == jinja_template("aquila-legacy")
     assert GenerationConfig.from_pretrained(final).eos_token_id == tok.eos_token_id
 

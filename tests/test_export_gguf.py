@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 
@@ -19,7 +20,7 @@ from aquilachat.chat_format import TEMPLATES, jinja_template, render_text  # noq
 from aquilachat.checkpoint import BUNDLED_MODELS, load_model, save_flagai, save_hf  # noqa: E402
 from aquilachat.cli import main as cli_main  # noqa: E402
 from aquilachat.errors import CheckpointError, ConfigError  # noqa: E402
-from aquilachat.export_gguf import llama_cpp_pre_tokenizer, write_gguf  # noqa: E402
+from aquilachat.export_gguf import gguf_vocab, llama_cpp_pre_tokenizer, write_gguf  # noqa: E402
 from aquilachat.model import AquilaForCausalLM  # noqa: E402
 from aquilachat.tokenizer import Tokenizer  # noqa: E402
 from tests.helpers import make_tiny_model, tiny_config  # noqa: E402
@@ -196,26 +197,37 @@ def test_metadata_and_tokenizer_tables(src, tmp_path):
     assert math.isclose(f["general.sampling.temp"], 0.7, rel_tol=1e-6) and f["general.sampling.top_k"] == 0
 
 
-def test_aquila_vocabulary_padded_and_tied(tmp_path, aquila_tokenizer_dir):
-    """The eight Aquila special tokens at 100000-100007 as control tokens; rows beyond the tokenizer
-    are [PADn] tokens of type UNUSED; a tied lm_head is not written (llama.cpp uses token_embd)."""
-    tok = Tokenizer.from_dir(aquila_tokenizer_dir)
-    cfg = tiny_config(tok.vocab_size + 8, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      hidden_size=32, intermediate_size=64, num_hidden_layers=1, tie_word_embeddings=True)
-    model = AquilaForCausalLM(cfg)
+def test_padded_vocabulary_and_tied_embeddings(tmp_path, byte_tokenizer_dir):
+    """Rows beyond the tokenizer are [PADn] tokens of type UNUSED (llama.cpp's converter pads so);
+    a tied lm_head is not written (llama.cpp then uses token_embd)."""
+    tok = Tokenizer.from_dir(byte_tokenizer_dir)
+    n = tok.vocab_size
+    model = AquilaForCausalLM(tiny_config(n + 8, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                          tie_word_embeddings=True))
     model.init_weights(0)
     save_hf(model, tmp_path / "src", tokenizer=tok)
     r = reader(write_gguf(tmp_path / "src", tmp_path / "m.gguf", outtype="f32").path)
     f = fields(r)
-    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
-    assert len(tokens) == 100016 and tokens[100000:100008] == ["<|startofpiece|>", "<|endofpiece|>", "<|LDWANG|>",
-                                                               "[MASK]", "[gMASK]", "[sMASK]", "[CLS]", "</s>"]
-    assert tokens[100008:] == [f"[PAD{i}]" for i in range(100008, 100016)]
-    assert set(types[100008:]) == {gguf.TokenType.UNUSED}
+    assert f["llama.vocab_size"] == n + 8 and f["tokenizer.ggml.tokens"][n:] == [f"[PAD{i}]" for i in range(n, n + 8)]
+    assert set(f["tokenizer.ggml.token_type"][n:]) == {gguf.TokenType.UNUSED}
+    assert "output.weight" not in tensors(r) and tensors(r)["token_embd.weight"].shape.tolist() == [64, n + 8]
+
+
+def test_aquila_vocabulary_tables(aquila_tokenizer_dir):
+    """Aquila's 100000 BPE entries and 99743 merges, and its eight special tokens at 100000-100007,
+    as control tokens like <|endoftext|> (0). (The tables are checked here without a file: writing
+    and reading them back is checked above with a small vocabulary, and llama.cpp loads an
+    Aquila-vocabulary GGUF in the slow test_llama_cpp.py.)"""
+    tok = Tokenizer.from_dir(aquila_tokenizer_dir)
+    tokens, types, merges = gguf_vocab(tok, tok.to_json(), 100008)
+    assert len(tokens) == len(types) == 100008 and len(merges) == 99743
+    assert tokens[100000:] == ["<|startofpiece|>", "<|endofpiece|>", "<|LDWANG|>", "[MASK]", "[gMASK]",
+                               "[sMASK]", "[CLS]", "</s>"]
+    assert tokens[:100000] == [tok.id_to_token(i) for i in range(100000)] and tokens[8090] == "###"
     assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == {0, *range(100000, 100008)}
-    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (100006, 100007)
-    assert len(f["tokenizer.ggml.merges"]) == 99743
-    assert "output.weight" not in tensors(r) and "token_embd.weight" in tensors(r)
+    assert merges[:2] == ["Ġ Ġ", "ä ¸"]  # merges.txt, in order
+    with pytest.raises(ConfigError, match="vocab_size 100000 is smaller than the tokenizer's 100008"):
+        gguf_vocab(tok, tok.to_json(), 100000)
 
 
 @pytest.mark.parametrize("layout", ["flagai", "training checkpoint"])
@@ -258,10 +270,10 @@ def test_f16_overflow_is_refused_and_leaves_no_file(tmp_path, byte_tokenizer_dir
 
 
 def test_pre_tokenizer_choice(aquila_tokenizer_dir):
-    assert llama_cpp_pre_tokenizer(Tokenizer.from_dir(aquila_tokenizer_dir).to_json()) == ("gpt-2", None)
+    spec = Tokenizer.from_dir(aquila_tokenizer_dir).to_json()
+    assert llama_cpp_pre_tokenizer(spec) == ("gpt-2", None)
     name, note = llama_cpp_pre_tokenizer(Tokenizer.from_dir(BUNDLED_MODELS["aquila-tiny"]).to_json())
     assert name == "gpt-2" and "more than 16 CJK characters" in note
-    spec = Tokenizer.from_dir(aquila_tokenizer_dir).to_json()
     spec["pre_tokenizer"]["add_prefix_space"] = True
     with pytest.raises(ConfigError, match="pre-tokenizer"):
         llama_cpp_pre_tokenizer(spec)
@@ -317,7 +329,8 @@ func main() {
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_ollama_template_renders_like_ours_in_go(tmp_path, name):
     """The Modelfile TEMPLATE executed by Go's text/template (Ollama's engine) with the variables
-    Ollama passes (``.System``, ``.Messages`` including the system message) equals our rendering."""
+    Ollama passes (``template/template.go`` ``Execute``: ``.System`` = the system messages,
+    ``.Messages`` = all messages, system ones included) equals our rendering."""
     from aquilachat.chat_format import ollama_template
     (tmp_path / "main.go").write_text(GO_PROGRAM, encoding="utf-8")
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -327,7 +340,6 @@ def test_ollama_template_renders_like_ours_in_go(tmp_path, name):
         payload = {"Template": ollama_template(name), "System": system or "",
                    "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
         run = subprocess.run(["go", "run", "main.go"], input=json.dumps(payload), capture_output=True,
-                             text=True, cwd=tmp_path, timeout=300, env={**__import__("os").environ,
-                                                                         "GOFLAGS": "-mod=mod", "GO111MODULE": "off"})
+                             text=True, cwd=tmp_path, timeout=300, env={**os.environ, "GO111MODULE": "off"})
         assert run.returncode == 0, run.stderr
         assert run.stdout == render_text(messages, name)

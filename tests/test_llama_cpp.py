@@ -164,17 +164,12 @@ def compare_runs(src, path, prompt_ids) -> tuple[int, float]:
     return len(got), diff
 
 
-def test_aquila_vocab_model_greedy_and_logits(aquila_vocab_model):
-    src, path = aquila_vocab_model
-    tok = Tokenizer.from_dir(src)
-    prompt = render(tok, [{"role": "user", "content": "用golang实现冒泡排序算法, and explain it."}])
+@pytest.mark.parametrize("model, question", [
+    ("aquila_vocab_model", "用golang实现冒泡排序算法, and explain it."),
+    ("tiny_gguf", "What is the capital of France? 请用中文回答。"),
+])
+def test_greedy_tokens_and_logits_equal_ours(request, model, question):
+    src, path = request.getfixturevalue(model)
+    prompt = render(Tokenizer.from_dir(src), [{"role": "user", "content": question}])
     steps, diff = compare_runs(src, path, prompt)
-    print(f"\nrandom Aquila-vocabulary model: {steps} greedy tokens equal; prompt logits max |diff| {diff:.2e}")
-
-
-def test_aquila_tiny_greedy_and_logits(tiny_gguf):
-    src, path = tiny_gguf
-    tok = Tokenizer.from_dir(src)
-    prompt = render(tok, [{"role": "user", "content": "What is the capital of France? 请用中文回答。"}])
-    steps, diff = compare_runs(src, path, prompt)
-    print(f"\naquila-tiny: {steps} greedy tokens equal; prompt logits max |diff| {diff:.2e}")
+    print(f"\n{model}: {steps} greedy tokens equal; prompt logits max |diff| {diff:.2e}")

@@ -86,7 +86,7 @@ def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: Pat
     if tokenizer is not None:
         tokenizer.save(path)
     from ..export import write_serving_files
-    write_serving_files(path, config, template=template)
+    write_serving_files(path, config, template=template, tokenizer=tokenizer)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
