@@ -516,10 +516,11 @@ def _copy_tokenizer(tokenizer, src: Path | None, dst: Path) -> None:
 
 
 def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
-            tokenizer_dir: str | os.PathLike | None = None) -> None:
+            tokenizer_dir: str | os.PathLike | None = None, template: str | None = None) -> None:
     """Write a Hugging Face checkpoint: ``config.json``, ``model.safetensors``,
-    ``generation_config.json`` and the tokenizer files, loadable by
-    ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and by :func:`load_model`."""
+    ``generation_config.json`` and the tokenizer files with the chat ``template``'s Jinja
+    (:func:`aquilachat.export.write_serving_files`), loadable by
+    ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer``, vLLM and :func:`load_model`."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -530,10 +531,9 @@ def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None
     cfg = ModelConfig(**{**config.__dict__, "torch_dtype": str(model.dtype).removeprefix("torch.")})
     cfg.save(path / "config.json")
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
+    from .export import write_serving_files
+    write_serving_files(path, config, template=template, tokenizer=tokenizer)
 
 
 def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
@@ -551,19 +551,29 @@ def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str) -> Path:
-    """Convert a checkpoint between layouts, keeping its dtype exactly (``aquilachat convert``).
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, outtype: str | None = None,
+            template: str | None = None) -> Path:
+    """Convert a checkpoint between layouts, keeping its dtype exactly (``aquilachat convert``);
+    ``to="gguf"`` writes a GGUF file with ``outtype`` (:func:`aquilachat.export_gguf.write_gguf`).
+    ``template``: the chat template the export declares (default: the source's, else aquila-chat).
 
     Raises:
-        ConfigError: ``to`` is not ``"hf"`` or ``"flagai"``.
+        ConfigError: ``to`` is not ``"hf"``, ``"flagai"`` or ``"gguf"``.
     """
+    if to == "gguf":
+        from .export_gguf import write_gguf
+        return write_gguf(src, dst, outtype=outtype, template=template).path
     if to not in ("hf", "flagai"):
-        raise ConfigError(f"--to must be 'hf' or 'flagai', got {to!r}")
+        raise ConfigError(f"--to must be 'hf', 'flagai' or 'gguf', got {to!r}")
+    if outtype is not None:
+        raise ConfigError("--outtype applies to --to gguf only (hf and flagai keep the stored dtype)")
     ckpt = Checkpoint.open(src)
     model = ckpt.load_model(dtype=ckpt.stored_dtype, device="cpu", populate=False)  # the stored dtype, exactly
     tokenizer = None
     if any((ckpt.path / n).exists() for n in ("tokenizer.json", "vocab.json")):
         tokenizer = ckpt.load_tokenizer()
-    save = save_hf if to == "hf" else save_flagai
-    save(model, dst, tokenizer=tokenizer)
+    if to == "hf":
+        save_hf(model, dst, tokenizer=tokenizer, template=template)
+    else:
+        save_flagai(model, dst, tokenizer=tokenizer)
     return Path(dst)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..chat_format import CHAT_SAMPLING_DEFAULTS
 from ..sampling_params import CLI_FIELDS, PARAMS, SamplingParams
 
 #: Sampling defaults of ``chat`` and ``generate``: a little more focused than SamplingParams's
 #: neutral 1.0 / 1.0, as chat front ends default to.
-GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+#: The chat/generate sampling defaults, the same that exports declare (generation_config.json, GGUF).
+GENERATION_DEFAULTS = dict(CHAT_SAMPLING_DEFAULTS)
 
 
 def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None:
@@ -21,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None
     if template:
         from ..chat_format import TEMPLATES
         p.add_argument("--template", default=None, choices=list(TEMPLATES),
-                       help="chat template (default aquila-chat)")
+                       help="chat template (default: the one the checkpoint declares, else aquila-chat)")
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = None) -> None:

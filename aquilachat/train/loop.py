@@ -562,7 +562,8 @@ def export(run: Run, trainee: Trainee) -> Path:
     final_dir = run.run_dir / "final"
     sd, _ = _weights(run, trainee)
     if sd is not None:
-        export_final(run.run_dir, sd, trainee.core.config, run.tokenizer, dtype=run.config.export_dtype)
+        export_final(run.run_dir, sd, trainee.core.config, run.tokenizer, dtype=run.config.export_dtype,
+                     template=run.config.template)
     run.strategy.barrier()
     if run.info.is_main:
         png = plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
@@ -649,7 +650,8 @@ def _save(run: Run, trainee: Trainee) -> Path:
         }
     return save_checkpoint(run.run_dir, step, dist_info=run.info, config=trainee.core.config, tokenizer=run.tokenizer,
                            model_state=sd, training_state=training_state, rank_state=_rng_state(run.info.device),
-                           optimizer_state=optim_state, adapter_state=adapter, keep=config.keep_checkpoints)
+                           optimizer_state=optim_state, adapter_state=adapter, keep=config.keep_checkpoints,
+                           template=config.template)
 
 
 def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_units: int,
