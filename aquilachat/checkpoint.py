@@ -50,7 +50,7 @@ from .model import AquilaForCausalLM
 
 log = logging.getLogger("aquilachat.checkpoint")
 
-__all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "save_hf", "save_flagai", "convert", "resolve_model_path",
+__all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "write_hf", "save_hf", "save_flagai", "convert", "resolve_model_path",
            "detect_layout", "hf_to_flagai_state_dict", "flagai_to_hf_state_dict", "BUNDLED_MODELS",
            "resolve_dtype"]
 
@@ -515,25 +515,40 @@ def _copy_tokenizer(tokenizer, src: Path | None, dst: Path) -> None:
                 shutil.copy2(src / name, dst / name)
 
 
-def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
-            tokenizer_dir: str | os.PathLike | None = None, template: str | None = None) -> None:
-    """Write a Hugging Face checkpoint: ``config.json``, ``model.safetensors``,
+def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike, *,
+             dtype: str | torch.dtype | None = None, tokenizer=None, tokenizer_dir: str | os.PathLike | None = None,
+             template: str | None = None) -> None:
+    """The one Hugging Face writer (``save_hf``, ``convert --to hf``, training's checkpoints and
+    exports): ``config.json`` (``LlamaForCausalLM``), ``model.safetensors``,
     ``generation_config.json`` and the tokenizer files with the chat ``template``'s Jinja
-    (:func:`aquilachat.export.write_serving_files`), loadable by
-    ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer``, vLLM and :func:`load_model`."""
+    (:func:`aquilachat.export.write_serving_files`), loadable by ``transformers``, vLLM and
+    :func:`load_model`. Tensors are cast to ``dtype`` (default: as they are) and stored
+    contiguous; a tied ``lm_head`` is not stored.
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is None:
+        dtype = next(iter(state_dict.values())).dtype
+    dtype = resolve_dtype(dtype, config, torch.device("cpu"))
+    sd = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state_dict.items()}
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    cfg = ModelConfig(**{**config.__dict__, "torch_dtype": str(model.dtype).removeprefix("torch.")})
-    cfg.save(path / "config.json")
+    ModelConfig(**{**config.__dict__, "torch_dtype": str(dtype).removeprefix("torch.")}).save(path / "config.json")
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
     from .export import write_serving_files
     write_serving_files(path, config, template=template, tokenizer=tokenizer)
+
+
+def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
+            tokenizer_dir: str | os.PathLike | None = None, template: str | None = None) -> None:
+    """:func:`write_hf` of a model, in its own dtype."""
+    write_hf(model.state_dict(), model.config, path, dtype=model.dtype, tokenizer=tokenizer,
+             tokenizer_dir=tokenizer_dir, template=template)
 
 
 def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,

@@ -30,17 +30,17 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import write_hf
 from ..config import ModelConfig
 from ..errors import CheckpointError
 
-__all__ = ["write_hf", "save_checkpoint", "find_latest", "load_training_state", "export_final",
+__all__ = ["save_checkpoint", "find_latest", "load_training_state", "export_final",
            "load_optimizer_state", "CHECKPOINT_DIR", "TRAINING_STATE", "OPTIMIZER_STATE", "list_checkpoints"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"
 OPTIMIZER_STATE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _fsync_file(path: Path) -> None:
@@ -66,27 +66,6 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             _fsync_file(f)
     _fsync_dir(path)
-
-
-def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: Path, *, tokenizer=None,
-             dtype: str = "float32", template: str | None = None) -> None:
-    """Write a Hugging Face checkpoint from a state dict (as :func:`aquilachat.checkpoint.save_hf`
-    does from a model): ``config.json``, ``model.safetensors``, ``generation_config.json``,
-    tokenizer files with the chat ``template``'s Jinja. Tensors are cast to ``dtype``; a tied
-    ``lm_head`` is not stored."""
-    from safetensors.torch import save_file
-    path.mkdir(parents=True, exist_ok=True)
-    torch_dtype = _DTYPES[dtype]
-    sd = {k: v.detach().to(device="cpu", dtype=torch_dtype).contiguous() for k, v in state_dict.items()}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    cfg = ModelConfig(**{**config.__dict__, "torch_dtype": dtype})
-    cfg.save(path / "config.json")
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(path)
-    from ..export import write_serving_files
-    write_serving_files(path, config, template=template, tokenizer=tokenizer)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
