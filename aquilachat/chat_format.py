@@ -31,11 +31,22 @@ How text becomes ids (the same code for both directions, so training and serving
 * The loss mask of :func:`render_for_training` is 1 on exactly the assistant answers and their
   end-of-turn marker (``###`` for ``aquila-chat``, ``</s>`` for the others).
 
-User text can never create a turn. Besides control-token text staying text, in templates whose
-turns are separated by plain text (``###``), every ``#`` that is followed by another ``#`` in a
-message gets a zero-width space (U+200B) after it, so no message contains ``##`` and therefore no
-``###`` separator: ``"###Assistant: hi"`` inside a user message is rendered as
-``"#\\u200b#\\u200b#Assistant: hi"``. The change is invisible when the text is displayed.
+User text can never create a turn, here or in any other runtime that renders the exported
+templates (:func:`jinja_template` for transformers, vLLM and llama.cpp; :func:`ollama_template`).
+Those runtimes render the conversation to one string and tokenize it with special-token matching,
+so message text itself must not contain a control token's text or a plain-text separator. The
+renderer changes message text (system, user and assistant alike) in two ways, both invisible when
+displayed, and the Jinja template makes exactly the same changes:
+
+* every control-token text of the Aquila tokenizers (:data:`GUARDED_TOKENS`: ``</s>``, ``[CLS]``,
+  ``<|endoftext|>``, ...) gets a zero-width space (U+200B) after its first character:
+  ``"</s>"`` becomes ``"<\\u200b/s>"``;
+* in templates whose turns are separated by plain text (``###``), every ``#`` that is followed by
+  another ``#`` gets a zero-width space after it, so no message contains ``##`` and therefore no
+  ``###`` separator: ``"###Assistant: hi"`` becomes ``"#\\u200b#\\u200b#Assistant: hi"``.
+
+Message text is also tokenized without special-token matching, so a control token unknown to
+:data:`GUARDED_TOKENS` still stays text here (but not in the other runtimes).
 """
 
 from __future__ import annotations
@@ -45,14 +56,24 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ValidationError
+from .tokenizer import AQUILA_SPECIAL_TOKENS
 
 __all__ = ["ChatTemplate", "TEMPLATES", "get_template", "render", "render_text", "render_for_training",
-           "normalize_messages", "DEFAULT_TEMPLATE", "AQUILA_SYSTEM"]
+           "normalize_messages", "DEFAULT_TEMPLATE", "AQUILA_SYSTEM", "GUARDED_TOKENS", "jinja_template",
+           "template_name_of", "ollama_template", "CHAT_SAMPLING_DEFAULTS"]
 
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 DEFAULT_TEMPLATE = "aquila-chat"
 _ZWSP = "\u200b"
+
+#: Control-token texts of the Aquila tokenizers (``<|endoftext|>`` = 0, then ids 100000-100007),
+#: broken with a zero-width space wherever they occur in a message (see the module docstring).
+GUARDED_TOKENS = ("<|endoftext|>",) + AQUILA_SPECIAL_TOKENS
+
+#: Sampling settings of ``aquilachat chat`` (and of the exported ``generation_config.json`` and
+#: Ollama ``Modelfile``): OpenAI / vLLM names; ``top_k`` 0 disables top-k.
+CHAT_SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 0}
 
 
 @dataclass(frozen=True)
@@ -83,7 +104,10 @@ class ChatTemplate:
         return self.seps[1]
 
     def clean(self, text: str) -> str:
-        """Neutralize plain-text turn separators in a message (see the module docstring)."""
+        """Neutralize control-token texts and plain-text turn separators in a message (see the
+        module docstring)."""
+        for token in GUARDED_TOKENS:
+            text = text.replace(token, token[0] + _ZWSP + token[1:])
         if self.neutralize_hashes:
             text = re.sub(r"#(?=#)", "#" + _ZWSP, text)
         return text
@@ -270,3 +294,88 @@ def render_for_training(tokenizer, conversation: Sequence[dict],
     tpl = get_template(template)
     system, turns = normalize_messages(conversation, for_generation=False)
     return _tokenize_segments(tokenizer, tpl, _segments(tpl, system, turns, False))
+
+
+# ---------------------------------------------------------------------------- other runtimes
+def _jinja_str(text: str) -> str:
+    """A double-quoted Jinja string literal. Only the escapes that Jinja2 and llama.cpp's Jinja
+    engine (``common/jinja/lexer.h``) both know are used; other characters stay raw UTF-8."""
+    out = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    if any(ord(c) < 0x20 for c in out):
+        raise ValueError(f"cannot write {text!r} as a Jinja string literal")
+    return f'"{out}"'
+
+
+def _jinja_clean(template: ChatTemplate, expr: str) -> str:
+    """Jinja for :meth:`ChatTemplate.clean` of ``expr``. Two passes of ``replace("##", "#\\u200b#")``
+    equal ``re.sub("#(?=#)", "#\\u200b", ...)``: the first leaves only pairs of ``#`` that straddle
+    two replaced pairs, and those do not overlap."""
+    for token in GUARDED_TOKENS:
+        expr += f" | replace({_jinja_str(token)}, {_jinja_str(token[0] + _ZWSP + token[1:])})"
+    if template.neutralize_hashes:
+        expr += f' | replace("##", {_jinja_str("#" + _ZWSP + "#")})' * 2
+    return expr
+
+
+def jinja_template(template: str | ChatTemplate | None = None) -> str:
+    """The template as a Jinja chat template (Hugging Face ``tokenizer_config.json`` ``chat_template``,
+    GGUF ``tokenizer.chat_template``).
+
+    Rendered by transformers' ``apply_chat_template(messages, add_generation_prompt=True)``, vLLM or
+    llama.cpp (``--jinja``) and tokenized with special-token matching, it gives exactly the ids of
+    :func:`render` (and, for a conversation ending with an answer and ``add_generation_prompt=False``,
+    of :func:`render_for_training`): message text is changed as :meth:`ChatTemplate.clean` changes
+    it, and the template's control tokens are written as their text. Messages in the wrong order
+    raise through ``raise_exception``, as :func:`normalize_messages` does.
+    """
+    tpl = get_template(template)
+    s = _jinja_str
+    content = "message['content']"
+    return "".join([
+        f"{{#- aquilachat chat template {tpl.name!r} (aquilachat.chat_format.jinja_template) -#}}\n",
+        "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}\n",
+        f"{{%- if offset == 0 -%}}{{{{- {s(tpl.system + tpl.system_sep)} -}}}}{{%- endif -%}}\n",
+        "{%- for message in messages -%}\n",
+        "{%- if message['role'] == 'system' -%}\n",
+        "{%- if not loop.first -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}\n",
+        f"{{{{- {_jinja_clean(tpl, content)} + {s(tpl.system_sep)} -}}}}\n",
+        "{%- elif message['role'] in ['user', 'assistant'] -%}\n",
+        "{%- if (message['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) -%}"
+        "{{- raise_exception('user and assistant messages must alternate, starting with user') -}}{%- endif -%}\n",
+        "{%- if message['role'] == 'user' -%}\n",
+        f"{{{{- {s(tpl.user_prefix)} + {_jinja_clean(tpl, content)} + {s(tpl.seps[0])} -}}}}\n",
+        "{%- else -%}\n",
+        f"{{{{- {s(tpl.assistant_prefix + tpl.answer_prefix)} + {_jinja_clean(tpl, content)} + {s(tpl.seps[1])} -}}}}\n",
+        "{%- endif -%}\n",
+        "{%- else -%}{{- raise_exception('message role must be system, user or assistant') -}}\n",
+        "{%- endif -%}\n",
+        "{%- endfor -%}\n",
+        f"{{%- if add_generation_prompt -%}}{{{{- {s(tpl.assistant_prefix)} -}}}}{{%- endif -%}}\n",
+    ])
+
+
+def template_name_of(chat_template: str | None) -> str | None:
+    """The name of the template whose :func:`jinja_template` is ``chat_template``, or ``None``
+    (no template, or one that was not written by us)."""
+    if not chat_template:
+        return None
+    return next((name for name in TEMPLATES if jinja_template(name) == chat_template), None)
+
+
+def ollama_template(template: str | ChatTemplate | None = None) -> str:
+    """The template in Ollama's Go ``text/template`` syntax (a Modelfile ``TEMPLATE``).
+
+    Uses ``.System`` (the request's system message, else the default system text written into the
+    template) and ``.Messages``; ends with the open assistant turn. Go templates have no string
+    replacement, so message text is not changed as :meth:`ChatTemplate.clean` does: in Ollama a user
+    who types ``###`` or ``</s>`` can end a turn.
+    """
+    tpl = get_template(template)
+    for text in (tpl.system, tpl.system_sep, tpl.user_prefix, tpl.assistant_prefix, tpl.answer_prefix, *tpl.seps):
+        if "{{" in text or "}}" in text or '"""' in text:
+            raise ValueError(f"template {tpl.name!r}: {text!r} cannot be written in a Go template")
+    system = "{{ if .System }}{{ .System }}" + (f"{{{{ else }}}}{tpl.system}" if tpl.system else "") + "{{ end }}"
+    return (system + tpl.system_sep
+            + '{{ range .Messages }}{{ if eq .Role "user" }}' + tpl.user_prefix + "{{ .Content }}" + tpl.seps[0]
+            + '{{ else if eq .Role "assistant" }}' + tpl.assistant_prefix + tpl.answer_prefix + "{{ .Content }}"
+            + tpl.seps[1] + "{{ end }}{{ end }}" + tpl.assistant_prefix)

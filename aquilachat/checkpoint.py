@@ -50,7 +50,7 @@ from .model import AquilaForCausalLM
 
 log = logging.getLogger("aquilachat.checkpoint")
 
-__all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "save_hf", "save_flagai", "convert", "resolve_model_path",
+__all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "write_hf", "save_hf", "save_flagai", "convert", "resolve_model_path",
            "detect_layout", "hf_to_flagai_state_dict", "flagai_to_hf_state_dict", "BUNDLED_MODELS",
            "resolve_dtype"]
 
@@ -515,25 +515,40 @@ def _copy_tokenizer(tokenizer, src: Path | None, dst: Path) -> None:
                 shutil.copy2(src / name, dst / name)
 
 
-def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
-            tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Write a Hugging Face checkpoint: ``config.json``, ``model.safetensors``,
-    ``generation_config.json`` and the tokenizer files, loadable by
-    ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and by :func:`load_model`."""
+def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike, *,
+             dtype: str | torch.dtype | None = None, tokenizer=None, tokenizer_dir: str | os.PathLike | None = None,
+             template: str | None = None) -> None:
+    """The one Hugging Face writer (``save_hf``, ``convert --to hf``, training's checkpoints and
+    exports): ``config.json`` (``LlamaForCausalLM``), ``model.safetensors``,
+    ``generation_config.json`` and the tokenizer files with the chat ``template``'s Jinja
+    (:func:`aquilachat.export.write_serving_files`), loadable by ``transformers``, vLLM and
+    :func:`load_model`. Tensors are cast to ``dtype`` (default: as they are) and stored
+    contiguous; a tied ``lm_head`` is not stored.
+
+    Raises:
+        ConfigError: an unknown dtype name.
+    """
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is None:
+        dtype = next(iter(state_dict.values())).dtype
+    dtype = resolve_dtype(dtype, config, torch.device("cpu"))
+    sd = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state_dict.items()}
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    cfg = ModelConfig(**{**config.__dict__, "torch_dtype": str(model.dtype).removeprefix("torch.")})
-    cfg.save(path / "config.json")
+    ModelConfig(**{**config.__dict__, "torch_dtype": str(dtype).removeprefix("torch.")}).save(path / "config.json")
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
+    from .export import write_serving_files
+    write_serving_files(path, config, template=template, tokenizer=tokenizer)
+
+
+def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
+            tokenizer_dir: str | os.PathLike | None = None, template: str | None = None) -> None:
+    """:func:`write_hf` of a model, in its own dtype."""
+    write_hf(model.state_dict(), model.config, path, dtype=model.dtype, tokenizer=tokenizer,
+             tokenizer_dir=tokenizer_dir, template=template)
 
 
 def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
@@ -551,19 +566,29 @@ def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=
     _copy_tokenizer(tokenizer, Path(tokenizer_dir) if tokenizer_dir else None, path)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str) -> Path:
-    """Convert a checkpoint between layouts, keeping its dtype exactly (``aquilachat convert``).
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, outtype: str | None = None,
+            template: str | None = None) -> Path:
+    """Convert a checkpoint between layouts, keeping its dtype exactly (``aquilachat convert``);
+    ``to="gguf"`` writes a GGUF file with ``outtype`` (:func:`aquilachat.export_gguf.write_gguf`).
+    ``template``: the chat template the export declares (default: the source's, else aquila-chat).
 
     Raises:
-        ConfigError: ``to`` is not ``"hf"`` or ``"flagai"``.
+        ConfigError: ``to`` is not ``"hf"``, ``"flagai"`` or ``"gguf"``.
     """
+    if to == "gguf":
+        from .export_gguf import write_gguf
+        return write_gguf(src, dst, outtype=outtype, template=template).path
     if to not in ("hf", "flagai"):
-        raise ConfigError(f"--to must be 'hf' or 'flagai', got {to!r}")
+        raise ConfigError(f"--to must be 'hf', 'flagai' or 'gguf', got {to!r}")
+    if outtype is not None:
+        raise ConfigError("--outtype applies to --to gguf only (hf and flagai keep the stored dtype)")
     ckpt = Checkpoint.open(src)
     model = ckpt.load_model(dtype=ckpt.stored_dtype, device="cpu", populate=False)  # the stored dtype, exactly
     tokenizer = None
     if any((ckpt.path / n).exists() for n in ("tokenizer.json", "vocab.json")):
         tokenizer = ckpt.load_tokenizer()
-    save = save_hf if to == "hf" else save_flagai
-    save(model, dst, tokenizer=tokenizer)
+    if to == "hf":
+        save_hf(model, dst, tokenizer=tokenizer, template=template)
+    else:
+        save_flagai(model, dst, tokenizer=tokenizer)
     return Path(dst)

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
-from .chat_format import get_template, render
+from .chat_format import get_template, render, template_name_of
 from .checkpoint import Checkpoint
 from .engine import Engine
 from .errors import ValidationError
@@ -36,7 +36,8 @@ class LLM:
             bfloat16 where the CPU has native bfloat16, else as float32 when that fits:
             :func:`aquilachat.memory.choose_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
-        template: chat template name for :meth:`chat` (default ``aquila-chat``).
+        template: chat template name for :meth:`chat` (default: the template of the checkpoint's
+            ``chat_template`` when it is one of ours, else ``aquila-chat``).
         max_num_seqs: most sequences decoded together (KV cache slots; default 16, lowered to
             what the KV cache budget holds).
         max_model_len: context window in tokens (default: the model's, shortened when not even
@@ -72,7 +73,7 @@ class LLM:
         self.model = ckpt.load_model(dtype=plan.torch_dtype, device=plan.device, check_memory=False)
         self.config = self.model.config
         self.tokenizer = ckpt.load_tokenizer()
-        self.template = get_template(template)
+        self.template = get_template(template or template_name_of(self.tokenizer.chat_template))
         eos = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

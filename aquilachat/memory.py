@@ -526,3 +526,150 @@ class _Planner:
                 f"available ({self.source})")
         return text + (". Options that fit: " + ", ".join(dict.fromkeys(options)) if options
                        else ". Nothing smaller fits on this device: free memory or use a machine with more")
+
+
+# ---------------------------------------------------------------------------- training
+#: Values one decoder layer keeps per token for the backward pass, as multiples of the hidden size
+#: h, the attention widths q and kv, and the MLP width: the norm inputs and outputs (4h), the
+#: residual (h), q/k/v and the rotated q/k (2q + 3kv), the attention and o_proj inputs (2q), gate,
+#: up, silu(gate), their product and the down_proj input (5 inter). Attention goes through
+#: scaled_dot_product_attention's fused kernel, so no [heads, T, T] scores are kept (the term
+#: 5as/h of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+#: Models", vanishes).
+def _layer_activation_values(config: ModelConfig) -> int:
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return 5 * h + 4 * q + 3 * kv + 5 * inter
+
+
+def lora_parameters(config: ModelConfig, r: int, targets: list[str] | tuple[str, ...]) -> int:
+    """Parameters of LoRA adapters of rank ``r`` on the named linear modules of every layer
+    (``r * (in + out)`` each: Hu et al. 2021, "LoRA")."""
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+              "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t in shapes)
+    return config.num_hidden_layers * per_layer
+
+
+def activation_bytes(config: ModelConfig, *, tokens: int, gradient_checkpointing: bool, bf16: bool) -> int:
+    """Activation memory of one micro-batch of ``tokens`` tokens in training: every layer's saved
+    values (:func:`_layer_activation_values`), or with gradient checkpointing only each layer's
+    fp32 input plus one layer recomputed; plus fp32 logits and their gradient over the tokens."""
+    itemsize = 2 if bf16 else 4
+    per_layer = tokens * _layer_activation_values(config) * itemsize
+    if gradient_checkpointing:
+        layers = config.num_hidden_layers * tokens * config.hidden_size * 4 + per_layer
+    else:
+        layers = config.num_hidden_layers * per_layer
+    return layers + 2 * tokens * config.vocab_size * 4
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Memory of one training rank (bytes): fp32 master weights, gradients and AdamW's two
+    moments of the trainable parameters (sharded over the ranks with FSDP2, plus one gathered
+    layer), activations of one micro-batch, fixed overhead."""
+
+    weight_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    available_bytes: int
+    available_source: str
+    world_size: int
+    strategy: str
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weight_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
+                + self.overhead_bytes)
+
+    def summary(self) -> str:
+        return (f"{format_bytes(self.total_bytes)} per rank (weights {format_bytes(self.weight_bytes)}, gradients "
+                f"{format_bytes(self.gradient_bytes)}, AdamW state {format_bytes(self.optimizer_bytes)}, activations "
+                f"{format_bytes(self.activation_bytes)}, overhead {format_bytes(self.overhead_bytes)}) of "
+                f"{format_bytes(self.available_bytes)} available ({self.available_source}), {self.strategy} over "
+                f"{self.world_size} rank{'s' if self.world_size != 1 else ''}")
+
+
+def plan_training(config: ModelConfig, *, batch_size: int, seq_len: int, lora_r: int | None = None,
+                  lora_targets: list[str] | tuple[str, ...] = (), strategy: str = "single", world_size: int = 1,
+                  ranks_per_node: int = 1, gradient_checkpointing: bool = False, bf16: bool = False,
+                  device: torch.device | str = "cpu", available: int | None = None,
+                  what: str = "the model") -> TrainingPlan:
+    """Plan one training rank (``aquilachat sft`` / ``pretrain`` check it before the model is
+    built) and check it fits.
+
+    Args:
+        batch_size, seq_len: the micro-batch (``batch_size`` rows of ``seq_len`` tokens).
+        lora_r, lora_targets: LoRA adapters (None: all weights train).
+        strategy: ``single``, ``ddp`` (a full replica per rank; DDP's gradient buckets are a
+            second copy of the gradients) or ``fsdp`` (weights, gradients and optimizer state
+            sharded over ``world_size`` ranks).
+        ranks_per_node: processes sharing this machine's memory on the CPU (each gets its share).
+        available: bytes available to the node (default :func:`available_memory`).
+
+    Raises:
+        MemoryPlanError: it does not fit; the message gives the numbers and which of LoRA, a
+            smaller batch, gradient checkpointing or more ranks (FSDP2) would fit.
+    """
+    device = torch.device(device)
+    if available is None:
+        available, source = available_memory(device)
+    else:
+        source = "given"
+    if device.type == "cpu" and ranks_per_node > 1:
+        available, source = available // ranks_per_node, f"{source}, shared by {ranks_per_node} ranks"
+
+    def build(batch: int, lora: int | None, strat: str, ranks: int, checkpointing: bool) -> TrainingPlan:
+        params = config.num_parameters()
+        trainable = lora_parameters(config, lora, lora_targets) if lora else params
+        shard = ranks if strat == "fsdp" else 1
+        layer = params // max(config.num_hidden_layers, 1) if strat == "fsdp" else 0
+        weights = 4 * (params + (trainable if lora else 0)) // shard + 4 * layer
+        grads = 4 * trainable // shard * (2 if strat == "ddp" else 1)
+        return TrainingPlan(weight_bytes=weights, gradient_bytes=grads, optimizer_bytes=8 * trainable // shard,
+                            activation_bytes=activation_bytes(config, tokens=batch * seq_len,
+                                                              gradient_checkpointing=checkpointing, bf16=bf16),
+                            overhead_bytes=_overhead(device), available_bytes=available, available_source=source,
+                            world_size=ranks, strategy=strat)
+
+    plan = build(batch_size, lora_r, strategy, world_size, gradient_checkpointing)
+    if plan.total_bytes <= available:
+        return plan
+    options = []
+
+    def first_fit(desc: str, batch: int, lora: int | None, strat: str, ranks: int) -> bool:
+        """Add the option (with gradient checkpointing too if it needs it); whether it fits."""
+        for checkpointing in dict.fromkeys((gradient_checkpointing, True)):
+            p = build(batch, lora, strat, ranks, checkpointing)
+            if p.total_bytes <= available:
+                extra = (", gradient_checkpointing: true" if checkpointing and not gradient_checkpointing
+                         and "gradient_checkpointing" not in desc else "")
+                options.append(f"{desc}{extra} ({format_bytes(p.total_bytes)} per rank)")
+                return True
+        return False
+
+    if lora_r is None:
+        first_fit("lora: true (lora_r 8)", batch_size, 8, strategy, world_size)
+    if not gradient_checkpointing:
+        first_fit("gradient_checkpointing: true", batch_size, lora_r, strategy, world_size)
+    for batch in range(batch_size - 1, 0, -1):
+        if first_fit(f"batch_size: {batch} and more gradient_accumulation_steps", batch, lora_r, strategy,
+                     world_size):
+            break
+    for ranks in (2, 4, 8, 16, 32, 64, 128, 256):
+        if not (ranks <= world_size and strategy == "fsdp") and first_fit(
+                f"strategy: fsdp over {ranks} ranks of this memory each (--nproc-per-node, --hostfile)",
+                batch_size, lora_r, "fsdp", ranks):
+            break
+    text = f"not enough memory to train {what}: needs {plan.summary()}"
+    return_text = text + (". Options that fit: " + "; ".join(options) if options else
+                          ". None of LoRA, a smaller batch, gradient checkpointing or up to 256 FSDP2 ranks "
+                          "fits: use machines with more memory")
+    raise MemoryPlanError(return_text)

@@ -18,7 +18,6 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -72,16 +71,20 @@ class Tokenizer:
         bos_token_id, eos_token_id, pad_token_id, unk_token_id: ids or ``None``.
         special_tokens: ``{text: id}`` of the added (control) tokens.
         vocab_size: number of ids this tokenizer can decode (``0 .. vocab_size - 1``).
+        chat_template: the Jinja ``chat_template`` of ``tokenizer_config.json`` (``None`` when
+            absent), kept so that :meth:`save` writes it back.
     """
 
     def __init__(self, backend: HFTokenizer, *, special_tokens_map: dict | None = None,
-                 name_or_path: str = "", model_max_length: int | None = None) -> None:
+                 name_or_path: str = "", model_max_length: int | None = None,
+                 chat_template: str | None = None) -> None:
         self._plain = backend  # encodes special-token text as plain text
         self._plain.encode_special_tokens = True
         self._special = HFTokenizer.from_str(backend.to_str())  # matches special tokens in text
         self._special.encode_special_tokens = False
         self.name_or_path = name_or_path
         self.model_max_length = model_max_length
+        self.chat_template = chat_template
         self.special_tokens_map = dict(special_tokens_map or {})
         decoder = backend.get_added_tokens_decoder()
         self.special_tokens: dict[str, int] = {t.content: i for i, t in decoder.items() if t.special}
@@ -132,8 +135,13 @@ class Tokenizer:
         missing = [t for t in special_map.values() if backend.token_to_id(t) is None]
         if missing:
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(missing)])
+        chat_template = cfg.get("chat_template")
+        if isinstance(chat_template, list):  # named templates: [{"name": ..., "template": ...}]
+            chat_template = next((t.get("template") for t in chat_template
+                                  if isinstance(t, dict) and t.get("name") == "default"), None)
         return cls(backend, special_tokens_map=special_map, name_or_path=str(path),
-                   model_max_length=cfg.get("model_max_length"))
+                   model_max_length=cfg.get("model_max_length"),
+                   chat_template=chat_template if isinstance(chat_template, str) else None)
 
     @staticmethod
     def _from_vocab_merges(path: Path, cfg: dict, special_map: dict) -> HFTokenizer:
@@ -220,6 +228,12 @@ class Tokenizer:
                 table[i] = text.replace("\u2581", " ").encode("utf-8")
         return table
 
+    def to_json(self) -> dict:
+        """This tokenizer as a ``tokenizer.json`` dict (``model`` with ``vocab`` and ``merges``,
+        ``pre_tokenizer``, ``normalizer``, ``decoder``, ``added_tokens``), for writing it in
+        another format (GGUF)."""
+        return json.loads(self._plain.to_str())
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a token's vocabulary string, or ``None``."""
         return self._plain.token_to_id(token)
@@ -228,12 +242,13 @@ class Tokenizer:
         """Vocabulary string of an id, or ``None``."""
         return self._plain.id_to_token(token_id)
 
-    def decodable_mask(self, model_vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    def decodable_mask(self, model_vocab_size: int, device: "torch.device | str" = "cpu") -> "torch.Tensor":
         """``[model_vocab_size]`` bool: True for ids this tokenizer can decode.
 
         The model's vocabulary may be larger than the tokenizer's (padding rows); sampling masks
         the rest so that it never produces an id without text.
         """
+        import torch  # here: the tokenizer (and the chat templates, the CLI's parser) load without torch
         mask = torch.zeros(model_vocab_size, dtype=torch.bool, device=device)
         mask[: min(model_vocab_size, self.vocab_size)] = True
         return mask
@@ -244,8 +259,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json``, ``vocab.json``, ``merges.txt`` (byte-level BPE),
-        ``special_tokens_map.json`` and ``tokenizer_config.json``, loadable by
-        ``transformers.AutoTokenizer`` and :meth:`from_dir`."""
+        ``special_tokens_map.json`` and ``tokenizer_config.json`` (with :attr:`chat_template` when
+        set), loadable by ``transformers.AutoTokenizer`` and :meth:`from_dir`."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self._plain.encode_special_tokens = False  # not a file property; keep the saved file neutral
@@ -269,6 +284,8 @@ class Tokenizer:
                 for i, t in sorted(self._plain.get_added_tokens_decoder().items())
             },
         }
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

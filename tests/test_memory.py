@@ -285,3 +285,71 @@ def test_sharded_float16_checkpoint_converts_tensor_by_tensor(model_dir, tmp_pat
         m = load_model(out, dtype=dtype, device="cpu")
         for k, v in m.state_dict().items():
             assert v.dtype == dtype and torch.equal(v, sd[k].to(dtype)), k
+
+
+# ---------------------------------------------------------------------------- training
+def test_sft_of_a_7b_shape_stops_before_building_with_the_ways_to_fit(tmp_path, byte_tokenizer_dir, available,
+                                                                      capsys, monkeypatch):
+    """``aquilachat sft`` of an AquilaChat-7B-shape model (from scratch, so no 14.6 GB file is
+    needed) on a 21 GB machine: one error line with the numbers and the options (LoRA, gradient
+    checkpointing, FSDP2 ranks), before any weight is allocated."""
+    from aquilachat.model import AquilaForCausalLM
+    from tests.train_helpers import synthetic_rows, write_config, write_jsonl
+    write_jsonl(tmp_path / "data.jsonl", synthetic_rows(8))
+    cfg = write_config(tmp_path / "sft.yaml", model=None, architecture="aquila-7b", tokenizer=str(byte_tokenizer_dir),
+                       max_seq_len=512, batch_size=2)
+    available(21 * GB)
+    monkeypatch.setattr(AquilaForCausalLM, "__init__", lambda *a, **k: pytest.fail("the model was built"))
+    assert cli.main(["sft", str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("aquilachat sft: error: not enough memory to train")
+    # (the vocabulary is the test tokenizer's: 6.6B parameters, 25.9 GB of fp32 weights)
+    assert "weights 25.9 GB" in err and "AdamW state 51.8 GB" in err and "21.0 GB available" in err
+    assert "strategy: fsdp over" in err
+
+
+def test_training_plan_options_each_fit():
+    """Every option the error names fits when planned with it (LoRA, gradient checkpointing,
+    a smaller batch, FSDP2 over more ranks)."""
+    cfg = ModelConfig.from_preset("aquila-7b")
+    avail = 60 * GB
+    with pytest.raises(MemoryPlanError) as info:
+        memory.plan_training(cfg, batch_size=4, seq_len=2048, available=avail)
+    msg = str(info.value)
+    assert "lora: true" in msg and "strategy: fsdp over" in msg
+    lora = memory.plan_training(cfg, batch_size=4, seq_len=2048, lora_r=8, gradient_checkpointing=True,
+                                lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], available=avail)
+    assert lora.total_bytes <= avail and lora.optimizer_bytes < 10**8
+    ranks = int(msg.split("strategy: fsdp over ")[1].split()[0])
+    sharded = memory.plan_training(cfg, batch_size=4, seq_len=2048, strategy="fsdp", world_size=ranks,
+                                   gradient_checkpointing="gradient_checkpointing" in msg.split("strategy: fsdp")[1],
+                                   available=avail)
+    assert sharded.total_bytes <= avail
+    full = memory.plan_training(cfg, batch_size=1, seq_len=2048, available=10**15)
+    assert full.weight_bytes == full.gradient_bytes == 4 * cfg.num_parameters()
+    assert full.optimizer_bytes == 8 * cfg.num_parameters()
+
+
+def test_serve_resolves_a_hub_repo_id_once(model_dir, monkeypatch):
+    """``serve`` with a Hub repo id: one snapshot download for the plan, the weights and the
+    tokenizer (the name is resolved once, into a Checkpoint)."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub
+    import uvicorn
+
+    from aquilachat.server import app as app_module
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or str(model_dir))
+    loaded = []
+    real_create_app = app_module.create_app
+
+    def create_app(loader, settings, **kw):
+        loaded.append(loader())  # what the server's loader thread does
+        return real_create_app(loader, settings, **kw)
+
+    monkeypatch.setattr(app_module, "create_app", create_app)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    assert cli.main(["serve", "--model", "someone/some-model", "--device", "cpu", "--max-num-seqs", "2"]) == 0
+    assert calls == ["someone/some-model"]
+    llm = loaded[0]
+    assert llm.memory_plan.num_slots == 2 and llm.engine.max_num_seqs == 2

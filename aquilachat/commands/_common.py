@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..chat_format import CHAT_SAMPLING_DEFAULTS
 from ..errors import ValidationError
 from ..sampling_params import CLI_FIELDS, PARAMS, SamplingParams
 
 #: Sampling defaults of ``chat`` and ``generate``: a little more focused than SamplingParams's
 #: neutral 1.0 / 1.0, as chat front ends default to.
-GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}
+#: The chat/generate sampling defaults, the same that exports declare (generation_config.json, GGUF).
+GENERATION_DEFAULTS = dict(CHAT_SAMPLING_DEFAULTS)
 
 
 def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None:
@@ -21,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None
     if template:
         from ..chat_format import TEMPLATES
         p.add_argument("--template", default=None, choices=list(TEMPLATES),
-                       help="chat template (default aquila-chat)")
+                       help="chat template (default: the one the checkpoint declares, else aquila-chat)")
 
 
 def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = None) -> None:
@@ -38,6 +41,21 @@ def add_engine_args(p: argparse.ArgumentParser, *, max_num_seqs: int | None = No
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse the keys and values of prompt prefixes across requests (prefix caching "
                         "is on by default; outputs are the same either way)")
+
+
+#: Models at least this large (bytes of weights) get their memory plan printed when a command loads them.
+REPORT_PLAN_BYTES = 10**9
+
+
+def load_llm(args: argparse.Namespace, command: str, **kwargs):
+    """The ``LLM`` of :func:`add_model_args` / :func:`add_engine_args`; for a model of at least
+    :data:`REPORT_PLAN_BYTES` its memory plan goes to stderr (what was decided, and why)."""
+    from ..llm import LLM
+    llm = LLM(args.model, **engine_kwargs(args), **kwargs)
+    plan = llm.memory_plan
+    if plan.weight_bytes >= REPORT_PLAN_BYTES:
+        print(f"aquilachat {command}: {plan.summary()}; dtype: {plan.dtype_reason}", file=sys.stderr)
+    return llm
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

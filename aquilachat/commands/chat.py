@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
+from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, load_llm, sampling_params
 
 HELP_TEXT = ("commands: /reset clears the history, /exit (or Ctrl-D) quits; the oldest exchanges are "
              "dropped when the history outgrows the context window, and an answer is cut at the window")
@@ -54,9 +54,8 @@ def _answer(llm, messages, params, out) -> tuple[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..llm import LLM
     params = sampling_params(args)  # validate before loading the model
-    llm = LLM(args.model, template=args.template, **engine_kwargs(args))
+    llm = load_llm(args, "chat", template=args.template)
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.prompt is not None:
         _, output = _answer(llm, system + [{"role": "user", "content": args.prompt}], params, sys.stdout)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, engine_kwargs, sampling_params
+from ._common import GENERATION_DEFAULTS, add_engine_args, add_model_args, add_sampling_args, load_llm, sampling_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..llm import LLM
     params = sampling_params(args).replace(n=args.n)
-    llm = LLM(args.model, **engine_kwargs(args))
+    from ..memory import DEFAULT_MAX_NUM_SEQS
+    if args.max_num_seqs is None:  # as many slots as answers, not a server's 16 (less KV cache)
+        args.max_num_seqs = min(len(args.prompt) * args.n, DEFAULT_MAX_NUM_SEQS)
+    llm = load_llm(args, "generate")
     outputs = llm.generate(args.prompt, params)
     status = 0
     for out in outputs:

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     plan = ckpt.plan_memory(**{k: kwargs[k] for k in ("device", "dtype", "max_num_seqs", "max_model_len",
                                                       "kv_cache_memory")})
-    logging.getLogger("aquilachat.server").info("memory plan: %s", plan.summary())
+    logging.getLogger("aquilachat.server").info("memory plan: %s; dtype: %s", plan.summary(), plan.dtype_reason)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
         logging.getLogger("aquilachat.server").warning(

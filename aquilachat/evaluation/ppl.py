@@ -192,9 +192,10 @@ def evaluate_files(model_path: str, files: Sequence[str | os.PathLike], *, conte
                    max_tokens: int | None = None, dtype: str = "auto", device: str = "auto",
                    field: str = "text", progress: bool = True) -> tuple[dict[str, PerplexityResult], dict[str, Any]]:
     """Load a checkpoint and score each file; returns per-file results and model facts."""
-    from ..checkpoint import load_model, load_tokenizer
-    model = load_model(model_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_path)
+    from ..checkpoint import Checkpoint
+    ckpt = Checkpoint.open(model_path)  # resolved once (a Hub id: one download)
+    model = ckpt.load_model(dtype=dtype, device=device)
+    tokenizer = ckpt.load_tokenizer()
     out = {}
     for f in files:
         docs = read_documents(f, field=field)

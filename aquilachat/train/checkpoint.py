@@ -22,7 +22,6 @@ by the next save. With several nodes, ``output_dir`` must be on a file system al
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,17 +30,17 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import write_hf
 from ..config import ModelConfig
 from ..errors import CheckpointError
 
-__all__ = ["write_hf", "save_checkpoint", "find_latest", "load_training_state", "export_final",
+__all__ = ["save_checkpoint", "find_latest", "load_training_state", "export_final",
            "load_optimizer_state", "CHECKPOINT_DIR", "TRAINING_STATE", "OPTIMIZER_STATE", "list_checkpoints"]
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"
 OPTIMIZER_STATE = "optimizer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _fsync_file(path: Path) -> None:
@@ -67,27 +66,6 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             _fsync_file(f)
     _fsync_dir(path)
-
-
-def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: Path, *, tokenizer=None,
-             dtype: str = "float32") -> None:
-    """Write a Hugging Face checkpoint from a state dict (as :func:`aquilachat.checkpoint.save_hf`
-    does from a model): ``config.json``, ``model.safetensors``, ``generation_config.json``,
-    tokenizer files. Tensors are cast to ``dtype``; a tied ``lm_head`` is not stored."""
-    from safetensors.torch import save_file
-    path.mkdir(parents=True, exist_ok=True)
-    torch_dtype = _DTYPES[dtype]
-    sd = {k: v.detach().to(device="cpu", dtype=torch_dtype).contiguous() for k, v in state_dict.items()}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    cfg = ModelConfig(**{**config.__dict__, "torch_dtype": dtype})
-    cfg.save(path / "config.json")
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id}
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(path)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -127,7 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig,
                     model_state: dict[str, torch.Tensor] | None, training_state: dict[str, Any] | None,
                     rank_state: dict[str, Any], optimizer_state: dict[str, Any] | None = None,
                     adapter_state: dict[str, torch.Tensor] | None = None,
-                    keep: int | None = None) -> Path:
+                    keep: int | None = None, template: str | None = None) -> Path:
     """Write checkpoint ``step`` atomically (collective: every rank calls it).
 
     Args:
@@ -137,6 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig,
         optimizer_state: the full optimizer state dict (rank 0), ``optimizer.pt``.
         adapter_state: LoRA weights (rank 0), ``adapter.safetensors``.
         keep: delete all but the newest ``keep`` checkpoints afterwards.
+        template: the chat template the model is trained in (written as its Jinja ``chat_template``).
 
     Returns:
         The checkpoint directory.
@@ -153,7 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, *, dist_info, config: ModelConfig,
     _barrier(dist_info)
     torch.save(rank_state, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        write_hf(model_state, config, tmp, tokenizer=tokenizer)
+        write_hf(model_state, config, tmp, tokenizer=tokenizer, template=template)
         if adapter_state is not None:
             from safetensors.torch import save_file
             save_file({k: v.detach().cpu().contiguous() for k, v in adapter_state.items()},
@@ -213,12 +192,12 @@ def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
 
 
 def export_final(run_dir: Path, state_dict: dict[str, torch.Tensor], config: ModelConfig, tokenizer, *,
-                 dtype: str = "float32", name: str = "final") -> Path:
+                 dtype: str = "float32", name: str = "final", template: str | None = None) -> Path:
     """Write the finished model to ``run_dir/final`` atomically (rank 0 only); returns the path."""
     run_dir = Path(run_dir)
     final, tmp = run_dir / name, run_dir / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_hf(state_dict, config, tmp, tokenizer=tokenizer, dtype=dtype)
+    write_hf(state_dict, config, tmp, tokenizer=tokenizer, dtype=dtype, template=template)
     _fsync_tree(tmp)
     if final.exists():
         old = run_dir / f".old-{name}"

@@ -46,9 +46,10 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..checkpoint import _config_file, load_model, resolve_model_path
+from ..checkpoint import Checkpoint, load_model, resolve_model_path
 from ..config import PRESETS, ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..memory import plan_training
 from ..model import AquilaForCausalLM
 from ..tokenizer import Tokenizer
 from .checkpoint import export_final, find_latest, load_optimizer_state, load_training_state, save_checkpoint
@@ -166,6 +167,8 @@ class Run:
         pad_id: the padding token of the batches.
         use_bf16: bf16 autocast (the weights stay fp32).
         say: rank 0's log (a no-op on the other ranks).
+        base: the base model's checkpoint (``model``), opened once; None when training from
+            scratch (``architecture``).
         resume_from: the checkpoint to continue, with its ``training_state`` (``resume_state``)
             and this rank's RNG states (``resume_rng``); all ``None`` for a fresh run.
     """
@@ -187,6 +190,7 @@ class Run:
     resume_from: Path | None = None
     resume_state: dict[str, Any] | None = None
     resume_rng: dict[str, Any] | None = None
+    base: Checkpoint | None = None
 
     @property
     def info(self) -> DistInfo:
@@ -216,10 +220,12 @@ class Trainee:
 
 
 # ---------------------------------------------------------------------------- building blocks
-def _resolve_tokenizer(config: TrainConfig) -> Tokenizer:
+def _resolve_tokenizer(config: TrainConfig, base: Checkpoint | None) -> Tokenizer:
     if config.tokenizer is not None:
         return Tokenizer.from_dir(config.tokenizer)
-    return Tokenizer.from_dir(resolve_model_path(config.model))
+    if base is not None:
+        return base.load_tokenizer()
+    return Tokenizer.from_dir(resolve_model_path(config.model))  # from scratch: only its tokenizer
 
 
 def _preset(name: str, key: str) -> dict[str, Any]:
@@ -228,10 +234,10 @@ def _preset(name: str, key: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
-def _model_config(config: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+def _model_config(config: TrainConfig, tokenizer: Tokenizer, base: Checkpoint | None) -> ModelConfig:
     """The model to train: the base model's ``config.json``, or ``architecture`` from scratch."""
     if config.architecture is None:
-        return ModelConfig.from_file(_config_file(resolve_model_path(config.model)))
+        return base.config
     return _architecture(config, tokenizer)
 
 
@@ -383,8 +389,10 @@ def set_up_run(config: TrainConfig, *, mode: str, resume: bool,
     if resume and latest is None:
         say(f"--resume: no checkpoint in {run_dir}; starting from the beginning")
 
-    tokenizer = _resolve_tokenizer(config)
-    model_config = _model_config(config, tokenizer)
+    # the base model, resolved once (a Hub id is fetched here, once)
+    base = Checkpoint.open(config.model) if config.architecture is None else None
+    tokenizer = _resolve_tokenizer(config, base)
+    model_config = _model_config(config, tokenizer, base)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                           f"{model_config.vocab_size}")
@@ -407,7 +415,7 @@ def set_up_run(config: TrainConfig, *, mode: str, resume: bool,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
     run = Run(config, mode, strategy, run_dir, tokenizer, model_config, dataset, plan, max_seq_len, total_steps,
               warmup_steps=config.warm_up_iters or int(round(config.warm_up * total_steps)), pad_id=pad_id,
-              use_bf16=_use_bf16(config, info.device), say=say)
+              use_bf16=_use_bf16(config, info.device), say=say, base=base)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         say(dataset.report.format())
@@ -433,22 +441,35 @@ def build_model(run: Run) -> Trainee:
     the base ``model``. Under FSDP2 only rank 0 reads them; the other ranks build the model on
     the meta device (no memory) and receive their shards when the strategy wraps it.
 
+    First the memory plan (:func:`aquilachat.memory.plan_training`): weights, gradients,
+    optimizer state and activations at the configured batch and length, per rank, against the
+    memory available; a run that cannot fit stops here with one error naming what would fit
+    (LoRA, a smaller batch, gradient checkpointing, more ranks with FSDP2).
+
     Raises:
+        MemoryPlanError: the run does not fit in memory.
         CheckpointError: unreadable weights, adapter or optimizer state.
         ConfigError: LoRA without peft or with unknown targets; a checkpoint of an incompatible
             strategy (FSDP's optimizer state is keyed by name, the others' by index).
     """
     config, strategy = run.config, run.strategy
+    info = strategy.info
+    plan = plan_training(run.model_config, batch_size=config.batch_size, seq_len=run.max_seq_len,
+                         lora_r=config.lora_r if config.lora else None, lora_targets=config.lora_target_modules,
+                         strategy=strategy.name, world_size=info.world_size, ranks_per_node=info.local_world_size,
+                         gradient_checkpointing=config.gradient_checkpointing, bf16=run.use_bf16,
+                         device=info.device, what=str(config.model or config.architecture))
+    run.say(f"memory plan: {plan.summary()}")
     if not strategy.loads_weights:
         with torch.device("meta"):
             core = AquilaForCausalLM(run.model_config)
     elif run.resume_from is not None and not config.lora:
-        core = load_model(run.resume_from, dtype=torch.float32, device="cpu")
+        core = load_model(run.resume_from, dtype=torch.float32, device="cpu")  # (the plan above counted it)
     elif config.architecture is not None:
         core = AquilaForCausalLM(run.model_config)
         core.init_weights(config.seed)
     else:
-        core = load_model(config.model, dtype=torch.float32, device="cpu")
+        core = run.base.load_model(dtype=torch.float32, device="cpu", check_memory=False)
     core.gradient_checkpointing = config.gradient_checkpointing
     core.train()
     model: torch.nn.Module = core
@@ -541,7 +562,8 @@ def export(run: Run, trainee: Trainee) -> Path:
     final_dir = run.run_dir / "final"
     sd, _ = _weights(run, trainee)
     if sd is not None:
-        export_final(run.run_dir, sd, trainee.core.config, run.tokenizer, dtype=run.config.export_dtype)
+        export_final(run.run_dir, sd, trainee.core.config, run.tokenizer, dtype=run.config.export_dtype,
+                     template=run.config.template)
     run.strategy.barrier()
     if run.info.is_main:
         png = plot_loss(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
@@ -628,7 +650,8 @@ def _save(run: Run, trainee: Trainee) -> Path:
         }
     return save_checkpoint(run.run_dir, step, dist_info=run.info, config=trainee.core.config, tokenizer=run.tokenizer,
                            model_state=sd, training_state=training_state, rank_state=_rng_state(run.info.device),
-                           optimizer_state=optim_state, adapter_state=adapter, keep=config.keep_checkpoints)
+                           optimizer_state=optim_state, adapter_state=adapter, keep=config.keep_checkpoints,
+                           template=config.template)
 
 
 def _check_resumable(state: dict[str, Any], ckpt: Path, *, plan: DataPlan, n_units: int,
