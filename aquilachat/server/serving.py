@@ -37,6 +37,7 @@ from pydantic import BaseModel
 
 from ..chat_format import ChatTemplate, render
 from ..errors import ValidationError
+from ..output_processor import stop_string_token_ids
 from ..outputs import CompletionOutput
 from ..sampling import CONSTRAINT_ERROR
 from ..sampling_params import SamplingParams
@@ -217,9 +218,14 @@ class Serving:
         except ValidationError as exc:
             raise _validation_error(exc, param) from None
 
-    async def _compile(self, params: SamplingParams):
+    async def _compile(self, params: SamplingParams, stop: Sequence[str] = ()):
         """The compiled response format of ``params`` (None without one), compiled off the event
-        loop (the first request also builds the vocabulary's tables: seconds for 100k ids)."""
+        loop (the first request also builds the vocabulary's tables: seconds for 100k ids). With
+        ``min_tokens``, the ids that would start one of its stop strings (``stop``: the template's,
+        besides ``params.stop``) are found off the loop too (a pass over the vocabulary per new
+        stop string; cached)."""
+        if params.min_tokens:
+            await asyncio.to_thread(stop_string_token_ids, self.tokenizer, [*params.stop, *stop])
         if params.structured_outputs is None:
             return None
         try:
@@ -356,7 +362,7 @@ class Serving:
         params = self._params(req, MAX_TOKENS_LIMIT)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await self._encode_chat(messages, "messages")
-        grammar = await self._compile(params)
+        grammar = await self._compile(params, self.template.stop)
         handle = self._submit([ids], params, chat=True, cap_to_context=req.requested_max_tokens() is None,
                               param="messages", grammar=grammar)
         rid = f"chatcmpl-{handle.request_id}"
@@ -529,6 +535,7 @@ class Serving:
             bos = self.tokenizer.bos_token_id
             text = re.sub("\n+", "\n", req.prompt)
             ids = ([bos] if bos is not None else []) + await asyncio.to_thread(self.tokenizer.encode, text)
+        await self._compile(params, self.template.stop)
         handle = self._submit([ids], params, chat=True, cap_to_context=True, param="prompt")
         if stream:
             return Stream(self._flagai_stream(handle), lambda: self.engine.abort(handle), media_type="text/plain")
