@@ -120,13 +120,9 @@ class Server:
                 self.proc.wait(10)
 
 
-async def one_request(client, url: str, prompt: str, max_tokens: int, temperature: float) -> tuple[float, int]:
-    """Send one streamed completion; return (time to first token in s, generated tokens)."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    sent = time.perf_counter()
-    ttft, tokens = None, 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+async def stream_events(client, url: str, body: dict):
+    """POST a streamed request; yield its server-sent events (dicts) until ``[DONE]``."""
+    async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
         async for line in r.aiter_lines():
@@ -135,16 +131,37 @@ async def one_request(client, url: str, prompt: str, max_tokens: int, temperatur
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            if event["choices"] and ttft is None:
-                ttft = time.perf_counter() - sent
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
+            yield event
+
+
+async def one_request(client, url: str, prompt: str, max_tokens: int, temperature: float) -> tuple[float, int]:
+    """Send one streamed completion; return (time to first token in s, generated tokens)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    ttft, tokens = None, 0
+    async for event in stream_events(client, url + "/v1/completions", body):
+        if event["choices"] and ttft is None:
+            ttft = time.perf_counter() - sent
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
     return ttft if ttft is not None else time.perf_counter() - sent, tokens
+
+
+async def concurrently(clients: int, session) -> tuple[list, float]:
+    """Run ``session(http_client, i)`` for ``i < clients`` at once over one httpx client; return
+    every session's results, concatenated, and the wall time in seconds."""
+    import httpx
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as c:
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(session(c, i) for i in range(clients)))
+        wall = time.perf_counter() - start
+    return [r for rs in per_client for r in rs], wall
 
 
 async def run_clients(url: str, clients: int, requests_per_client: int, max_tokens: int,
                       temperature: float) -> dict:
-    import httpx
     words = ["river", "mountain", "算法", "golang", "sorting", "天空", "quick", "fox", "bubble", "世界"]
 
     async def client_loop(c, i: int) -> list[tuple[float, int]]:
@@ -154,12 +171,7 @@ async def run_clients(url: str, clients: int, requests_per_client: int, max_toke
             results.append(await one_request(c, url, prompt, max_tokens, temperature))
         return results
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as c:
-        start = time.perf_counter()
-        per_client = await asyncio.gather(*(client_loop(c, i) for i in range(clients)))
-        wall = time.perf_counter() - start
-    results = [r for rs in per_client for r in rs]
+    results, wall = await concurrently(clients, client_loop)
     ttfts = sorted(t for t, _ in results)
     tokens = sum(n for _, n in results)
     return {"requests": len(results), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
@@ -183,20 +195,12 @@ async def one_chat(client, url: str, messages: list[dict], max_tokens: int, temp
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     ttft, parts, usage = None, [], None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                raise RuntimeError(event["error"]["message"])
-            for choice in event["choices"]:
-                if choice["delta"].get("content"):
-                    ttft = ttft if ttft is not None else time.perf_counter() - sent
-                    parts.append(choice["delta"]["content"])
-            usage = event.get("usage") or usage
+    async for event in stream_events(client, url + "/v1/chat/completions", body):
+        for choice in event["choices"]:
+            if choice["delta"].get("content"):
+                ttft = ttft if ttft is not None else time.perf_counter() - sent
+                parts.append(choice["delta"]["content"])
+        usage = event.get("usage") or usage
     return {"ttft": ttft if ttft is not None else time.perf_counter() - sent, "text": "".join(parts),
             "tokens": usage["completion_tokens"], "prompt_tokens": usage["prompt_tokens"],
             "cached": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
@@ -204,8 +208,6 @@ async def one_chat(client, url: str, messages: list[dict], max_tokens: int, temp
 
 async def run_multi_turn(url: str, clients: int, turns: int, max_tokens: int, temperature: float) -> dict:
     """``clients`` concurrent conversations of ``turns`` turns each (module docstring)."""
-    import httpx
-
     async def conversation(c, i: int) -> list[tuple[int, dict]]:
         messages: list[dict] = []
         results = []
@@ -216,12 +218,7 @@ async def run_multi_turn(url: str, clients: int, turns: int, max_tokens: int, te
             results.append((turn, result))
         return results
 
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as c:
-        start = time.perf_counter()
-        per_client = await asyncio.gather(*(conversation(c, i) for i in range(clients)))
-        wall = time.perf_counter() - start
-    results = [r for rs in per_client for r in rs]
+    results, wall = await concurrently(clients, conversation)
     return {"wall_s": wall, "results": results}
 
 

@@ -81,6 +81,12 @@ def serve(loader: Callable, settings: ServerSettings, *, wait: bool = True) -> I
         running.stop()
 
 
+def openai_client(server: RunningServer, timeout: float = 120):
+    """The official ``openai`` client for ``server`` (no retries: a test sees every error)."""
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
 def metric(url: str, name: str, headers: dict | None = None) -> float:
     """The value of an unlabelled metric from ``/metrics``."""
     text = httpx.get(url + "/metrics", headers=headers, timeout=5).text

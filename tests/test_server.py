@@ -22,7 +22,7 @@ from aquilachat.sampling_params import MAX_STOP, PARAMS
 from aquilachat.server.limits import MAX_BODY_BYTES, MAX_MESSAGES, MAX_N, MAX_TOKENS_LIMIT
 from aquilachat.server.protocol import ChatCompletionRequest, CompletionRequest, LegacyRequest
 from tests.helpers import bad_sampling_values, make_tiny_model
-from tests.server_utils import metric, serve, sse_events
+from tests.server_utils import metric, openai_client, serve, sse_events
 
 MODEL = "tiny"
 #: Context window of the test model: room for long generations in the disconnect tests.
@@ -49,7 +49,7 @@ def server(model_dir):
 
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server, timeout=60)
 
 
 def wait_idle(url: str, timeout: float = 15.0) -> float:

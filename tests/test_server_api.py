@@ -21,7 +21,7 @@ from aquilachat.llm import LLM
 from aquilachat.sampling_params import SamplingParams
 from aquilachat.server.app import ServerSettings
 from tests.helpers import make_tiny_model
-from tests.server_utils import metric, serve
+from tests.server_utils import metric, openai_client, serve
 
 MODEL = "tiny"
 #: Log-probabilities from the engine (KV cache, batched) against the full forward pass.
@@ -48,7 +48,7 @@ def server(model_dir):
 
 @pytest.fixture()
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def forward_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
