@@ -1,13 +1,19 @@
 """Structured output: answers that are JSON (a schema, or any object), enforced by a token mask.
 
 The grammar engine is xgrammar (Dong et al. 2024, "XGrammar: Flexible and Efficient Structured
-Generation Engine for Large Language Models"), chosen by measurement (``bench/grammar.py``, the
-Aquila vocabulary of 100,008 ids, one CPU thread): per generated token, computing the next
-token's mask and accepting the token took a median of ~6 us with xgrammar, ~20 us with
-llguidance and ~1.5 ms with outlines-core (which also took 1.6 s to compile the schema that
-xgrammar compiles in ~80 ms). The one-time setup for a vocabulary takes a few seconds (xgrammar
-sorts the 100k token strings into a trie), so :class:`GrammarBackend` builds it on first use,
-off the server's event loop.
+Generation Engine for Large Language Models"), chosen by measurement (``bench/grammar.py``: the
+Aquila vocabulary of 100,008 ids, one CPU thread, a 74-token JSON instance teacher-forced through
+each engine, best of 5 rounds on the shared 2-core development machine). Per generated token,
+computing the next token's mask and accepting the token took a median of 6.5 us (mean 8.9) with
+xgrammar, 13.4 us (mean 24.6) with llguidance and 1.0 ms with outlines-core; compiling the schema
+took 24 ms with xgrammar, 1.3 ms with llguidance (when its matcher is made) and 1.2 s with
+outlines-core, which cannot express "any JSON object" at all (a regular expression cannot nest).
+xgrammar is the fastest per token, the cost paid at every step of every constrained answer. Its
+one-time setup for a vocabulary takes 1.5 s (a trie of the 100k token strings), so
+:class:`GrammarBackend` builds it on first use, off the server's event loop. End to end, a
+greedy decode step of a 20M-parameter model with this vocabulary took 4.35 ms under a JSON schema
+against 3.69 ms unconstrained (+0.66 ms: the mask, its unpacking, and sampling's constrained path
+instead of its one-pass greedy shortcut); for a 7B model's step that is under 1 %.
 
 How a constraint works (vLLM's structured-output design, on this engine):
 
@@ -50,10 +56,12 @@ import functools
 import json
 import math
 import re
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ValidationError
@@ -89,7 +97,13 @@ _TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``[B, ceil(V / 32)]`` int32 bitmask (bit ``i % 32`` of word ``i // 32`` set: id ``i``
-    allowed; xgrammar's layout) -> ``[B, V]`` bool."""
+    allowed; xgrammar's layout) -> ``[B, V]`` bool.
+
+    On a little-endian CPU the words' bytes are the bits in id order, and numpy's ``unpackbits``
+    reads them 5x faster than shifting (18 vs 91 us for 3 x 100,008 ids); elsewhere, shifts."""
+    if bitmask.device.type == "cpu" and sys.byteorder == "little":
+        bits = np.unpackbits(bitmask.contiguous().numpy().view(np.uint8), axis=-1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab_size]).view(torch.bool)
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask[:, :, None] >> shifts) & 1  # (B, W, 32)
     return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()

@@ -13,8 +13,9 @@ in turn each round, so the machine's load drifts hit all of them alike).
 
 Then the cost that is the same whichever engine computes the mask: turning a bitmask into the
 ``[B, V]`` bool mask that :func:`aquilachat.sampling.sample` applies, and ``sample`` itself with
-and without that mask; and, for scale, one unconstrained decode step (prefill excluded) of a
-random model with the Aquila vocabulary (preset ``bench-20m``) through the engine.
+and without that mask; and end to end, one decode step (prefill excluded, median of 64) of a
+random model with the Aquila vocabulary (preset ``bench-20m``) through the engine, unconstrained
+and with a JSON schema (xgrammar through :mod:`aquilachat.structured_output`), alternated.
 
 This is a benchmark, not a test: the numbers depend on the machine and its load (printed).
 """
@@ -194,26 +195,35 @@ def mask_costs(vocab_size: int, repeats: int = 200) -> dict[str, float]:
             "sample(), greedy, with mask": median(lambda: sample(logits, params, gens, token_masks=allowed))}
 
 
-def decode_step_ms(vocab_size: int, steps: int = 64) -> float:
-    """Median milliseconds of one unconstrained single-sequence decode step (bench-20m shape)."""
+def decode_step_ms(vocab_size: int, backend, repeats: int, steps: int = 64) -> tuple[float, float]:
+    """Median milliseconds of one single-sequence greedy decode step (bench-20m shape, this
+    vocabulary), unconstrained and under a JSON schema whose one long string keeps it going for
+    ``steps`` tokens; the two alternate ``repeats`` times."""
     import dataclasses
 
     from aquilachat.config import ModelConfig
     from aquilachat.engine import Engine
     from aquilachat.model import AquilaForCausalLM
     from aquilachat.sampling import SamplingParams
+    from aquilachat.sampling_params import StructuredOutputs
     cfg = dataclasses.replace(ModelConfig.from_preset("bench-20m"), vocab_size=vocab_size)
     model = AquilaForCausalLM(cfg)
     model.init_weights(0)
     engine = Engine(model.eval(), max_num_seqs=1, max_model_len=256, enable_prefix_caching=False)
-    engine.add(list(range(5, 21)), SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
-    engine.step()  # prefill
-    times = []
-    while engine.has_unfinished():
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 400, "maxLength": 500}},
+              "required": ["text"]}
+    grammar = backend.compile(StructuredOutputs(json=schema))
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for constrained in (False, True):
+            engine.add(list(range(5, 21)), params, constraint=grammar.constraint() if constrained else None)
+            engine.step()  # prefill
+            while engine.has_unfinished():
+                t = time.perf_counter()
+                engine.step()
+                times[constrained].append(time.perf_counter() - t)
+    return statistics.median(times[False]) * 1e3, statistics.median(times[True]) * 1e3
 
 
 def main() -> int:
@@ -264,7 +274,12 @@ def main() -> int:
     print("\nshared by every engine (one row, V = %d):" % V)
     for what, us in mask_costs(V).items():
         print(f"  {what:<30} {us:8.1f} us")
-    print(f"  unconstrained decode step, bench-20m with this vocabulary: {decode_step_ms(V):.2f} ms")
+    from aquilachat.structured_output import GrammarBackend
+    backend = GrammarBackend(token_bytes, V, [eos])
+    plain, constrained = decode_step_ms(V, backend, args.repeats)
+    print(f"  decode step, bench-20m with this vocabulary: unconstrained {plain:.2f} ms, "
+          f"with a JSON schema (xgrammar) {constrained:.2f} ms (+{(constrained - plain) * 1e3:.0f} us, "
+          f"{constrained / plain - 1:+.1%})")
     return 0
 
 
