@@ -120,7 +120,8 @@ class _EngineCollector:
     def collect(self):
         engine = self.state.async_engine.engine if self.state.async_engine is not None else None
         stats = engine.stats if engine is not None else None
-        for name, doc, attr in (("aquilachat_prompt_tokens", "Prompt tokens prefilled", "prompt_tokens"),
+        for name, doc, attr in (("aquilachat_prompt_tokens", "Prompt tokens of admitted sequences (those "
+                                 "found in the prefix cache included)", "prompt_tokens"),
                                 ("aquilachat_generation_tokens", "Tokens generated", "generated_tokens"),
                                 ("aquilachat_sampling_errors", "Sequences that failed in sampling "
                                                                "(non-finite logits)", "sampling_errors")):
