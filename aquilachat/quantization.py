@@ -24,12 +24,14 @@ asymmetric min/max (the convention of torch's tinygemm kernels and gpt-fast's
     q_k   = round((w_k - zero) / scale) + 8     in [0, 15]
     w_k  ~= (q_k - 8) * scale + zero            |error| <= scale / 2
 
-``zero`` is chosen so that ``[zero - 8.5 scale, zero + 7.5 scale]`` holds the whole group after
-``scale`` and ``zero`` are rounded to the run dtype (an interval of at least one step around its
-centre, so rounding ``zero`` keeps it inside), hence the half-step bound for every element
-whenever ``|zero| <= 240 scale`` in bfloat16 (bfloat16 rounds to 2^-9 relative; a group whose
-spread is under 1/16 of its offset from zero could exceed it; trained weights are near-centred, the
-tests' random ones too).
+``zero`` is the centre of the values it may take for ``[zero - 8.5 scale, zero + 7.5 scale]`` to
+hold the whole group (an interval ``16 scale - (hi - lo)`` wide). Rounding ``zero`` to the run
+dtype moves it by up to ``eps / 2 * |zero|``; for a group far from zero compared with its spread
+(in bfloat16, ``|lo + hi| / 2`` above about 3 ``(hi - lo)``; trained weights are near-centred)
+the scale is widened to ``(hi - lo + 2 e) / 16`` so that the rounded ``zero`` still keeps every
+element within half a step of the stored scale. A constant group is stored exactly (zero = its
+value, q = 8) up to the dtype's rounding of that value.
+
 Products: ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q [N, K] int32, 1)`` packs the
 codes into the CPU kernel's layout (``uint8 [N, K/2]``; the byte order depends on the CPU's
 instruction set, so it is never written to disk) and
@@ -94,6 +96,11 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 22
 QUANT_METHOD = "aquilachat"
 #: Layout version of the tensors on disk (bumped if the layout above ever changes).
 FORMAT_VERSION = 1
+#: Byte alignment the kernels' operands get: torch 2.13's bfloat16 ``_weight_int8pack_mm`` reads its
+#: input and weight with aligned vector loads and crashes (SIGSEGV) on addresses that are not
+#: (measured: an input 16 bytes off, or an int8 weight 8 bytes off, e.g. as it lies in a
+#: safetensors file). torch's CPU allocator gives 64-byte aligned memory.
+ALIGNMENT = 64
 _BITS = {"int8": 8, "int4": 4}
 _DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -228,10 +235,16 @@ def _quantize_int4_rows(w: torch.Tensor, group_size: int, dtype: torch.dtype
     n, k = w.shape
     groups = w.view(n, k // group_size, group_size)  # (n, K/g, g)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
-    scale = (hi - lo) / 15
-    scale = _round_to(torch.where(scale > 0, scale, torch.ones_like(scale)), dtype)
+    spread, mid = hi - lo, (lo + hi) / 2
+    # rounding zero to dtype moves it by at most e; a scale of at least (spread + 2e) / 16 keeps
+    # [zero - 8.5 scale, zero + 7.5 scale] around the group whatever the roundings (module docstring)
+    eps = torch.finfo(dtype).eps
+    e = eps / 2 * (mid.abs() + spread)
+    scale = torch.maximum(spread / 15, (spread + 2 * e) / 16 * (1 + eps))
+    scale = _round_to(torch.where(spread > 0, scale, torch.ones_like(scale)), dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = _round_to((lo + hi) / 2 + scale / 2, dtype)  # module docstring: the group stays in range
+    # a constant group is its value (q = 8)
+    zero = _round_to(torch.where(spread > 0, mid + scale / 2, lo), dtype)
     q = torch.round((groups - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
     return q.view(n, k).to(torch.int32), scale, zero
 
@@ -257,6 +270,11 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_nibbles`: uint8 ``[n, K/2]`` -> int32 codes ``[n, K]``."""
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy of it when its data does not start on :data:`ALIGNMENT` bytes."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
 def _check_shape(method: str, out_features: int, in_features: int, group_size: int | None, name: str) -> None:
@@ -380,7 +398,7 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, in): the kernels take 2-d, row-contiguous input
         if x2.dtype != dtype:  # the kernels want x in the scales' dtype (e.g. fp32 input to a bf16 model)
             x2 = x2.to(dtype)
-        y = self._product(x2.contiguous())  # (M, out)
+        y = self._product(_aligned(x2.contiguous()))  # (M, out)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     @classmethod
@@ -422,10 +440,10 @@ class Int8Linear(QuantizedLinear):
     @classmethod
     def from_tensors(cls, tensors, *, in_features, out_features, dtype) -> "Int8Linear":
         """From checkpoint tensors ``weight`` int8 ``[out, in]`` and ``scales`` ``[out]`` (used as
-        they are when already int8 / ``dtype``)."""
+        they are when already int8 / ``dtype`` and aligned: :data:`ALIGNMENT`)."""
         m = cls(in_features, out_features, dtype=dtype, device="meta")
-        m.weight = tensors["weight"]
-        m.scales = tensors["scales"].to(dtype)
+        m.weight = _aligned(tensors["weight"].contiguous())
+        m.scales = _aligned(tensors["scales"].to(dtype).contiguous())
         return m
 
 
