@@ -5,7 +5,8 @@ shapes, in GB/s of weight bytes read, against the machine's copy bandwidth.
 
 For each ``[out, in]`` shape of the 7B model (q/k/v/o 4096x4096, gate/up 11008x4096, down
 4096x11008, lm_head 100008x4096) and each format -- bf16 ``F.linear`` (the reference), int8
-(per channel), int4 with group 32 and 128 -- one module with random codes is built (no float copy),
+(per channel), int4 with group 32 and 128 (not for lm_head: 100008 rows are not a multiple of 16,
+which torch's int4 packing needs; aquilachat keeps lm_head in int8) -- one module with random codes is built (no float copy),
 and ``module(x)`` for ``x [M, in]`` bf16 is timed: the median of ``--repeats`` calls after two
 warm-up calls. The rate is the module's weight bytes (codes + scales + zeros: exactly what a decode
 step reads) over that time; at M=1 a product reading at the copy bandwidth would score 1.0x.
@@ -90,6 +91,8 @@ def main() -> None:
     for name in args.shapes.split(","):
         out_f, in_f = SHAPES[name]
         for fmt, group in formats:
+            if fmt.startswith("int4") and out_f % 16:  # torch's int4 packing needs rows in 16s (lm_head is int8)
+                continue
             if fmt == "bf16":
                 module = _Dense(out_f, in_f, torch.bfloat16)
             else:

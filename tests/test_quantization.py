@@ -84,6 +84,15 @@ def test_quantizing_in_chunks_equals_quantizing_at_once(monkeypatch):
     for m, tensors in whole.items():
         chunked = quantize_weight(w, m, dtype=torch.bfloat16)
         assert all(torch.equal(chunked[k], tensors[k]) for k in tensors)
+    # int4 codes are repacked for the kernel 64 rows at a time (a row count that is not a multiple
+    # of 64 included): the same products as packing all rows at once
+    w = _weights(208, 64, seed=5)
+    tensors = quantize_weight(w, "int4", dtype=torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    chunked = Int4Linear.from_tensors(tensors, in_features=64, out_features=208, dtype=torch.bfloat16)
+    monkeypatch.setattr(q, "QUANTIZE_CHUNK_ELEMENTS", 1 << 22)
+    whole = Int4Linear.from_tensors(tensors, in_features=64, out_features=208, dtype=torch.bfloat16)
+    assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked(x), whole(x))
 
 
 # ---------------------------------------------------------------------------- modules
@@ -366,3 +375,11 @@ def test_cli_quantize_then_generate(tiny_dir, tmp_path, capsys):
     assert "quantization_config" in capsys.readouterr().err
     assert cli.main(["quantize", str(tiny_dir), str(tmp_path / "x"), "--method", "int8", "--group-size", "32"]) == 1
     assert "--group-size applies to int4 only" in capsys.readouterr().err
+
+
+def test_quantized_checkpoint_is_refused_by_gguf_export(tiny_dir, tmp_path):
+    pytest.importorskip("gguf")
+    from aquilachat.export_gguf import write_gguf
+    quantize_checkpoint(tiny_dir, tmp_path / "q", method="int8")
+    with pytest.raises(ConfigError, match="quantization_config.*convert the float checkpoint"):
+        write_gguf(tmp_path / "q", tmp_path / "out.gguf")
