@@ -47,8 +47,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .memory import DTYPES, MemoryPlan, plan_memory
 from .model import AquilaForCausalLM
-from .quantization import (QuantizationConfig, checkpoint_tensors, is_quantized, module_class, quantize_plan,
-                           quantize_weight, quantized_module, set_module)
+from .quantization import QuantizationConfig, QuantizedLoader, is_quantized, quantize_plan, quantize_weight
 
 log = logging.getLogger("aquilachat.checkpoint")
 
@@ -491,58 +490,34 @@ class Checkpoint:
         expected = {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=True).items()}
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight", None)
-        qplan = quantize_plan(config, qconfig) if qconfig else {}
-        stored_quantized = self.quantization is not None
-        parts: dict[str, dict[str, torch.Tensor]] = {}  # a quantized module's checkpoint tensors, until complete
-        for name, (meth, group) in qplan.items():
-            linear = m.get_submodule(name)
-            set_module(m, name, quantized_module(meth, linear.in_features, linear.out_features, dtype=dtype,
-                                                 group_size=group))
-            if stored_quantized:
+        quant = None
+        if qconfig is not None:
+            quant = QuantizedLoader(m, qconfig, dtype=dtype, stored=self.quantization is not None)
+            for name in quant.plan:
                 del expected[f"{name}.weight"]
-                for suffix, (shape, _) in checkpoint_tensors(meth, linear.out_features, linear.in_features,
-                                                             group_size=group, dtype=dtype).items():
-                    expected[f"{name}.{suffix}"] = shape
-                parts[name] = {}
+            expected.update({k: shape for k, (shape, _) in quant.expected().items()})
+        # every key and shape first, from the headers: a bad checkpoint fails before any big read
         files, names, stored = self._check_keys(expected)
-        if stored_quantized:  # the tensors' dtypes, from the headers
+        if quant is not None:  # and the quantized codes' dtypes
             by_name = {v: k for k, v in names.items()}
-            for name, (meth, group) in qplan.items():
-                linear = m.get_submodule(name)
-                for suffix, (_, want) in checkpoint_tensors(meth, linear.out_features, linear.in_features,
-                                                            group_size=group, dtype=dtype).items():
-                    key = by_name[f"{name}.{suffix}"]
-                    _, have, file = stored[key]
-                    if have != want and not (suffix != "weight" and have.is_floating_point):
-                        raise CheckpointError(f"{file}: tensor {key!r} is {str(have).removeprefix('torch.')}, "
-                                              f"expected {str(want).removeprefix('torch.')} for {meth} weights "
-                                              f"(config.json quantization_config)")
+            for name, (_, want) in quant.expected().items():
+                _, have, file = stored[by_name[name]]
+                if want is not None and have != want:
+                    raise CheckpointError(f"{file}: tensor {by_name[name]!r} is {str(have).removeprefix('torch.')}, "
+                                          f"expected {str(want).removeprefix('torch.')} for {qconfig.method} weights "
+                                          "(config.json quantization_config)")
         state: dict[str, torch.Tensor] = {}
         for name, src, t, pages in self._stream(files, names):
-            module_name, _, suffix = name.rpartition(".")
-            if module_name in qplan:
-                meth, group = qplan[module_name]
-                cls = module_class(meth)
-                linear = m.get_submodule(module_name)
-                if stored_quantized:
-                    parts[module_name][suffix] = src
-                    if len(parts[module_name]) < (2 if meth == "int8" else 3):  # weight, scales (, zeros)
-                        continue
-                    srcs = parts.pop(module_name)
-                    q = cls.from_tensors(srcs, in_features=linear.in_features, out_features=linear.out_features,
-                                         dtype=dtype)
-                else:  # load-time quantization of a float weight
-                    srcs = {suffix: src}
-                    q = cls.from_float(t, dtype=dtype, group_size=group, name=module_name)
-                set_module(m, module_name, q)
-                kept = {b.data_ptr() for b in q.buffers()}
-                for tensor in srcs.values():
-                    if tensor.data_ptr() in kept:  # int8 codes used as they lie in the file
-                        if populate:
-                            pages.populate(tensor)
-                    else:
-                        pages.advise(tensor, _MADV_DONTNEED)
-                del t, src, srcs
+            if quant is not None and quant.owns(name):
+                # a float weight is quantized now; stored codes wait for their module's other tensors
+                for source, kept in quant.add(name, src if quant.stored else t):
+                    if not kept:
+                        pages.advise(source, _MADV_DONTNEED)
+                    elif populate:  # int8 codes used as they lie in the file
+                        pages.populate(source)
+                if not quant.stored:
+                    pages.advise(src, _MADV_DONTNEED)
+                del t, src
                 continue
             out = t.to(device=device, dtype=dtype)
             if out is src:  # used as it lies in the file: read it in now

@@ -353,7 +353,7 @@ def choose_dtype(stored: torch.dtype, device: torch.device, *, fits_float32: boo
     """The run dtype for ``dtype="auto"`` and why (module docstring). ``fits_float32``: whether
     the plan fits at float32; ``native_bf16`` (default: :func:`cpu_has_native_bf16`). With a
     weight-only ``quantization`` the activations run in bfloat16 on the CPU: torch's int8/int4
-    kernels have vectorized bfloat16 paths, and float32 input takes their reference loops (30-200x
+    kernels have vectorized bfloat16 paths, and float32 input takes their reference loops (60-100x
     slower, bench/quantization_speed.py)."""
     if quantization is not None and device.type == "cpu":
         return torch.bfloat16, (f"{quantization} weights: torch's weight-only kernels are fast with bfloat16 "

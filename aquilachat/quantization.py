@@ -38,22 +38,24 @@ instruction set, so it is never written to disk) and
 ``torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros
 [K/group_size, N, 2])`` multiplies, ``scales_and_zeros`` in ``x``'s dtype.
 
-Group size: 32 (:data:`DEFAULT_GROUP_SIZE`) or 128 (also 64, 256: the kernel's sizes). Measured on
-this project's 2-core Zen4 (bench/quantization_speed.py, bench/quantization_quality.py and
-docs/generation.md): group 32 costs 5 bits per weight in bfloat16 (4 + a 16-bit scale and zero per
-32), group 128 4.25 bits, and the kernel runs both at the same speed per weight, so 128 reads 15 %
-fewer bytes; group 32's error is about 20 % smaller, and it is the only one of the two that
-divides every width of the bundled aquila-tiny (hidden size 192). Default: 32 (llama.cpp's
-``q4_0`` also uses blocks of 32).
+Group size: 32 (:data:`DEFAULT_GROUP_SIZE`) or 128 (also 64, 256: the kernel's sizes). Group 32
+stores 5 bits per weight in bfloat16 (4 + a 16-bit scale and zero per 32), group 128 4.25 bits.
+Measured on this project's 2-core Zen4 (bench/quantization_speed.py, bench/quantization_quality.py,
+figures in docs/generation.md): the kernel takes about the same time per product for both, so 128's
+15 % fewer bytes pay only where a product is at the bandwidth bound; group 32's error is smaller
+(held-out perplexity of aquila-tiny +0.39 % vs +0.87 % at group 64), and 32 divides every width of
+the bundled aquila-tiny (hidden size 192; 128 does not). Default: 32 (llama.cpp's ``q4_0`` also
+uses blocks of 32); ``--group-size 128`` for 7B-class models.
 
 What is quantized (:func:`quantize_plan`): the seven linear weights of every decoder layer with the
 chosen method; ``lm_head`` with int8 under both methods when it is its own weight (the output
-projection sets the logits directly; int8's error is ~16x smaller than int4's, for 1/4 of the bytes
-per token; llama.cpp likewise keeps ``output.weight`` at more bits under its 4-bit types). A
+projection sets the logits directly; int8's error is ~16x smaller than int4's; llama.cpp likewise
+keeps ``output.weight`` at more bits under its 4-bit types; and torch's int4 packing needs rows in
+multiples of 16, which Aquila's 100008-token vocabulary is not). A
 ``lm_head`` tied to the embedding stays tied and float; the embedding table always stays float (a
 lookup reads one row per token, no product).
 
-Checkpoints (``aquilachat quantize``, :func:`quantize_checkpoint`): Hugging Face layout with a
+Checkpoints (``aquilachat quantize``, :func:`aquilachat.checkpoint.quantize_checkpoint`): Hugging Face layout with a
 ``quantization_config`` in ``config.json`` (:class:`QuantizationConfig`; field names as
 transformers' GPTQ/AWQ configs: ``quant_method``, ``bits``, ``group_size`` (-1 = per channel, as
 GPTQ), ``sym``, ``zero_point``, ``lm_head``, ``modules_to_not_convert``) and these tensors per
@@ -79,7 +81,7 @@ from .errors import ConfigError
 
 __all__ = ["METHODS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "QuantizationConfig", "Int8Linear", "Int4Linear",
            "QuantizedLinear", "quantize_weight", "dequantize", "weight_bytes", "quantize_plan", "quantize_model",
-           "quantized_module", "checkpoint_tensors", "is_quantized"]
+           "quantized_module", "checkpoint_tensors", "is_quantized", "QuantizedLoader"]
 
 #: The weight-only methods, by the name ``--quantization`` takes.
 METHODS = ("int8", "int4")
@@ -578,8 +580,64 @@ def quantize_model(model: nn.Module, method: str | QuantizationConfig, *, group_
     return qconfig
 
 
-def module_class(method: str) -> type[QuantizedLinear]:
-    """The module class of ``method``."""
-    _check_method(method)
-    return _MODULES[method]
+class QuantizedLoader:
+    """The quantized side of loading a checkpoint into a model built on ``meta``
+    (:meth:`aquilachat.checkpoint.Checkpoint.load_model`): replaces the linears ``qconfig``
+    converts by empty quantized modules, says which stored tensors they are built from, and builds
+    each one as its tensors arrive, one module at a time.
+
+    ``stored``: the checkpoint holds quantized tensors (``aquilachat quantize``: ``weight``,
+    ``scales``, ``zeros`` per module), else each module is quantized from its float ``weight``.
+    """
+
+    def __init__(self, model: nn.Module, qconfig: QuantizationConfig, *, dtype: torch.dtype, stored: bool) -> None:
+        self.model, self.dtype, self.stored = model, dtype, stored
+        self.plan = quantize_plan(model.config, qconfig)
+        self._shapes: dict[str, tuple[int, int]] = {}  # name -> (out, in)
+        self._parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.plan}
+        for name, (method, group) in self.plan.items():
+            linear = model.get_submodule(name)
+            self._shapes[name] = (linear.out_features, linear.in_features)
+            set_module(model, name, quantized_module(method, linear.in_features, linear.out_features, dtype=dtype,
+                                                     group_size=group))
+
+    def expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """Tensor name -> ``(shape, dtype)`` the checkpoint must hold for the quantized modules
+        (dtype None: any float dtype)."""
+        out = {}
+        for name, (method, group) in self.plan.items():
+            out_f, in_f = self._shapes[name]
+            if not self.stored:
+                out[f"{name}.weight"] = ((out_f, in_f), None)
+                continue
+            for suffix, (shape, dtype) in checkpoint_tensors(method, out_f, in_f, group_size=group,
+                                                             dtype=self.dtype).items():
+                out[f"{name}.{suffix}"] = (shape, dtype if suffix == "weight" else None)
+        return out
+
+    def owns(self, name: str) -> bool:
+        """Whether the tensor ``name`` belongs to a quantized module."""
+        return name.rpartition(".")[0] in self.plan
+
+    def add(self, name: str, tensor: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """Take the tensor ``name`` (as stored, float weights in Hugging Face row order). When its
+        module has all its tensors, build it, put it in the model and return the tensors it was
+        built from, each with whether the module keeps it as it is (int8 codes that lie in the
+        file); until then ``[]``."""
+        module_name, _, suffix = name.rpartition(".")
+        method, group = self.plan[module_name]
+        out_f, in_f = self._shapes[module_name]
+        parts = self._parts[module_name]
+        parts[suffix] = tensor
+        if self.stored and len(parts) < (2 if method == "int8" else 3):  # weight, scales (, zeros)
+            return []
+        cls = _MODULES[method]
+        if self.stored:
+            module = cls.from_tensors(parts, in_features=in_f, out_features=out_f, dtype=self.dtype)
+        else:
+            module = cls.from_float(tensor, dtype=self.dtype, group_size=group, name=module_name)
+        set_module(self.model, module_name, module)
+        kept = {b.data_ptr() for b in module.buffers()}
+        sources = list(self._parts.pop(module_name).values())
+        return [(t, t.data_ptr() in kept) for t in sources]
 
