@@ -1,7 +1,7 @@
 """Benchmark (not a test): the weight-only linear modules (aquilachat.quantization) at AquilaChat-7B
 shapes, in GB/s of weight bytes read, against the machine's copy bandwidth.
 
-    python bench/quantization_speed.py [--rows 1,4] [--repeats 30] [--fp32]
+    python bench/quantization_speed.py [--rows 1,4] [--repeats 30] [--fp32] [--threads N]
 
 For each ``[out, in]`` shape of the 7B model (q/k/v/o 4096x4096, gate/up 11008x4096, down
 4096x11008, lm_head 100008x4096) and each format -- bf16 ``F.linear`` (the reference), int8
@@ -79,7 +79,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {', '.join(SHAPES)}")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 activations at 4096x4096")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default torch's; on a shared, oversubscribed machine 1 thread avoids "
+                         "waiting at every product for a descheduled second thread)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}; loadavg {Path('/proc/loadavg').read_text().split()[:3]}")
