@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default max-num-seqs * context)")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"sequences that may queue for a slot before requests get 429 (default {DEFAULT_MAX_WAITING})")
+    p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated web origins (e.g. https://app.example.com) whose pages may call this "
+                        "server besides its own chat page; requests with another Origin get 403 (default: none)")
     p.add_argument("--log-prompts", action="store_true", help="log prompts and answers (off by default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("aquilachat.server").warning(
             "serving on %s without an API key: anyone who can reach this address can use the model", args.host)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=api_key,
-                              max_waiting=args.max_waiting, log_prompts=args.log_prompts)
+                              max_waiting=args.max_waiting, log_prompts=args.log_prompts,
+                              allowed_origins=tuple(args.allowed_origins.split(",")))
 
     def loader() -> LLM:
         # the plan's decisions, explicitly: the loader thread sizes nothing again

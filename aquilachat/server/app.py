@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -65,6 +66,8 @@ class ServerSettings:
         max_waiting: sequences that may wait for a slot beyond ``max_num_seqs`` (then 429).
         log_prompts: log prompts and answers.
         max_body_bytes: largest request body (then 413).
+        allowed_origins: web origins (``scheme://host[:port]``) besides the server's own whose
+            pages may call the API (``--allowed-origins``); they also get CORS headers. ``*`` allows any.
     """
 
     model_name: str
@@ -72,6 +75,11 @@ class ServerSettings:
     max_waiting: int = DEFAULT_MAX_WAITING
     log_prompts: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    allowed_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # compared with the Origin header as browsers send it: lower case, no trailing slash
+        self.allowed_origins = tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins if o.strip())
 
 
 class ServerMetrics:
@@ -274,9 +282,63 @@ class _EventStreamResponse(StreamingResponse):
             self._on_close()
 
 
+#: Bodies that a web page cannot send to another site without a CORS preflight have one of these
+#: media types; ``text/plain``, the form types and no type at all need none (the Fetch standard's
+#: "CORS-safelisted request-header" for Content-Type).
+_JSON_MEDIA_TYPE = "application/json"
+
+
+def _is_json_route(path: str) -> bool:
+    """Routes whose POST bodies must be sent as ``application/json`` (``/v1/*``, FlagAI's routes)."""
+    return path.startswith("/v1/") or path in _FLAGAI_PATHS
+
+
+def _own_origin(scope, headers: dict[bytes, bytes]) -> str:
+    """``scheme://host[:port]`` as the client addressed this server (its ``Host`` header)."""
+    host = headers.get(b"host", b"").decode("latin-1").lower()
+    return f"{'https' if scope.get('scheme') in ('https', 'wss') else 'http'}://{host}"
+
+
+def _cross_site_error(scope, headers: dict[bytes, bytes], allowed_origins: tuple[str, ...]) -> APIError | None:
+    """The boundary against other web pages (docs/serving.md, "Requests from other web pages").
+
+    A browser sends a cross-site POST whose type is ``text/plain``, a form type or missing without
+    asking the server first (no CORS preflight), so such a body must never be taken as an API call:
+
+    - a request whose ``Origin`` header is neither this server's own origin nor in
+      ``allowed_origins`` gets 403 (``Origin: null``, from sandboxed frames and files, included);
+    - a POST to a JSON route (``/v1/*``, ``/func``, ``/stream_func``) whose ``Content-Type`` is not
+      ``application/json`` gets 415. One exception: ``multipart/form-data`` on
+      ``/v1/images/edits`` (the OpenAI client uploads images so) when the request carries an
+      ``Authorization`` header, which no page can add to a cross-site request without a preflight;
+    - the legacy ``POST /`` takes any type (curl's ``-d`` sends a form type), foreign origins being
+      refused above.
+    """
+    origin = headers.get(b"origin")
+    if origin is not None:
+        value = origin.decode("latin-1").strip().lower().rstrip("/")
+        if value != _own_origin(scope, headers) and "*" not in allowed_origins and value not in allowed_origins:
+            return APIError(403, f"requests from the web origin {value!r} are refused: it is not this server's own "
+                                 "origin and not in --allowed-origins", type="permission_error",
+                            code="origin_not_allowed")
+    path = scope.get("path", "")
+    if scope.get("method") == "POST" and _is_json_route(path):
+        declared = headers.get(b"content-type", b"").decode("latin-1")
+        media_type = declared.partition(";")[0].strip().lower()
+        if media_type == _JSON_MEDIA_TYPE:
+            return None
+        if media_type == "multipart/form-data" and path == "/v1/images/edits" and b"authorization" in headers:
+            return None
+        return APIError(415, f"{path} takes a JSON body sent with Content-Type: application/json (got "
+                             f"{declared or 'no Content-Type'})", code="unsupported_media_type")
+    return None
+
+
 class _GuardMiddleware:
     """Pure ASGI (so streaming and disconnects pass through untouched): Bearer authentication on
-    everything but ``/health``, and a 413 for a declared ``Content-Length`` over the limit."""
+    everything but ``/health``, the cross-site boundary (:func:`_cross_site_error`: 403 for a
+    foreign ``Origin``, 415 for a JSON route's body sent as another type), and a 413 for a
+    declared ``Content-Length`` over the limit."""
 
     def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app = app
@@ -297,6 +359,8 @@ class _GuardMiddleware:
                 error = APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                                  type="authentication_error", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
+        if error is None:
+            error = _cross_site_error(scope, headers, self.settings.allowed_origins)
         if error is None:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
@@ -408,6 +472,11 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     app.state.aquilachat = state
     app.state.metrics = metrics
     app.add_middleware(_GuardMiddleware, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        # outside the guard: a preflight (OPTIONS, no Authorization) is answered here; the guard
+        # still refuses foreign origins on every real request
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     def serving_or_503() -> Serving:
         if state.serving is not None:
