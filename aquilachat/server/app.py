@@ -19,10 +19,12 @@ unless ``log_prompts`` is set.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
@@ -32,7 +34,7 @@ from typing import Any, Callable
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
@@ -40,11 +42,13 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..images import ImageBackend
 from .async_engine import AsyncEngine
+from .image_serving import ImageServing, ImageStore, body_limit, image_store_dir
 from .limits import DEFAULT_MAX_WAITING, LOADING_RETRY_AFTER_S, MAX_BODY_BYTES
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, LegacyRequest, LegacyResponse,
-                       ModelList)
+                       ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, ImageEditRequest,
+                       ImageGenerationRequest, ImagesResponse, LegacyRequest, LegacyResponse, ModelList)
 from .serving import APIError, Serving, Stream
 
 __all__ = ["create_app", "ServerSettings", "ServerMetrics"]
@@ -68,6 +72,8 @@ class ServerSettings:
         max_body_bytes: largest request body (then 413).
         allowed_origins: web origins (``scheme://host[:port]``) besides the server's own whose
             pages may call the API (``--allowed-origins``); they also get CORS headers. ``*`` allows any.
+        run_instructions: carry out ``#text2image#`` / ``#InstructFace#`` answers of every chat
+            request that does not say otherwise (``--run-instructions``).
     """
 
     model_name: str
@@ -76,6 +82,7 @@ class ServerSettings:
     log_prompts: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     allowed_origins: tuple[str, ...] = ()
+    run_instructions: bool = False
 
     def __post_init__(self) -> None:
         # compared with the Origin header as browsers send it: lower case, no trailing slash
@@ -106,6 +113,7 @@ class ServerMetrics:
                              "Seconds between consecutive tokens of an answer", buckets=ITL_BUCKETS,
                              registry=self.registry)
         self.registry.register(_EngineCollector(state))
+        self.registry.register(_ImageCollector(state))
 
     # EngineObserver (called from the engine thread; prometheus_client is thread-safe)
     def first_token(self, seconds: float) -> None:
@@ -147,6 +155,24 @@ class _EngineCollector:
                                 value=1 if engine else 0)
 
 
+class _ImageCollector:
+    """The image jobs' counters (:class:`~.image_serving.ImageStats`) at scrape time."""
+
+    def __init__(self, state: "_State") -> None:
+        self.state = state
+
+    def collect(self):
+        stats = self.state.images.stats if self.state.images is not None else None
+        for name, doc, attr in (("aquilachat_image_jobs_running", "Image jobs running", "running"),
+                                ("aquilachat_image_jobs_waiting", "Image jobs waiting for the running one", "waiting")):
+            yield GaugeMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+        for name, doc, attr in (("aquilachat_image_steps", "Denoising steps done (remote edit steps too)", "steps"),
+                                ("aquilachat_images", "Images made", "images"),
+                                ("aquilachat_image_jobs_failed", "Image jobs that failed, timed out or were "
+                                                                 "cancelled", "failed")):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+
+
 class _State:
     """What the routes share: the serving layer once loaded, or the load error."""
 
@@ -155,6 +181,7 @@ class _State:
         self.async_engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.memory_plan: dict | None = None  # the loaded model's (aquilachat.memory.MemoryPlan.as_dict)
+        self.images: ImageServing | None = None
 
 
 class _ClientGone(Exception):
@@ -238,6 +265,43 @@ def _parse(model: type[BaseModel], body: bytes, *, json_string: bool = False) ->
         text = inner
     try:
         return model.model_validate_json(text)
+    except PydanticValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
+async def _parse_image_edit(request: Request, body: bytes) -> ImageEditRequest:
+    """An :class:`ImageEditRequest` from a JSON body, or from multipart/form-data as the OpenAI
+    client sends it (an ``image`` file and text fields; the file becomes base64 ``image``)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return _parse(ImageEditRequest, body)
+    try:
+        from starlette.formparsers import MultiPartParser
+    except ImportError:  # pragma: no cover - starlette always has it
+        raise APIError(415, "multipart bodies are not supported here; send JSON") from None
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=16,
+                                     max_part_size=len(body) + 1).parse()
+    except AssertionError:  # starlette asserts python-multipart is installed
+        raise APIError(415, "multipart uploads need python-multipart: pip install 'aquilachat[image]' "
+                            "(or send JSON with a base64 image)") from None
+    except Exception as exc:  # noqa: BLE001 - MultiPartException and the parser's own errors
+        raise APIError(400, f"the multipart body cannot be read: {exc}") from None
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key == "image" and hasattr(value, "read"):
+            fields["image"] = base64.b64encode(await value.read()).decode("ascii")
+        elif key in ("n", "seed"):
+            if not str(value).isdigit():
+                raise APIError(400, f"{key} must be an integer, got {value!r}", param=key)
+            fields[key] = int(value)
+        else:
+            fields[key] = value
+    try:
+        return ImageEditRequest.model_validate(fields)
     except PydanticValidationError as exc:
         raise _pydantic_error(exc) from None
 
@@ -363,8 +427,9 @@ class _GuardMiddleware:
             error = _cross_site_error(scope, headers, self.settings.allowed_origins)
         if error is None:
             declared = headers.get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-                error = APIError(413, f"the body is larger than {self.settings.max_body_bytes} bytes",
+            limit = body_limit(path, self.settings.max_body_bytes)
+            if declared.isdigit() and int(declared) > limit:
+                error = APIError(413, f"the body is larger than {limit} bytes",
                                  code="body_too_large", headers={"Connection": "close"})
         if error is None:
             return await self.app(scope, receive, send)
@@ -374,10 +439,12 @@ class _GuardMiddleware:
 
 _ENDPOINTS = {"/": "legacy", "/v1/chat/completions": "chat", "/v1/completions": "completions",
               "/v1/models": "models", "/health": "health", "/metrics": "metrics", "/func": "flagai",
-              "/stream_func": "flagai_stream", "/openapi.json": "openapi", "/docs": "docs"}
+              "/stream_func": "flagai_stream", "/openapi.json": "openapi", "/docs": "docs",
+              "/v1/images/generations": "image_generations", "/v1/images/edits": "image_edits"}
 
 #: The request body models, for ``components.schemas`` of the OpenAPI description.
-_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, LegacyRequest, FlagAIRequest, FlagAIStreamRequest)
+_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, LegacyRequest, FlagAIRequest, FlagAIStreamRequest,
+                   ImageGenerationRequest, ImageEditRequest)
 #: Error responses every generating route may give.
 _ERRORS = {400: "Bad request (the field is named in param)", 401: "Missing or invalid API key",
            404: "Unknown model", 413: "Body too large", 429: "Server busy (Retry-After)",
@@ -411,7 +478,8 @@ def _endpoint(path: str) -> str:
 
 
 def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[BaseException], None] | None = None,
+               text2image: ImageBackend | None = None, image_edit: ImageBackend | None = None) -> FastAPI:
     """The server application.
 
     Args:
@@ -421,8 +489,12 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         settings: see :class:`ServerSettings`.
         on_load_error: called (in the loader thread) if ``loader`` raises; the server then keeps
             answering 503 with the error on ``/health``.
+        text2image, image_edit: the image backends of ``/v1/images/*`` and of instructions
+            (:mod:`aquilachat.images`; ``--image-model`` / ``--image-edit-model`` / ``--image-url``).
     """
     state = _State()
+    store = ImageStore(image_store_dir())
+    state.images = ImageServing(text2image, image_edit, store=store, run_instructions=settings.run_instructions)
     metrics = ServerMetrics(state)
 
     def load(loop: asyncio.AbstractEventLoop) -> None:
@@ -451,6 +523,8 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         yield
         if state.async_engine is not None:
             state.async_engine.shutdown()
+        state.images.shutdown()
+        shutil.rmtree(store.directory, ignore_errors=True)
 
     from .. import __version__
     app = FastAPI(title="aquilachat", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
@@ -487,17 +561,19 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         raise APIError(503, "the model is loading; retry later", type="service_unavailable",
                        code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
-    async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call) -> Response:
+    async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call, *,
+                     needs_model: bool = True, parse: Callable | None = None) -> Response:
         path = request.url.path
         own_shape = path in _LEGACY_PATHS or path in _FLAGAI_PATHS  # their bodies leave out unset fields
         req = None
         try:
-            serving = serving_or_503()
+            serving = serving_or_503() if needs_model else None
             if model is None:
                 result = call(serving, None)
             else:
-                req = _parse(model, await _read_body(request, settings.max_body_bytes),
-                             json_string=path in _FLAGAI_PATHS)
+                body = await _read_body(request, body_limit(path, settings.max_body_bytes))
+                req = (await parse(request, body) if parse is not None
+                       else _parse(model, body, json_string=path in _FLAGAI_PATHS))
                 result = await _cancel_on_disconnect(request, call(serving, req))
             if isinstance(result, Stream):
                 response: Response = _EventStreamResponse(result)
@@ -538,13 +614,37 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: the conversation answered in the model's chat template
         (server-sent events with stream)."""
-        return await handle(request, "chat", ChatCompletionRequest, lambda s, r: s.chat(r))
+        return await handle(request, "chat", ChatCompletionRequest, lambda s, r: state.images.chat(s, r))
 
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest),
               responses=_responses(CompletionResponse, ErrorResponse, stream="text/event-stream"))
     async def completions(request: Request) -> Response:
         """OpenAI (legacy) completions: raw text continued, with echo and logprobs for scoring."""
         return await handle(request, "completions", CompletionRequest, lambda s, r: s.completion(r))
+
+    @app.post("/v1/images/generations", openapi_extra=_body(ImageGenerationRequest),
+              responses=_responses(ImagesResponse, ErrorResponse, codes=(400, 401, 413, 429)))
+    async def image_generations(request: Request) -> Response:
+        """OpenAI images: pictures drawn from a prompt by the server's text-to-image backend."""
+        return await handle(request, "image_generations", ImageGenerationRequest, needs_model=False,
+                            call=lambda s, r: state.images.generations(r, str(request.base_url)))
+
+    @app.post("/v1/images/edits", openapi_extra=_body(ImageEditRequest),
+              responses=_responses(ImagesResponse, ErrorResponse, codes=(400, 401, 413, 429)))
+    async def image_edits(request: Request) -> Response:
+        """OpenAI images: an image edited by the prompt's steps (one per line, in order); JSON with
+        a base64 image, or multipart/form-data as the OpenAI client uploads it."""
+        return await handle(request, "image_edits", ImageEditRequest, needs_model=False, parse=_parse_image_edit,
+                            call=lambda s, r: state.images.edits(r, str(request.base_url)))
+
+    @app.get("/images/{name}", responses={200: {"description": "A PNG kept for response_format url",
+                                                "content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
+    async def image_file(name: str) -> Response:
+        """An image made with ``response_format: "url"`` (the newest ones are kept)."""
+        path = store.path(name)
+        if path is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/v1/models", responses=_responses(ModelList, ErrorResponse, codes=(401, 503)))
     async def models(request: Request) -> Response:
