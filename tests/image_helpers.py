@@ -58,7 +58,8 @@ def make_tiny_pipeline(out: Path, *, edit: bool = False, seed: int = 0) -> Path:
                         norm_num_groups=4, sample_size=SIDE)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=520, hidden_size=16, intermediate_size=32,
                                                 num_hidden_layers=1, num_attention_heads=2,
-                                                max_position_embeddings=32))
+                                                max_position_embeddings=32, bos_token_id=512, eos_token_id=513,
+                                                pad_token_id=513))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                               steps_offset=1)
     cls = StableDiffusionInstructPix2PixPipeline if edit else StableDiffusionPipeline

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 
 import httpx
 import numpy as np
@@ -24,12 +23,9 @@ from aquilachat.images import DiffusersBackend, ImageBackendError, OpenAIImagesB
 from aquilachat.llm import LLM  # noqa: E402
 from aquilachat.server.app import ServerSettings, create_app  # noqa: E402
 from aquilachat.server.image_serving import MISSING_EDIT, MISSING_TEXT2IMAGE  # noqa: E402
-from aquilachat.server.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionMessage,  # noqa: E402
-                                        ChatCompletionResponse, ChatCompletionStreamChoice, DeltaMessage, UsageInfo)
-from aquilachat.server.serving import Stream  # noqa: E402
 from tests.helpers import make_tiny_model  # noqa: E402
 from tests.image_helpers import SIDE, STEPS, make_tiny_pipeline  # noqa: E402
-from tests.server_utils import RunningServer, metric, openai_client, serve  # noqa: E402
+from tests.server_utils import RunningServer, metric, openai_client, script_chat, serve  # noqa: E402
 
 MODEL = "tiny"
 DRAW = "好的，我来画。\n#text2image#\na red fox in the snow"
@@ -184,32 +180,11 @@ def test_bad_edit_image_gets_400(server):
         assert r.status_code == 400 and "image" in r.json()["error"]["message"], r.text
 
 
-def scripted(server, monkeypatch, text: str) -> None:
-    """Make the server's chat answer ``text`` (non-streamed and streamed, in the real response models)."""
-    serving = server.state.serving
-
-    async def chat(req):
-        if not req.stream:
-            return ChatCompletionResponse(id="chatcmpl-1", model=MODEL, usage=UsageInfo(
-                prompt_tokens=1, completion_tokens=1, total_tokens=2), choices=[ChatCompletionChoice(
-                    index=0, message=ChatCompletionMessage(content=text), finish_reason="stop")])
-
-        async def chunks():
-            for i in range(0, len(text), 3):  # pieces that split the marker
-                choice = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(content=text[i:i + 3]),
-                                                    finish_reason="stop" if i + 3 >= len(text) else None)
-                yield "data: " + json.dumps(ChatCompletionChunk(id="chatcmpl-1", created=1, model=MODEL,
-                                                                choices=[choice]).model_dump(mode="json")) + "\n\n"
-            yield "data: [DONE]\n\n"
-        return Stream(chunks(), lambda: None)
-    monkeypatch.setattr(serving, "chat", chat)
-
-
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "画一只狐狸"}]}
 
 
 def test_run_instructions_draws_the_answers_prompt(server, backends, monkeypatch):
-    scripted(server, monkeypatch, DRAW)
+    script_chat(server, monkeypatch, DRAW)
     steps = metric(server.url, "aquilachat_image_steps_total")
     r = httpx.post(server.url + "/v1/chat/completions", json={**CHAT, "aquilachat": {"run_instructions": True}},
                    timeout=60).json()
@@ -225,7 +200,7 @@ def test_run_instructions_draws_the_answers_prompt(server, backends, monkeypatch
 
 
 def test_run_instructions_streamed(server, monkeypatch):
-    scripted(server, monkeypatch, DRAW)
+    script_chat(server, monkeypatch, DRAW)
     client = openai_client(server)
     chunks = list(client.chat.completions.create(**CHAT, stream=True, extra_body={"aquilachat": {"run_instructions": True}}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -236,7 +211,7 @@ def test_run_instructions_streamed(server, monkeypatch):
 
 
 def test_run_instructions_edit_needs_the_image(server, backends, monkeypatch, photo):
-    scripted(server, monkeypatch, EDIT)
+    script_chat(server, monkeypatch, EDIT)
     body = {**CHAT, "aquilachat": {"run_instructions": True}}
     (result,) = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()["aquilachat"]["instructions"]
     assert result["images"] == [] and "aquilachat.image" in result["error"]
@@ -250,7 +225,7 @@ def test_without_backends_the_answer_names_the_option(model_dir, monkeypatch):
     with serve(lambda: LLM(model_dir, device="cpu", max_num_seqs=1),
                ServerSettings(model_name=MODEL, run_instructions=True)) as s:
         for text, missing in ((DRAW, MISSING_TEXT2IMAGE), (EDIT, MISSING_EDIT)):
-            scripted(s, monkeypatch, text)
+            script_chat(s, monkeypatch, text)
             r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
                 **CHAT, "aquilachat": {"image": png_b64(Image.new("RGB", (8, 8)))}})
             assert r.status_code == 200
@@ -260,7 +235,7 @@ def test_without_backends_the_answer_names_the_option(model_dir, monkeypatch):
         r = httpx.post(s.url + "/v1/images/edits", json={"prompt": "x", "image": "aGk="}, timeout=10)
         assert r.status_code == 400 and "--image-edit-model" in r.json()["error"]["message"]
         # the request's own option wins over the server's
-        scripted(s, monkeypatch, DRAW)
+        script_chat(s, monkeypatch, DRAW)
         r = httpx.post(s.url + "/v1/chat/completions", json={**CHAT, "aquilachat": {"run_instructions": False}},
                        timeout=60)
         assert "aquilachat" not in r.json()

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
@@ -45,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..images import ImageBackend
 from .async_engine import AsyncEngine
 from .image_serving import ImageServing, ImageStore, body_limit, image_store_dir
+from .page import STATIC_DIR, page_response
 from .limits import DEFAULT_MAX_WAITING, LOADING_RETRY_AFTER_S, MAX_BODY_BYTES
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, ImageEditRequest,
@@ -193,6 +195,12 @@ _LEGACY_PATHS = {"/"}
 _FLAGAI_PATHS = {"/func", "/stream_func"}
 #: Paths served without the API key: health checks, and the API's description (no model access).
 _PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+
+def _is_public(method: str, path: str) -> bool:
+    """Served without the API key: :data:`_PUBLIC_PATHS`, and the chat page with its files (the
+    page asks for the key and sends it with every API call)."""
+    return path in _PUBLIC_PATHS or (method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")))
 
 
 def _error_response(exc: APIError, path: str, model_name: str = "", input_length: int = 0) -> JSONResponse:
@@ -416,7 +424,7 @@ class _GuardMiddleware:
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         error = None
-        if self._key is not None and path not in _PUBLIC_PATHS:
+        if self._key is not None and not _is_public(scope["method"], path):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
@@ -645,6 +653,13 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         if path is None:
             raise StarletteHTTPException(404)
         return FileResponse(path, media_type="image/png")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        """The chat page (docs/serving.md, "The chat page")."""
+        return page_response()
 
     @app.get("/v1/models", responses=_responses(ModelList, ErrorResponse, codes=(401, 503)))
     async def models(request: Request) -> Response:
