@@ -14,23 +14,12 @@ SIDE = 32
 STEPS = 2
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (CLIP's BPE uses it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _clip_tokenizer(out: Path):
     """A CLIP tokenizer with bytes only (no merges)."""
     from transformers import CLIPTokenizer
     out.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    from aquilachat.tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
