@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from aquilachat.llm import LLM
+from aquilachat.sampling_params import SamplingParams
 from aquilachat.server.app import ServerSettings, create_app
 from tests.server_utils import RunningServer, metric, script_chat
 
@@ -85,8 +86,9 @@ class Page:
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(url + "/")
-        # short answers keep the test fast (the settings drawer's max tokens, as a user would set it)
-        self.page.evaluate(f"localStorage.setItem('aquilachat.settings', JSON.stringify({{max_tokens: {MAX_TOKENS}}}))")
+        # short greedy answers: fast, and the same as the offline LLM's (settings as the drawer stores them)
+        self.page.evaluate("settings => localStorage.setItem('aquilachat.settings', JSON.stringify(settings))",
+                           {"max_tokens": MAX_TOKENS, "temperature": 0})
         self.page.reload()
 
     def send(self, text: str) -> None:
@@ -128,6 +130,11 @@ def tab(browser, server, tmp_path):
     t.close()
 
 
+def stored(tab) -> list[dict]:
+    """The conversations as the page keeps them in localStorage."""
+    return json.loads(tab.page.evaluate("localStorage.getItem('aquilachat.conversations')"))
+
+
 def test_message_streams_and_survives_reload(tab, server):
     # count the distinct texts the answer shows while it streams
     tab.page.evaluate("""() => { window.seen = new Set();
@@ -137,8 +144,12 @@ def test_message_streams_and_survives_reload(tab, server):
     tab.send("Hello! Tell me about the sea.")
     tab.wait_idle()
     (_, user), (role, answer) = tab.messages()
-    assert user == "Hello! Tell me about the sea." and role == "assistant" and answer.strip()
+    assert user == "Hello! Tell me about the sea." and role == "assistant"
     assert tab.page.evaluate("window.seen.size") >= 3  # empty, partial..., whole: it streamed
+    # the answer kept is the offline LLM's greedy answer (fp32: the same arithmetic)
+    want = LLM("aquila-tiny", device="cpu").chat([{"role": "user", "content": "Hello! Tell me about the sea."}],
+                                                 SamplingParams(temperature=0, max_tokens=MAX_TOKENS))[0]
+    assert stored(tab)[0]["messages"][1]["content"] == want.text and want.text.strip()
     body = tab.chat_bodies()[-1]
     assert body["stream"] is True and body["messages"] == [{"role": "user", "content": "Hello! Tell me about the sea."}]
     tab.shot("1-answered")
