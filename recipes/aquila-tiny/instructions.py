@@ -118,12 +118,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=root.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=root / "runs" / "aquila-tiny" / "data")
-    ap.add_argument("--draw", type=int, default=500, help="drawing examples")
-    ap.add_argument("--edit", type=int, default=200, help="face-editing examples")
-    ap.add_argument("--replay", type=int, default=1500, help="ordinary conversations from sft.jsonl")
+    ap.add_argument("--draw", type=int, default=300, help="drawing examples")
+    ap.add_argument("--edit", type=int, default=100, help="face-editing examples")
+    ap.add_argument("--replay", type=int, default=3000, help="ordinary conversations from sft.jsonl")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed + 1)  # the training mix; the evaluation has its own (below)
     # subjects split once: the last 10 of each language are only ever evaluated
     train_zh, heldout_zh = SUBJECTS_ZH[:-10], SUBJECTS_ZH[-10:]
     train_en, heldout_en = SUBJECTS_EN[:-10], SUBJECTS_EN[-10:]
@@ -139,7 +139,8 @@ def main() -> None:
     rng.shuffle(rows)
     with open(args.out / "instructions_train.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    # 25 distinct (held-out subject, held-out phrasing) pairs per language
+    # 25 distinct (held-out subject, held-out phrasing) pairs per language, whatever the mix's sizes
+    rng = random.Random(args.seed)
     drawing = []
     for subjects, templates, styles in ((heldout_zh, DRAW_ZH_HELDOUT, STYLES_ZH), (heldout_en, DRAW_EN_HELDOUT, STYLES_EN)):
         pairs = rng.sample([(s, t) for s in subjects for t in templates], 25)
