@@ -148,7 +148,6 @@ class Engine:
         # prefill and decode run through the device backend when there is one (it steps aside
         # to the plain modules for what it does not support); the model is never changed by it
         self.backend = CpuDecodeBackend(model) if model.device.type == "cpu" else None
-        self._runner = self.backend or model
         self.config = model.config
         self.device = model.device
         self.eos_token_ids = set(eos_token_ids)
@@ -251,7 +250,11 @@ class Engine:
         if self.backend is not None:
             self.backend.release()
             self.backend = None
-        self._runner = self.model
+
+    @property
+    def runner(self) -> CpuDecodeBackend | AquilaForCausalLM:
+        """What runs the forward passes: the backend, or the model once it is released."""
+        return self.backend if self.backend is not None else self.model
 
     def abort_all(self, reason: str = "error", error: str | None = None) -> list[Sequence]:
         """Retire every waiting and running sequence at once and free all slots; return them.
@@ -391,10 +394,10 @@ class Engine:
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
         slots = self._slots_arg([s.slot for s in seqs])
         if all(s.params.prompt_logprobs is None for s in seqs):
-            hidden = self._runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len,
+            hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len,
                                                logits_index=last)
             return hidden[:, 0]
-        hidden = self._runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
+        hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
         for row, seq in enumerate(seqs):
             if seq.params.prompt_logprobs is not None:
                 seq.prompt_logprobs = self._prompt_logprobs(seq, hidden[row, :lengths[row]])
@@ -411,7 +414,7 @@ class Engine:
         out: list = [None]
         for begin in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
             end = min(begin + PROMPT_LOGPROBS_CHUNK, len(ids) - 1)
-            logprobs = sanitize_logits(self._runner.compute_logits(hidden[begin:end]), self.allowed).log_softmax(-1)
+            logprobs = sanitize_logits(self.runner.compute_logits(hidden[begin:end]), self.allowed).log_softmax(-1)
             targets = torch.tensor(ids[begin + 1:end + 1], device=self.device)
             chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()  # (end - begin,)
             if k:
@@ -428,14 +431,14 @@ class Engine:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         pos = [s.num_tokens - 1 for s in seqs]
         positions = torch.tensor(pos, device=self.device)[:, None]
-        hidden = self._runner.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+        hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
                                            kv_len=max(pos) + 1)
         return hidden[:, 0]
 
     @torch.inference_mode()
     def _logits(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, V]`` of the prefill and decode rows, in one vocabulary product."""
-        return self._runner.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return self.runner.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def _token_masks(self, batch: list[Sequence]) -> torch.Tensor | None:
         """``[B, V]`` bool: the ids each row's grammar allows next (all for rows without one);
