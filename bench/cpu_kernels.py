@@ -15,7 +15,12 @@ Options measured for each weight ``W [out, in]`` (shape written ``out x in``):
   product, when its extension builds here);
 * with ``--compile``: ``torch.compile`` of ``F.linear`` (inductor; compile time reported).
 
-Weight GB/s = weight bytes / median time of 10 calls (the weight is far larger than the caches, so
+With ``--step CONFIG`` (e.g. ``bench-20m``) it times whole batch-1 decode steps of a random model
+of that preset instead: the plain model, the CPU decode backend with and without its kernels, and
+``torch.compile`` of the plain model's ``forward_hidden`` (``dynamic=True``; the first call's time
+is reported as the compile time).
+
+Weight GB/s = weight bytes / median time of a call (the weight is far larger than the caches, so
 every call reads it from memory). The copy bandwidth is (read + write bytes) / time of a 512 MiB
 tensor copy (bench/decode.py), measured before every shape. The largest fp32 weight is 1.6 GB and
 two layouts of it exist at once: run under the machine's big-memory lock.
@@ -31,21 +36,51 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode import copy_bandwidth  # noqa: E402
 
 
-def timed(fn, repeats: int = 10) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed(fn) -> float:
+    """Median seconds of ``fn()`` (``torch.utils.benchmark``, blocks of calls for at least 0.5 s,
+    on torch's current number of threads)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=0.5).median
+
+
+def time_steps(preset: str, steps: int, threads_list: list[int]) -> None:
+    """Median ms per batch-1 decode step (forward_hidden + compute_logits, cache in place) of a random
+    ``preset`` model: plain modules, the backend with / without kernels, torch.compile."""
+    from aquilachat.backends import CpuDecodeBackend
+    from aquilachat.config import ModelConfig
+    from aquilachat.model import AquilaForCausalLM, KVCache
+    cfg = ModelConfig.from_preset(preset)
+    model = AquilaForCausalLM(cfg)
+    model.init_weights(0)
+    model.eval()
+    bw = copy_bandwidth()
+    print(f"{preset}: load {open('/proc/loadavg').read().split()[:3]}, copy bandwidth {bw / 1e9:.1f} GB/s")
+    runners = {"plain modules": model, "backend, torch products": CpuDecodeBackend(model, kernels=False),
+               "backend, kernels": CpuDecodeBackend(model)}
+
+    class Compiled:  # the plain model's forward_hidden through inductor
+        forward_hidden = staticmethod(torch.compile(model.forward_hidden, dynamic=True))
+        compute_logits = staticmethod(model.compute_logits)
+    runners["torch.compile(forward_hidden)"] = Compiled
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for name, runner in runners.items():
+            cache = KVCache.allocate(cfg, num_slots=1, max_seq_len=steps + 8)
+            times = []
+            with torch.inference_mode():
+                for pos in range(steps + 4):
+                    t = time.perf_counter()
+                    runner.compute_logits(runner.forward_hidden(torch.tensor([[pos % 100 + 1]]), torch.tensor([[pos]]),
+                                                                cache, kv_len=pos + 1))
+                    times.append(time.perf_counter() - t)
+            first = f", first call {times[0]:.1f} s" if name.startswith("torch.compile") else ""
+            print(f"threads={threads} {name}: {statistics.median(times[4:]) * 1e3:.2f} ms per step{first}", flush=True)
 
 
 def main() -> None:
@@ -55,7 +90,11 @@ def main() -> None:
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008,100008x4096")
     ap.add_argument("--compile", action="store_true", help="also torch.compile(F.linear) (needs a C++ compiler)")
+    ap.add_argument("--step", default="", help="time whole decode steps of this preset instead")
+    ap.add_argument("--steps", type=int, default=32)
     args = ap.parse_args()
+    if args.step:
+        return time_steps(args.step, args.steps, [int(t) for t in args.threads.split(",")])
     try:
         from aquilachat.backends import cpu_kernels
         kernels = cpu_kernels.load()
