@@ -31,6 +31,7 @@ then calls :meth:`Engine.finish` (see :mod:`aquilachat.output_processor`).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import CpuDecodeBackend
+from .backends import BackendUnsupported, CpuDecodeBackend
 from .errors import ValidationError
 from .model import AquilaForCausalLM, KVCache
 from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -46,6 +47,8 @@ from .sampling import SamplingParams, sample, sanitize_logits
 from .structured_output import bitmask_to_bool
 
 __all__ = ["Engine", "Sequence", "StepOutput", "EngineStats", "PROMPT_LOGPROBS_CHUNK"]
+
+log = logging.getLogger(__name__)
 
 #: Prompt positions projected onto the vocabulary at once for prompt log-probabilities (bounds the
 #: ``[chunk, vocab]`` fp32 logits: 26 MB for the Aquila vocabulary).
@@ -147,7 +150,12 @@ class Engine:
         self.model = model.eval()
         # prefill and decode run through the device backend when there is one (it steps aside
         # to the plain modules for what it does not support); the model is never changed by it
-        self.backend = CpuDecodeBackend(model) if model.device.type == "cpu" else None
+        self.backend = None
+        if model.device.type == "cpu":
+            try:
+                self.backend = CpuDecodeBackend(model)
+            except BackendUnsupported as exc:  # e.g. a wrapped model: its own forward runs
+                log.info("no CPU decode backend: %s", exc)
         self.config = model.config
         self.device = model.device
         self.eos_token_ids = set(eos_token_ids)

@@ -120,6 +120,19 @@ def test_backend_refuses_a_model_off_the_cpu():
         CpuDecodeBackend(model)
 
 
+def test_backend_refuses_a_peft_wrapper_and_the_engine_runs_it_plainly():
+    """A PeftModel (unmerged LoRA around the model) is refused with a clear error; an engine
+    given one runs the wrapper's own forward passes, no backend."""
+    peft = pytest.importorskip("peft")
+    from aquilachat.engine import Engine
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0)
+    wrapped = peft.get_peft_model(pair(**CASES["gqa-untied"])[0], cfg).eval()
+    with pytest.raises(BackendUnsupported, match="got PeftModel.*merge_and_unload"):
+        CpuDecodeBackend(wrapped)
+    engine = Engine(wrapped, max_num_seqs=1, max_model_len=32)
+    assert engine.backend is None and engine.runner is wrapped
+
+
 def _params(model):
     return {name: p for name, p in model.named_parameters()}
 

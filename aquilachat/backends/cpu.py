@@ -75,10 +75,15 @@ class CpuDecodeBackend:
             build) products go through ``torch.nn.functional.linear``.
 
     Raises:
-        BackendUnsupported: the model is not on the CPU.
+        BackendUnsupported: the model is not an :class:`AquilaForCausalLM` (e.g. a peft
+            ``PeftModel`` wrapper: merge its adapters first), is not on the CPU, or ``kernels=True``
+            and they are not available.
     """
 
     def __init__(self, model: AquilaForCausalLM, *, kernels: bool | None = None) -> None:
+        if not isinstance(model, AquilaForCausalLM):
+            raise BackendUnsupported(f"the CPU decode backend runs an AquilaForCausalLM, got {type(model).__name__} "
+                                     "(for a peft model, merge the adapters first: merge_and_unload())")
         if model.device.type != "cpu":
             raise BackendUnsupported(f"the CPU decode backend runs models on the CPU; this one is on {model.device}")
         self.model: AquilaForCausalLM | None = model
