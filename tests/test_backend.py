@@ -232,7 +232,7 @@ def test_linear_like_modules_are_called_through_the_module(dtype, layer_runs):
     _assert_close(got, _logits(model, model, PROMPTS, 3), dtype)
 
 
-CHANGES = ["forward-hook", "forward-pre-hook", "global-hook", "peft-lora", "weight-storage", "load-assign",
+CHANGES = ["forward-hook", "forward-pre-hook", "global-hook", "peft-lora", "peft-merged", "weight-storage", "load-assign",
            "module-replaced", "layer-replaced", "accelerate-style-forward", "class-swapped", "fp32-cache", "autocast",
            "autograd", "train-mode", "to-bf16"]
 
@@ -253,6 +253,12 @@ def _apply_change(change, m, handles):
         cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0,
                               init_lora_weights=False)
         peft.get_peft_model(m, cfg)  # injects unmerged LoRA layers into m's modules
+    elif change == "peft-merged":
+        import peft
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0,
+                              init_lora_weights=False)
+        peft.get_peft_model(m, cfg).merge_and_unload()  # plain nn.Linear modules again, merged weights
     elif change == "weight-storage":
         with torch.no_grad():
             layer.self_attn.k_proj.weight.data = layer.self_attn.k_proj.weight.data * 1.5
@@ -295,11 +301,11 @@ def _steps(runner, model, ids, cache_dtype, grad=False, autocast=False):
 
 @pytest.mark.parametrize("change", CHANGES)
 def test_backend_steps_aside_for_what_it_does_not_see(change, layer_runs):
-    """Hooks, unmerged LoRA, replaced or class-swapped modules, an instance-level forward, new
+    """Hooks, unmerged or merged LoRA, replaced or class-swapped modules, an instance-level forward, new
     weight storage, autograd, autocast, training mode, a dtype change, all made after the
     backend was created: the backend's logits equal the plain model's with the same change, and
     the layers it cannot see run through their modules."""
-    if change == "peft-lora":
+    if change.startswith("peft"):
         pytest.importorskip("peft")
     dtype = torch.bfloat16 if change == "fp32-cache" else torch.float32
     ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -316,7 +322,7 @@ def test_backend_steps_aside_for_what_it_does_not_see(change, layer_runs):
             handles.clear()
     low = m.dtype != torch.float32 or change == "autocast"
     _assert_close(out[1], out[0], torch.bfloat16 if low else torch.float32)
-    per_forward = {"forward-hook": 2, "forward-pre-hook": 2, "peft-lora": 0, "module-replaced": 3,
+    per_forward = {"forward-hook": 2, "forward-pre-hook": 2, "peft-lora": 0, "peft-merged": 3, "module-replaced": 3,
                    "accelerate-style-forward": 2, "class-swapped": 2, "weight-storage": 3, "load-assign": 3,
                    "layer-replaced": 3, "fp32-cache": 3, "to-bf16": 3}.get(change, 0)
     assert len(layer_runs) == 5 * per_forward  # 5 forwards: the layers the backend could still run itself
