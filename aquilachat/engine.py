@@ -264,6 +264,13 @@ class Engine:
         """What runs the forward passes: the backend, or the model once it is released."""
         return self.backend if self.backend is not None else self.model
 
+    def _forward_hidden(self, decode: bool, *args, **kwargs) -> torch.Tensor:
+        """``forward_hidden`` of :attr:`runner`; ``decode`` tells the backend a decode step from a
+        prefill (see :meth:`CpuDecodeBackend.forward_hidden`)."""
+        if self.backend is not None:
+            return self.backend.forward_hidden(*args, decode=decode, **kwargs)
+        return self.model.forward_hidden(*args, **kwargs)
+
     def abort_all(self, reason: str = "error", error: str | None = None) -> list[Sequence]:
         """Retire every waiting and running sequence at once and free all slots; return them.
 
@@ -402,10 +409,10 @@ class Engine:
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
         slots = self._slots_arg([s.slot for s in seqs])
         if all(s.params.prompt_logprobs is None for s in seqs):
-            hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len,
+            hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len,
                                                logits_index=last)
             return hidden[:, 0]
-        hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
+        hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
         for row, seq in enumerate(seqs):
             if seq.params.prompt_logprobs is not None:
                 seq.prompt_logprobs = self._prompt_logprobs(seq, hidden[row, :lengths[row]])
@@ -439,7 +446,7 @@ class Engine:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         pos = [s.num_tokens - 1 for s in seqs]
         positions = torch.tensor(pos, device=self.device)[:, None]
-        hidden = self.runner.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+        hidden = self._forward_hidden(True, ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
                                            kv_len=max(pos) + 1)
         return hidden[:, 0]
 

@@ -370,6 +370,25 @@ def test_kernel_equals_float64_product_at_every_level(dtype):
                 assert (err <= bound).all(), (M, N, K, level, float((err - bound).max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
+    """Batch invariance: a row's product is bit-identical alone and among up to MAX_ROWS rows (in
+    any position), at every level, so a sequence's decode steps and logits do not depend on the
+    other sequences in the step."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(cpu_kernels.MAX_ROWS, 203, generator=gen).to(dtype)
+    w = torch.randn(1030, 203, generator=gen).to(dtype)
+    for level in levels:
+        alone = torch.cat([ext.linear(x[i:i + 1], w, level) for i in range(x.shape[0])])
+        for rows in (2, 5, cpu_kernels.MAX_ROWS):
+            assert torch.equal(ext.linear(x[:rows], w, level), alone[:rows]), (level, rows)
+            assert torch.equal(ext.linear(x[-rows:], w, level), alone[-rows:]), (level, rows)
+
+
 def test_kernel_wrapper_hands_other_inputs_to_torch():
     """Too many rows, mixed dtypes, a non-contiguous weight, autograd: F.linear's result."""
     if cpu_kernels.load() is None:

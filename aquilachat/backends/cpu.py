@@ -7,9 +7,11 @@ the copy bandwidth and (b) per-op overhead, which dominates small models. The ba
 * runs the decoder layers as one loop over ``[tokens, hidden]`` states with the model's own
   functions (:func:`~aquilachat.model.rms_norm`, :func:`~aquilachat.model.rotate`,
   :func:`~aquilachat.model.attend`): no module calls, no 3-d reshapes around products;
-* multiplies few-row inputs by plain float weights with :func:`.cpu_kernels.linear` (a product
-  that streams each row-major weight once for all rows; see docs/generation.md, "CPU decode
-  backend", for the measurements against oneDNN / MKL and their layouts);
+* in decode steps and vocabulary projections, multiplies by plain float weights with
+  :func:`.cpu_kernels.linear` (a product that streams each row-major weight once for all rows and
+  gives each row the same result whatever the batch; see docs/generation.md, "CPU decode
+  backend", for the measurements against oneDNN / MKL and their layouts); prefills use torch's
+  products (compute-bound, where oneDNN / MKL's blocking wins);
 * calls every other linear through its module (``module(x)``): weight-only quantized linears
   (:mod:`aquilachat.quantization`) and custom classes keep their own arithmetic.
 
@@ -107,9 +109,15 @@ class CpuDecodeBackend:
     def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                        kv_cache: KVCache | None = None, *, slots: torch.Tensor | None = None,
                        kv_len: int | None = None, logits_index: torch.Tensor | None = None,
-                       logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       logits_mask: torch.Tensor | None = None, decode: bool | None = None) -> torch.Tensor:
         """:meth:`AquilaForCausalLM.forward_hidden`: hidden states ``[B, T, hidden]`` (``[B, 1,
         hidden]`` with ``logits_index``, ``[N, hidden]`` with ``logits_mask``) after the final norm.
+
+        ``decode``: whether this is a decode step (default: ``T == 1``). Decode steps multiply
+        plain weights with the kernels; prefills with torch's products, however few their rows,
+        so that a prompt's keys and values are the same numbers whether it was prefilled whole or
+        from a cached prefix (the kernels give each row the same result whatever the batch, but
+        not the same as torch's products).
 
         Raises:
             RuntimeError: after :meth:`release`.
@@ -123,23 +131,26 @@ class CpuDecodeBackend:
                                         logits_index=logits_index, logits_mask=logits_mask)
         x, inputs = model.embed(input_ids, positions, kv_cache, slots=slots, kv_len=kv_len)
         B, T, hidden = x.shape
+        kernels = self._kernels is not None and (T == 1 if decode is None else decode)
         x = x.reshape(B * T, hidden)
         for layer, k_cache, v_cache in zip(model.model.layers, kv_cache.k, kv_cache.v):
             if self._runs_layer(layer):
-                x = self._layer(layer, x, B, T, inputs, (k_cache, v_cache))
+                x = self._layer(layer, x, B, T, inputs, (k_cache, v_cache), kernels)
             else:
                 self._stepped_aside(f"layer {type(layer).__name__} with hooks or other module classes")
                 x = layer(x.view(B, T, hidden), inputs, (k_cache, v_cache)).reshape(B * T, hidden)
         return model.final_norm(x.view(B, T, hidden), logits_index=logits_index, logits_mask=logits_mask)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """:meth:`AquilaForCausalLM.compute_logits`: ``[..., hidden]`` -> fp32 logits ``[..., vocab]``."""
+        """:meth:`AquilaForCausalLM.compute_logits`: ``[..., hidden]`` -> fp32 logits ``[..., vocab]``
+        (through the kernels up to :data:`.cpu_kernels.MAX_ROWS` rows: a row's logits do not
+        depend on which other rows share the product)."""
         model = self._model()
         head = model.lm_head
         if self._whole_model_reason() is not None or not self._is_plain_linear(head, hidden.dtype):
             return model.compute_logits(hidden)
         rows = hidden.reshape(-1, hidden.shape[-1])
-        return self._linear(rows, head.weight).float().view(*hidden.shape[:-1], -1)
+        return self._linear(rows, head.weight, self._kernels is not None).float().view(*hidden.shape[:-1], -1)
 
     # ------------------------------------------------------------------ internals
     def _model(self) -> AquilaForCausalLM:
@@ -193,29 +204,36 @@ class CpuDecodeBackend:
         return all(self._linear_ok(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                                  mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, kernels: bool) -> torch.Tensor:
         """``x [N, in] @ weight.T`` -> ``[N, out]`` for a plain linear's weight ``[out, in]``."""
-        if self._kernels is not None:
+        if kernels:
             return cpu_kernels.linear(x, weight)
         return F.linear(x, weight)
 
-    def _project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, module: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
         """A linear module applied to ``x [N, in]``: through the backend's product for a plain float
         ``nn.Linear`` (in the input's dtype), else through the module."""
         if type(module) is nn.Linear and module.weight.dtype == x.dtype:
-            return self._linear(x, module.weight)
+            return self._linear(x, module.weight, kernels)
         return module(x)
 
-    def _layer(self, layer: DecoderLayer, x: torch.Tensor, B: int, T: int, inputs, cache) -> torch.Tensor:
-        """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]``."""
+    def _layer(self, layer: DecoderLayer, x: torch.Tensor, B: int, T: int, inputs, cache,
+               kernels: bool) -> torch.Tensor:
+        """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]``; plain
+        weights multiplied by the kernels when ``kernels``, else by ``F.linear``."""
         attn, mlp = layer.self_attn, layer.mlp
+
+        def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return self._project(module, h, kernels)
+
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
         norm = layer.input_layernorm
         h = rms_norm(x, norm.weight, norm.variance_epsilon)
-        q = rotate(self._project(attn.q_proj, h).view(B, T, H, D), inputs.cos, inputs.sin)
-        k = rotate(self._project(attn.k_proj, h).view(B, T, Hkv, D), inputs.cos, inputs.sin)
-        v = self._project(attn.v_proj, h).view(B, T, Hkv, D)
-        x = x + self._project(attn.o_proj, attend(q, k, v, cache, inputs).view(B * T, H * D))
+        q = rotate(project(attn.q_proj, h).view(B, T, H, D), inputs.cos, inputs.sin)
+        k = rotate(project(attn.k_proj, h).view(B, T, Hkv, D), inputs.cos, inputs.sin)
+        v = project(attn.v_proj, h).view(B, T, Hkv, D)
+        x = x + project(attn.o_proj, attend(q, k, v, cache, inputs).view(B * T, H * D))
         norm = layer.post_attention_layernorm
         h = rms_norm(x, norm.weight, norm.variance_epsilon)
-        return x + self._project(mlp.down_proj, F.silu(self._project(mlp.gate_proj, h)) * self._project(mlp.up_proj, h))
+        return x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))

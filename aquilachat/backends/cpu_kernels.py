@@ -34,9 +34,10 @@ __all__ = ["MAX_ROWS", "linear", "load", "load_error", "level"]
 
 log = logging.getLogger(__name__)
 
-#: Most input rows the kernel takes; more rows (prefill) are compute-bound and go to torch's
-#: blocked products (oneDNN / MKL), which reuse each weight block for many rows from cache.
-MAX_ROWS = 8
+#: Most input rows the kernel takes (a decode step's batch, a step's vocabulary projection); more
+#: rows go to torch's blocked products (oneDNN / MKL), which reuse each weight block for many
+#: rows from cache. Each row's result is the same whatever the other rows, up to this many.
+MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _NAME = "aquilachat_cpu_kernels_v1"
