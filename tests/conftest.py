@@ -59,3 +59,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_decode_kernels():
+    """Build the CPU decode backend's kernel (aquilachat.backends.cpu_kernels) once, before any
+    test: on a fresh machine the first build takes about a minute, and doing it here keeps that
+    time and its one-time notice out of tests that time or read a subprocess's stderr."""
+    from aquilachat.backends import cpu_kernels
+    cpu_kernels.load()

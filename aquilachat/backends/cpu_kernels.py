@@ -78,7 +78,11 @@ def _build():
     if not _SOURCE.exists():
         return None, f"{_SOURCE} is missing"
     try:
-        from torch.utils.cpp_extension import load as load_extension
+        from torch.utils.cpp_extension import _get_build_directory, load as load_extension
+        build_dir = Path(_get_build_directory(_NAME, verbose=False))
+        if not (build_dir / f"{_NAME}.so").exists():  # the first use on this machine: say why it waits
+            log.warning("building the CPU decode kernels once for this machine (about a minute on 2 "
+                        "cores; cached in %s; AQUILACHAT_CPU_KERNELS=0 skips them)", build_dir)
         ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: torch's products still work
         first = str(exc).strip().splitlines()
