@@ -357,13 +357,14 @@ class ReplicaServing:
         log.error("%s: replica call failed: %s", method, exc)
         return APIError(500, "internal server error; see the server log", type="internal_error", code="internal_error")
 
-    async def _call(self, method: str, req):
-        self._check_running()
-        response = self._handle.call.remote(method, req)
+    async def _reply(self, method: str, call, first):
+        """Await ``first``: the reply of the replica ``call``, or its stream's first item. A failure
+        becomes its API error; if the caller is cancelled (client gone) the call is cancelled, and
+        the replica aborts the generation."""
         try:
-            result = await response
-        except asyncio.CancelledError:  # client gone: the replica aborts the generation
-            response.cancel()
+            result = await first
+        except asyncio.CancelledError:
+            call.cancel()
             raise
         except Exception as exc:
             raise self._ray_error(exc, method) from None
@@ -371,19 +372,16 @@ class ReplicaServing:
             raise result.error()
         return result
 
+    async def _call(self, method: str, req):
+        self._check_running()
+        response = self._handle.call.remote(method, req)
+        return await self._reply(method, response, response)
+
     async def _stream(self, method: str, req) -> Stream:
         self._check_running()
         gen = self._stream_handle.stream.remote(method, req)
-        try:
-            first = await gen.__anext__()
-        except asyncio.CancelledError:
-            gen.cancel()
-            raise
-        except Exception as exc:
-            raise self._ray_error(exc, method) from None
-        if isinstance(first, _Failure):
-            raise first.error()
-        return Stream(self._chunks(gen, method, first.media_type), gen.cancel, media_type=first.media_type)
+        start = await self._reply(method, gen, gen.__anext__())
+        return Stream(self._chunks(gen, method, start.media_type), gen.cancel, media_type=start.media_type)
 
     async def _chunks(self, gen, method: str, media_type: str) -> AsyncIterator[str]:
         """The replica's chunks; if the call fails mid-answer, an error event ends an event stream
@@ -477,8 +475,12 @@ def deploy(config: ReplicaConfig, num_replicas: int, *, max_num_seqs: int, local
         handle = serve.run(deployment.bind(config, board), name=APP_NAME, route_prefix=None,
                            logging_config={"enable_access_log": False})
     except RuntimeError as exc:
+        try:  # the replicas' own error is in the deployment's status, not in serve.run's
+            detail = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message
+        except Exception:  # noqa: BLE001 - fall back to serve.run's message
+            detail = ""
         stop()
-        raise ConfigError(_start_failure(str(exc))) from None
+        raise ConfigError(_start_failure(f"{exc}\n{detail}")) from None
     models = handle.models.remote().result()
     log.info("%d replicas of %s running after %.1f s", num_replicas, config.model, time.monotonic() - started)
     return ReplicaServing(handle, board, models, on_shutdown=stop)
