@@ -172,6 +172,24 @@ def _requests_per_replica(url: str) -> dict[str, float]:
     return out
 
 
+def _generated_per_replica(url: str) -> dict[str, float]:
+    family = _metrics(url)["aquilachat_generation_tokens"]
+    return {s.labels["replica"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def _settled(url: str, read, timeout: float = 60) -> dict[str, float]:
+    """``read(url)`` once two reads a push-and-poll apart agree (the replicas' metrics lag ~2 s)."""
+    from aquilachat.server.replicas import METRICS_PUSH_S, STATUS_POLL_S
+    deadline = time.monotonic() + timeout
+    last = read(url)
+    while True:
+        time.sleep(METRICS_PUSH_S + STATUS_POLL_S + 0.5)
+        now = read(url)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 @pytest.mark.slow
 def test_answers_through_replicas_equal_the_single_process_server(replicas, single):
     ours, oracle = _client(replicas), openai_client(single, timeout=120)
@@ -226,24 +244,18 @@ def test_auth_limits_health_and_errors_through_replicas(replicas):
         r.read()
     models = httpx.get(url + "/v1/models", headers=AUTH, timeout=10).json()
     assert models["data"][0]["id"] == MODEL
-
-
-def _settled_requests_per_replica(url: str, timeout: float = 30) -> dict[str, float]:
-    """Requests per replica once two reads a push-and-poll apart agree (metrics lag ~2 s)."""
-    from aquilachat.server.replicas import METRICS_PUSH_S, STATUS_POLL_S
-    deadline = time.monotonic() + timeout
-    last = _requests_per_replica(url)
-    while True:
-        time.sleep(METRICS_PUSH_S + STATUS_POLL_S + 0.5)
-        now = _requests_per_replica(url)
-        if now == last or time.monotonic() > deadline:
-            return now
-        last = now
+    # a client that leaves mid-stream: the replica aborts its generation (else all 500 tokens come)
+    before = sum(_settled(url, _generated_per_replica).values())
+    body = {"model": MODEL, "prompt": "A long story", "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        next(r.iter_lines())
+    generated = sum(_settled(url, _generated_per_replica).values()) - before
+    assert 1 <= generated < 500
 
 
 @pytest.mark.slow
 def test_sixteen_concurrent_clients_reach_both_replicas(replicas):
-    before = _settled_requests_per_replica(replicas.url)
+    before = _settled(replicas.url, _requests_per_replica)
 
     async def one(client, i):
         r = await client.post(replicas.url + "/v1/completions", headers=AUTH, json={
@@ -256,7 +268,7 @@ def test_sixteen_concurrent_clients_reach_both_replicas(replicas):
             return await asyncio.gather(*(one(c, i) for i in range(16)))
 
     assert asyncio.run(all_clients()) == [200] * 16
-    after = _settled_requests_per_replica(replicas.url)
+    after = _settled(replicas.url, _requests_per_replica)
     served = {rid: after[rid] - before.get(rid, 0) for rid in after}
     print(f"\n16 concurrent clients, requests per replica: {served}")
     assert sum(served.values()) == 16
