@@ -105,6 +105,16 @@ def test_replica_metrics_merge_with_a_replica_label():
 
 
 # ---------------------------------------------------------------------------- with Ray (slow)
+def _require_ray() -> None:
+    """Skip without Ray Serve; import it the way the server does (its router settings first)."""
+    from aquilachat.errors import ConfigError
+    from aquilachat.server.replicas import require_ray
+    try:
+        require_ray()
+    except ConfigError:
+        pytest.skip("Ray Serve is not installed (pip install 'aquilachat[ray]')")
+
+
 def _ray_init() -> dict:
     """A small local Ray: two CPUs, a 200 MB object store."""
     return {"num_cpus": 2, "object_store_memory": 200 * 2**20}
@@ -112,7 +122,7 @@ def _ray_init() -> dict:
 
 @pytest.mark.slow
 def test_a_missing_model_path_stops_the_replicas_with_the_node_named(tmp_path):
-    pytest.importorskip("ray.serve")
+    _require_ray()
     from aquilachat.errors import ConfigError
     from aquilachat.server.app import ServerSettings
     from aquilachat.server.replicas import ReplicaConfig, connect, deploy
@@ -128,7 +138,7 @@ def test_a_missing_model_path_stops_the_replicas_with_the_node_named(tmp_path):
 @pytest.fixture(scope="module")
 def replicas():
     """2 replicas of aquila-tiny on a local Ray, behind the app with an API key."""
-    pytest.importorskip("ray.serve")
+    _require_ray()
     from aquilachat.server.app import ServerSettings, create_app
     from aquilachat.server.replicas import ReplicaConfig, connect, deploy
     settings = ServerSettings(model_name=MODEL, api_key=API_KEY)
