@@ -12,8 +12,9 @@ each one a whole single-process engine (:func:`~aquilachat.server.app.engine_ser
 
 * **Routing.** Each request is one call through a Ray Serve ``DeploymentHandle``, so Ray Serve's
   own router picks the replica: the default power-of-two-choices router sends it to the one of
-  two sampled replicas with fewer requests in flight (least loaded). A request is never split,
-  so all ``n`` answers of a request come from one replica.
+  two sampled replicas with fewer requests in flight (least loaded), asked on every request
+  (:data:`ROUTER_ENV`). A request is never split, so all ``n`` answers of a request come from
+  one replica.
 * **Limits.** A replica takes up to ``max_num_seqs + max_waiting`` requests at once
   (``max_ongoing_requests``) and applies the single server's queue limit itself (429). When every
   replica is full, up to ``max_waiting`` more requests wait in the router (``max_queued_requests``);
