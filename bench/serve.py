@@ -25,6 +25,15 @@ prefix cache (``usage.prompt_tokens_details.cached_tokens``).
 
     python bench/serve.py --workload multi-turn [--clients 16] [--turns 4] [--max-tokens 32]
 
+``--replicas 1,2`` instead compares ``aquilachat serve --replicas R`` (R engine replicas on Ray
+Serve, one torch thread each, ``--max-num-seqs 16`` each; ``0`` is the single-process server
+without Ray, for the overhead) on the batching workload above. Each server starts its own local
+Ray, so these servers run one after another, not side by side. Run it with a Python that has Ray
+Serve (``pip install 'aquilachat[ray]'``). On a machine with fewer cores than replicas x threads
+plus the HTTP process it measures correctness and overhead, not scaling.
+
+    python bench/serve.py --replicas 0,1,2 --clients 1 16
+
 This is a benchmark, not a test: numbers depend on the machine and on whatever else runs on it
 (the load average is printed with the table).
 """
@@ -269,6 +278,45 @@ def multi_turn(args, model_dir: Path) -> int:
     return 0
 
 
+def replicas_bench(args, model_dir: Path) -> int:
+    """``--replicas``: one server per replica count, one after another (module docstring)."""
+    load_before = os.getloadavg()
+    rows = []
+    for count in args.replicas:
+        extra = ("--replicas", str(count), "--threads-per-replica", str(args.threads)) if count else ()
+        server = Server(model_dir, 16, args.threads, args.max_model_len, extra)
+        try:
+            started = time.perf_counter()
+            server.wait_ready()
+            ready = time.perf_counter() - started
+            asyncio.run(run_clients(server.url, 1, 1, 4, args.temperature))  # warm-up
+            for n in args.clients:
+                runs = [asyncio.run(run_clients(server.url, n, args.requests_per_client, args.max_tokens,
+                                                args.temperature)) for _ in range(args.repeats)]
+                ttfts = sorted(t for r in runs for t in r["ttfts"])
+                tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall_s"] for r in runs)
+                rows.append({"replicas": count, "clients": n, "ready_s": ready, "requests": sum(r["requests"] for r in runs),
+                             "tok_s": tokens / wall, "ttft_p50": percentile(ttfts, 50),
+                             "ttft_p99": percentile(ttfts, 99)})
+                print(f"replicas {count}, {n:>2} clients: {tokens / wall:7.1f} tok/s, TTFT p50 "
+                      f"{rows[-1]['ttft_p50']:.3f} s, p99 {rows[-1]['ttft_p99']:.3f} s", flush=True)
+        finally:
+            server.stop()
+    load_after = os.getloadavg()
+    print()
+    print(f"{args.repeats} runs x {args.requests_per_client} requests per client, {args.max_tokens} tokens each "
+          f"(ignore_eos, temperature {args.temperature}), {args.threads} torch thread(s) per replica, max-num-seqs 16 "
+          f"per replica; {os.cpu_count()} CPUs; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    print()
+    print("| replicas | clients | requests | tokens/s | TTFT p50 s | TTFT p99 s | ready after s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        name = r["replicas"] or "none (one process, no Ray)"
+        print(f"| {name} | {r['clients']} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | "
+              f"{r['ttft_p99']:.3f} | {r['ready_s']:.1f} |")
+    return 0
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default) of already sorted values."""
     if len(sorted_values) == 1:
@@ -299,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="batching: max-num-seqs modes vs N clients (default); multi-turn: prefix caching on vs off "
                         "on 4-turn chats sharing the system prompt (--clients defaults to 16)")
     p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default 4)")
+    p.add_argument("--replicas", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="R,R,...",
+                   help="compare aquilachat serve --replicas R for each R (0: one process without Ray) on the "
+                        "batching workload, one server after another; needs Ray Serve")
     args = p.parse_args(argv)
     if args.workload == "multi-turn":
         if args.clients == [1, 4, 16]:
@@ -313,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             print("model:", build_model(model_dir, args.preset), flush=True)
         if args.workload == "multi-turn":
             return multi_turn(args, model_dir)
+        if args.replicas is not None:
+            return replicas_bench(args, model_dir)
         load_before = os.getloadavg()
         # All servers run at once and the modes take turns for every N and repetition, so that a
         # change in the machine's load (other processes) affects every mode alike.

@@ -57,6 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "aquilachat.run_instructions: false); off: only requests that ask")
     p.add_argument("--log-prompts", action="store_true", help="log prompts and answers (off by default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("replicas on Ray Serve (pip install 'aquilachat[ray]'; see docs/serving.md)")
+    g.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="run N replicas of the engine as a Ray Serve deployment behind this server's API "
+                        "(default: one engine in this process, no Ray)")
+    g.add_argument("--ray-address", default=None, metavar="auto|HEAD:PORT",
+                   help="the Ray cluster to run the replicas on: 'auto' (the one this node joined with "
+                        "'ray start') or its address (default: a local Ray, started and stopped with the server)")
+    g.add_argument("--threads-per-replica", type=int, default=None, metavar="T",
+                   help="torch threads (and Ray CPUs) of each replica (default: the cluster's CPUs / replicas)")
     p.set_defaults(func=run)
 
 
@@ -103,6 +112,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValidationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_waiting < 0:
         raise ValidationError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.replicas is None:
+        for name in ("ray_address", "threads_per_replica"):
+            if getattr(args, name) is not None:
+                raise ValidationError(f"--{name.replace('_', '-')} needs --replicas")
+    else:
+        for name in ("replicas", "threads_per_replica"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValidationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        from ..server.replicas import require_ray
+        require_ray()  # a missing extra fails here, in one line
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # a wrong --model, or a model that cannot fit, fails here in one line, before the server starts
     ckpt = Checkpoint.open(args.model)
@@ -120,13 +140,23 @@ def run(args: argparse.Namespace) -> int:
                               run_instructions=args.run_instructions)
     text2image, image_edit = image_backends(args)
 
-    def loader() -> LLM:
-        # the plan's decisions, explicitly: the loader thread sizes nothing again
-        return LLM(ckpt, template=args.template, device=plan.device, dtype=plan.dtype,
-                   quantization=args.quantization,
-                   max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
-                   kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes,
-                   enable_prefix_caching=args.enable_prefix_caching)
+    if args.replicas is None:
+        def loader() -> LLM:
+            # the plan's decisions, explicitly: the loader thread sizes nothing again
+            return LLM(ckpt, template=args.template, device=plan.device, dtype=plan.dtype,
+                       quantization=args.quantization,
+                       max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
+                       kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes,
+                       enable_prefix_caching=args.enable_prefix_caching)
+    else:
+        from ..server.replicas import ReplicaConfig, connect, deploy
+        # each replica plans its memory on its own node, from the same options
+        config = ReplicaConfig(model=args.model, threads=args.threads_per_replica, settings=settings,
+                               llm_kwargs={**kwargs, "template": args.template, "kv_cache_tokens": args.kv_cache_tokens})
+        connect(args.ray_address)
+
+        def loader():  # the replicas load the model; this process routes to them
+            return deploy(config, args.replicas, max_num_seqs=plan.num_slots, local=args.ray_address is None)
 
     failed: list[BaseException] = []
 
@@ -134,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         failed.append(exc)
         server.should_exit = True
 
-    app = create_app(loader, settings, on_load_error=on_load_error, text2image=text2image, image_edit=image_edit)
+    app = create_app(loader, settings, on_load_error=on_load_error, text2image=text2image, image_edit=image_edit,
+                     remote=args.replicas is not None)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if failed:

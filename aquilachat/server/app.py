@@ -29,7 +29,7 @@ import threading
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,7 +37,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
@@ -53,7 +53,7 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Completion
                        ImageGenerationRequest, ImagesResponse, LegacyRequest, LegacyResponse, ModelList)
 from .serving import APIError, Serving, Stream
 
-__all__ = ["create_app", "ServerSettings", "ServerMetrics"]
+__all__ = ["create_app", "ServerSettings", "ServerMetrics", "RemoteServing", "engine_serving"]
 
 log = logging.getLogger("aquilachat.server")
 
@@ -102,12 +102,19 @@ class ServerMetrics:
     ``aquilachat_running_sequences``, ``aquilachat_waiting_sequences``, ``aquilachat_model_loaded``,
     and the histograms ``aquilachat_time_to_first_token_seconds`` (request arrival to a sequence's
     first token) and ``aquilachat_inter_token_latency_seconds``.
+
+    With ``remote`` the engine runs in other processes: only the request counter is this
+    process's, every other metric comes from :meth:`RemoteServing.collect`.
     """
 
-    def __init__(self, state: "_State") -> None:
+    def __init__(self, state: "_State", *, remote: bool = False) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("aquilachat_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=self.registry)
+        self.registry.register(_ImageCollector(state))  # image jobs run in this process either way
+        if remote:
+            self.registry.register(_RemoteCollector(state))
+            return
         self.ttft = Histogram("aquilachat_time_to_first_token_seconds",
                               "Seconds from a request's arrival to the first token of each of its answers",
                               buckets=TTFT_BUCKETS, registry=self.registry)
@@ -115,7 +122,6 @@ class ServerMetrics:
                              "Seconds between consecutive tokens of an answer", buckets=ITL_BUCKETS,
                              registry=self.registry)
         self.registry.register(_EngineCollector(state))
-        self.registry.register(_ImageCollector(state))
 
     # EngineObserver (called from the engine thread; prometheus_client is thread-safe)
     def first_token(self, seconds: float) -> None:
@@ -127,6 +133,17 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _RemoteCollector:
+    """The engine metrics of a :class:`RemoteServing`, read at scrape time (none until it is up)."""
+
+    def __init__(self, state: "_State") -> None:
+        self.state = state
+
+    def collect(self):
+        if self.state.serving is not None:
+            yield from self.state.serving.collect()
 
 
 class _EngineCollector:
@@ -175,11 +192,26 @@ class _ImageCollector:
             yield CounterMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
 
 
+class RemoteServing(Protocol):
+    """Serving that runs in other processes (the Ray Serve replicas of
+    :mod:`aquilachat.server.replicas`): the routes call its ``chat``, ``completion``, ``legacy``,
+    ``flagai`` and ``models`` as they call :class:`Serving`'s; ``/health`` and ``/metrics`` ask it."""
+
+    def health(self) -> tuple[int, dict]:
+        """The status code and JSON body of ``/health``."""
+
+    def collect(self) -> Iterable[Metric]:
+        """The engine metrics (a Prometheus collector's ``collect``)."""
+
+    def shutdown(self) -> None:
+        """Stop serving (the server is shutting down)."""
+
+
 class _State:
     """What the routes share: the serving layer once loaded, or the load error."""
 
     def __init__(self) -> None:
-        self.serving: Serving | None = None
+        self.serving: Serving | RemoteServing | None = None
         self.async_engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.memory_plan: dict | None = None  # the loaded model's (aquilachat.memory.MemoryPlan.as_dict)
@@ -485,9 +517,32 @@ def _endpoint(path: str) -> str:
     return _ENDPOINTS.get(path, "other")
 
 
+def _attach(state: _State, llm: Any, settings: ServerSettings, loop: asyncio.AbstractEventLoop,
+            metrics: ServerMetrics) -> None:
+    """Serve ``llm`` through ``state``: its engine thread started, events delivered on ``loop``."""
+    state.memory_plan = llm.memory_plan.as_dict()
+    engine = AsyncEngine(llm.engine, llm.tokenizer, loop, max_waiting=settings.max_waiting, observer=metrics)
+    state.async_engine = engine
+    state.serving = Serving(engine, tokenizer=llm.tokenizer, template=llm.template,
+                            model_name=settings.model_name, log_prompts=settings.log_prompts,
+                            grammar=getattr(llm, "grammar_backend", None))
+
+
+def engine_serving(llm: Any, settings: ServerSettings,
+                   loop: asyncio.AbstractEventLoop) -> tuple[Serving, ServerMetrics]:
+    """The serving layer over ``llm`` (an :class:`~aquilachat.llm.LLM`), as one server process
+    builds it, and its engine's metrics: what each Ray Serve replica runs. Its engine thread is
+    started and hands events to ``loop``; stop it with ``serving.engine.shutdown()``."""
+    state = _State()
+    metrics = ServerMetrics(state)
+    _attach(state, llm, settings, loop, metrics)
+    return state.serving, metrics
+
+
 def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
                on_load_error: Callable[[BaseException], None] | None = None,
-               text2image: ImageBackend | None = None, image_edit: ImageBackend | None = None) -> FastAPI:
+               text2image: ImageBackend | None = None, image_edit: ImageBackend | None = None,
+               remote: bool = False) -> FastAPI:
     """The server application.
 
     Args:
@@ -499,25 +554,25 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
             answering 503 with the error on ``/health``.
         text2image, image_edit: the image backends of ``/v1/images/*`` and of instructions
             (:mod:`aquilachat.images`; ``--image-model`` / ``--image-edit-model`` / ``--image-url``).
+        remote: ``loader`` returns a :class:`RemoteServing` instead (replicas in other processes:
+            ``aquilachat serve --replicas``); ``/health`` and the engine metrics then come from it.
     """
     state = _State()
     store = ImageStore(image_store_dir())
     state.images = ImageServing(text2image, image_edit, store=store, run_instructions=settings.run_instructions)
-    metrics = ServerMetrics(state)
+    metrics = ServerMetrics(state, remote=remote)
 
     def load(loop: asyncio.AbstractEventLoop) -> None:
         try:
             started = time.monotonic()
-            llm = loader()
-            state.memory_plan = llm.memory_plan.as_dict()
-            engine = AsyncEngine(llm.engine, llm.tokenizer, loop, max_waiting=settings.max_waiting,
-                                 observer=metrics)
-            state.async_engine = engine
-            state.serving = Serving(engine, tokenizer=llm.tokenizer, template=llm.template,
-                                    model_name=settings.model_name, log_prompts=settings.log_prompts,
-                                    grammar=getattr(llm, "grammar_backend", None))
+            loaded = loader()
+            if remote:
+                state.serving = loaded
+                log.info("serving %s from replicas, ready in %.1f s", settings.model_name, time.monotonic() - started)
+                return
+            _attach(state, loaded, settings, loop, metrics)
             log.info("model %s loaded in %.1f s (max_num_seqs %d, context %d tokens)", settings.model_name,
-                     time.monotonic() - started, llm.engine.max_num_seqs, llm.engine.max_model_len)
+                     time.monotonic() - started, loaded.engine.max_num_seqs, loaded.engine.max_model_len)
         except BaseException as exc:  # noqa: BLE001 - reported on /health and to the caller
             state.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading the model failed: %s", state.load_error)
@@ -531,6 +586,8 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         yield
         if state.async_engine is not None:
             state.async_engine.shutdown()
+        if remote and state.serving is not None:
+            state.serving.shutdown()
         state.images.shutdown()
         shutil.rmtree(store.directory, ignore_errors=True)
 
@@ -670,6 +727,9 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
                                    503: {"description": "Loading, or the model failed to load"}})
     async def health() -> Response:
         """Whether the model is loaded (no API key needed)."""
+        if remote and state.serving is not None:
+            status, body = state.serving.health()
+            return JSONResponse(body, status_code=status)
         if state.serving is not None:
             return JSONResponse({"status": "ok", "memory": state.memory_plan})
         if state.load_error is not None:
