@@ -238,7 +238,8 @@ def test_auth_limits_health_and_errors_through_replicas(replicas):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     health = httpx.get(url + "/health", timeout=10)  # no key needed
     assert health.status_code == 200 and health.json()["replicas"]["RUNNING"] == 2
-    r = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), headers=AUTH, timeout=30)
+    r = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20),
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 413
     # errors raised in a replica come back in the route's shape
     r = httpx.post(url + "/v1/completions", json={"model": "other", "prompt": "x"}, headers=AUTH, timeout=30)
