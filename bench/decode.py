@@ -141,10 +141,11 @@ def run_child(cmd: list[str], timeout: float) -> tuple[int, str, float, int]:
     return proc.returncode, out, time.perf_counter() - t, usage.ru_maxrss * 1024
 
 
-def prepare_7b(cache: Path, llama_python: str, *, timeout: float) -> tuple[Path, dict[str, Path], list[str]]:
-    """Make what is missing: the random checkpoint, the f16 and q8_0 GGUF files (our exporter) and
-    the q4_0 one (llama.cpp's quantizer, from the f16 file). Returns the checkpoint, the GGUF path
-    per llama.cpp type, and one line per step that ran (seconds and peak RSS)."""
+def prepare_7b(cache: Path, llama_python: str, gguf_types: set[str], *,
+               timeout: float) -> tuple[Path, dict[str, Path], list[str]]:
+    """Make what is missing: the random checkpoint, and of ``gguf_types`` the f16 and q8_0 GGUF
+    files (our exporter) and the q4_0 one (llama.cpp's quantizer, from the f16 file). Returns the
+    checkpoint, the GGUF path per llama.cpp type, and one line per step that ran (seconds, peak RSS)."""
     ckpt = cache / "aquila-7b"
     ggufs = {t: cache / "gguf7b" / f"aquila-7b-{t}.gguf" for t in ("f16", "q8_0", "q4_0")}
     steps = []
@@ -152,10 +153,10 @@ def prepare_7b(cache: Path, llama_python: str, *, timeout: float) -> tuple[Path,
     if not (ckpt / ".complete").exists():
         todo.append(("random checkpoint", [sys.executable, "bench/random_checkpoint.py", "--cache", str(cache)]))
     for t in ("f16", "q8_0"):
-        if not ggufs[t].exists():
+        if not ggufs[t].exists() and (t in gguf_types or (t == "f16" and "q4_0" in gguf_types)):
             todo.append((f"GGUF {t} (aquilachat convert)", [sys.executable, "-m", "aquilachat", "convert", str(ckpt),
                                                              str(ggufs[t]), "--to", "gguf", "--outtype", t]))
-    if not ggufs["q4_0"].exists():
+    if not ggufs["q4_0"].exists() and "q4_0" in gguf_types:
         todo.append(("GGUF q4_0 (llama_model_quantize)", [llama_python, "bench/decode_engines.py", "quantize",
                                                            str(ggufs["f16"]), str(ggufs["q4_0"]), "q4_0"]))
     for what, cmd in todo:
@@ -220,7 +221,8 @@ def run_preset(args: argparse.Namespace) -> None:
         raise SystemExit(f"--engines: unknown {':'.join(bad[0])}; choose from "
                          + ",".join(f"{e}:{p}" for e, p in PRESET_ENGINES))
     llama_python = args.llama_python or sys.executable
-    ckpt, ggufs, steps = prepare_7b(args.cache, llama_python, timeout=args.timeout)
+    ckpt, ggufs, steps = prepare_7b(args.cache, llama_python, {p for e, p in wanted if e == "llama.cpp"},
+                                    timeout=args.timeout)
     prompts = preset_prompts(args.prompt_tokens)
     rows = []
     for engine, precision in wanted:
