@@ -47,12 +47,13 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .memory import DTYPES, MemoryPlan, plan_memory
 from .model import AquilaForCausalLM
+from .quantization import QuantizationConfig, QuantizedLoader, is_quantized, quantize_plan, quantize_weight
 
 log = logging.getLogger("aquilachat.checkpoint")
 
 __all__ = ["Checkpoint", "load_model", "load_tokenizer", "load_state_dict", "write_hf", "save_hf", "save_flagai", "convert", "resolve_model_path",
            "detect_layout", "hf_to_flagai_state_dict", "flagai_to_hf_state_dict", "BUNDLED_MODELS",
-           "resolve_dtype"]
+           "resolve_dtype", "quantize_checkpoint"]
 
 BUNDLED_DIR = Path(__file__).parent / "assets"
 #: Models shipped inside the package, by name.
@@ -365,11 +366,15 @@ class Checkpoint:
     """A model directory, resolved once: where it is, its layout and its config.
 
     Build with :meth:`open`. Attributes: ``name`` (as given), ``path`` (local directory),
-    ``layout`` (``"hf"`` or ``"flagai"``), ``config`` (:class:`ModelConfig`), ``config_file``.
+    ``layout`` (``"hf"`` or ``"flagai"``), ``config`` (:class:`ModelConfig`), ``config_file``,
+    ``quantization`` (the :class:`~aquilachat.quantization.QuantizationConfig` of a checkpoint
+    written by ``aquilachat quantize``, else None).
     """
 
-    def __init__(self, name: str, path: Path, layout: str, config: ModelConfig, config_file: Path) -> None:
+    def __init__(self, name: str, path: Path, layout: str, config: ModelConfig, config_file: Path,
+                 quantization: QuantizationConfig | None = None) -> None:
         self.name, self.path, self.layout, self.config, self.config_file = name, path, layout, config, config_file
+        self.quantization = quantization
 
     @classmethod
     def open(cls, model: "str | os.PathLike | Checkpoint") -> "Checkpoint":
@@ -390,7 +395,11 @@ class Checkpoint:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config_file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
         config = ModelConfig.from_dict(data, source=str(config_file))
-        return cls(str(model), path, "flagai" if ModelConfig.is_flagai_dict(data) else "hf", config, config_file)
+        quantization = None
+        if isinstance(data, dict) and data.get("quantization_config") is not None:
+            quantization = QuantizationConfig.from_dict(data["quantization_config"], source=str(config_file))
+        return cls(str(model), path, "flagai" if ModelConfig.is_flagai_dict(data) else "hf", config, config_file,
+                   quantization)
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, layout={self.layout!r})"
@@ -404,9 +413,35 @@ class Checkpoint:
         """The weights files, in index order (raises CheckpointError when there are none)."""
         return _weight_files(self.path)
 
-    def plan_memory(self, *, device: str | torch.device = "auto", **kwargs) -> MemoryPlan:
-        """:func:`aquilachat.memory.plan_memory` for this checkpoint's config on ``device``."""
-        return plan_memory(self.config, device=resolve_device(device), what=str(self.path), **kwargs)
+    def plan_memory(self, *, device: str | torch.device = "auto", quantization: str | None = None,
+                    group_size: int | None = None, **kwargs) -> MemoryPlan:
+        """:func:`aquilachat.memory.plan_memory` for this checkpoint's config on ``device``, with
+        the quantization it will load with (:meth:`quantization_for`)."""
+        q = self.quantization_for(quantization, group_size)
+        return plan_memory(self.config, device=resolve_device(device), what=str(self.path),
+                           quantization=q.method if q else None, group_size=q.group_size if q else None, **kwargs)
+
+    def quantization_for(self, quantization: str | None = None,
+                         group_size: int | None = None) -> QuantizationConfig | None:
+        """The weight-only quantization a load with ``quantization`` (``int8`` | ``int4`` | None)
+        gives: a quantized checkpoint's own (asking for it again is allowed, another is not), or
+        the float checkpoint converted at load time (:meth:`QuantizationConfig.for_model`).
+
+        Raises:
+            ConfigError: an unknown method or group size, or one that differs from the checkpoint's
+                ``quantization_config`` (naming the field).
+        """
+        own = self.quantization
+        if own is None:
+            return QuantizationConfig.for_model(self.config, quantization, group_size) if quantization else None
+        if quantization is not None and quantization != own.method:
+            raise ConfigError(f"{self.config_file}: quantization_config.bits says this checkpoint is {own.method}; "
+                              f"it cannot load as {quantization} (omit --quantization, or quantize the float "
+                              "checkpoint again)")
+        if group_size is not None and group_size != own.group_size:
+            raise ConfigError(f"{self.config_file}: quantization_config.group_size is {own.group_size}; "
+                              f"it cannot load with group size {group_size}")
+        return own
 
     def load_tokenizer(self):
         """The tokenizer stored beside the weights (:class:`aquilachat.tokenizer.Tokenizer`)."""
@@ -414,7 +449,8 @@ class Checkpoint:
         return Tokenizer.from_dir(self.path)
 
     def load_model(self, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                   check_memory: bool = True, populate: bool = True) -> AquilaForCausalLM:
+                   check_memory: bool = True, populate: bool = True, quantization: str | None = None,
+                   group_size: int | None = None) -> AquilaForCausalLM:
         """Load the weights into an :class:`AquilaForCausalLM` in eval mode (module docstring).
 
         Args:
@@ -424,27 +460,89 @@ class Checkpoint:
                 :class:`~aquilachat.memory.MemoryPlanError` before anything is read); callers that
                 planned already (``LLM``) pass False.
             populate: read memory-mapped weights in during the load rather than at first use.
+            quantization: ``"int8"`` / ``"int4"``: the linear layers become weight-only quantized
+                modules (:mod:`aquilachat.quantization`), each float weight converted as it is read
+                and dropped at once, so no float copy of the model ever exists; a checkpoint written
+                by ``aquilachat quantize`` loads quantized without it. ``group_size``: int4's.
 
         Raises:
-            CheckpointError: missing or truncated files, missing/unexpected keys, wrong shapes; the
-                message names the file and the key.
-            ConfigError: unknown dtype. MemoryPlanError: the weights do not fit.
+            CheckpointError: missing or truncated files, missing/unexpected keys, wrong shapes or
+                dtypes; the message names the file and the key.
+            ConfigError: unknown dtype, quantization or group size, a quantization that differs from
+                the checkpoint's, a quantized model on a non-CPU device. MemoryPlanError: the weights
+                do not fit.
         """
         device = resolve_device(device)
+        qconfig = self.quantization_for(quantization, group_size)
+        method = qconfig.method if qconfig else None
         if check_memory or dtype == "auto":
-            plan = self.plan_memory(device=device, dtype=dtype, engine=False)
+            plan = self.plan_memory(device=device, dtype=dtype, engine=False, quantization=method,
+                                    group_size=qconfig.group_size if qconfig else None)
             dtype = plan.torch_dtype
             if plan.dtype_reason and plan.dtype_reason != "asked for":
                 log.info("%s: loading as %s (%s)", self.path, plan.dtype, plan.dtype_reason)
         dtype = resolve_dtype(dtype, self.config, device)
+        if qconfig is not None and device.type != "cpu":
+            raise ConfigError(f"{self.path}: {method} weights run on the CPU only; use --device cpu")
         config = self.config
-        files = self.weight_files()
         with torch.device("meta"):
             m = AquilaForCausalLM(config)
-        expected = dict(m.state_dict(keep_vars=True))
+        expected = {k: tuple(v.shape) for k, v in m.state_dict(keep_vars=True).items()}
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight", None)
+        quant = None
+        if qconfig is not None:
+            quant = QuantizedLoader(m, qconfig, dtype=dtype, stored=self.quantization is not None)
+            for name in quant.plan:
+                del expected[f"{name}.weight"]
+            expected.update({k: shape for k, (shape, _) in quant.expected().items()})
         # every key and shape first, from the headers: a bad checkpoint fails before any big read
+        files, names, stored = self._check_keys(expected)
+        if quant is not None:  # and the quantized codes' dtypes
+            by_name = {v: k for k, v in names.items()}
+            for name, (_, want) in quant.expected().items():
+                _, have, file = stored[by_name[name]]
+                if want is not None and have != want:
+                    raise CheckpointError(f"{file}: tensor {by_name[name]!r} is {str(have).removeprefix('torch.')}, "
+                                          f"expected {str(want).removeprefix('torch.')} for {qconfig.method} weights "
+                                          "(config.json quantization_config)")
+        state: dict[str, torch.Tensor] = {}
+        for name, src, t, pages in self._stream(files, names):
+            if quant is not None and quant.owns(name):
+                # a float weight is quantized now; stored codes wait for their module's other tensors
+                for source, kept in quant.add(name, src if quant.stored else t):
+                    if not kept:
+                        pages.advise(source, _MADV_DONTNEED)
+                    elif populate:  # int8 codes used as they lie in the file
+                        pages.populate(source)
+                if not quant.stored:
+                    pages.advise(src, _MADV_DONTNEED)
+                del t, src
+                continue
+            out = t.to(device=device, dtype=dtype)
+            if out is src:  # used as it lies in the file: read it in now
+                if populate:
+                    pages.populate(src)
+            else:  # converted, permuted or moved: the source pages are done with
+                pages.advise(src, _MADV_DONTNEED)
+            del t, src
+            state[name] = out
+        m.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        return m.eval()
+
+    def _check_keys(self, expected: dict[str, tuple[int, ...]]
+                    ) -> tuple[list[Path], dict[str, str], dict[str, tuple[tuple[int, ...], torch.dtype, Path]]]:
+        """Check the checkpoint's keys and shapes against ``expected`` (Hugging Face name ->
+        shape) from the files' headers, before any tensor is read. Returns the weights files, the
+        stored key -> Hugging Face name of every tensor to load, and the header index.
+
+        Raises:
+            CheckpointError: a missing or unexpected key, or a wrong shape, naming file and key.
+        """
+        config = self.config
+        files = self.weight_files()
         stored = _tensor_index(files)
         names = {}
         for key in stored:
@@ -459,14 +557,24 @@ class Checkpoint:
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         unexpected = sorted(set(by_name) - set(expected))
         if unexpected:
+            hint = ""
+            if self.quantization is None and unexpected[0].endswith((".scales", ".zeros")):
+                hint = " (quantized tensors, but config.json has no quantization_config)"
             raise CheckpointError(f"{stored[by_name[unexpected[0]]][2]}: unexpected key {by_name[unexpected[0]]!r}"
-                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-        for name, param in expected.items():
+                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") + hint)
+        for name, want in expected.items():
             shape, _, file = stored[by_name[name]]
-            if shape != tuple(param.shape):
+            if shape != want:
                 raise CheckpointError(f"{file}: tensor {by_name[name]!r} has shape {shape}, "
-                                      f"expected {tuple(param.shape)} from config.json")
-        state: dict[str, torch.Tensor] = {}
+                                      f"expected {want} from config.json")
+        return files, names, stored
+
+    def _stream(self, files: list[Path], names: dict[str, str]
+                ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, "_FilePages"]]:
+        """``(name, stored tensor, tensor in Hugging Face layout, its file's pages)`` for every
+        tensor of ``names`` (stored key -> name), one at a time, files read ahead as they open
+        (FlagAI q/k rows permuted: a copy)."""
+        config = self.config
         for file in files:
             pages = _FilePages(file)
             for i, (key, src) in enumerate(_iter_tensors(file)):
@@ -479,18 +587,7 @@ class Checkpoint:
                 if self.layout == "flagai" and name.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
                     t = _permute_interleaved_to_half(t, heads)  # a copy
-                out = t.to(device=device, dtype=dtype)
-                if out is src:  # used as it lies in the file: read it in now
-                    if populate:
-                        pages.populate(src)
-                else:  # converted, permuted or moved: the source pages are done with
-                    pages.advise(src, _MADV_DONTNEED)
-                del t, src
-                state[name] = out
-        m.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            m.lm_head.weight = m.model.embed_tokens.weight
-        return m.eval()
+                yield name, src, t, pages
 
 
 def load_model(model: str | os.PathLike | Checkpoint, *, dtype: str | torch.dtype = "auto",
@@ -544,9 +641,21 @@ def write_hf(state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str
     write_serving_files(path, config, template=template, tokenizer=tokenizer)
 
 
+def _refuse_quantized(model: AquilaForCausalLM) -> None:
+    if is_quantized(model):
+        raise ConfigError("cannot save a quantized model as a float checkpoint: save the float model, then run "
+                          "aquilachat quantize (quantize_checkpoint)")
+
+
 def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
             tokenizer_dir: str | os.PathLike | None = None, template: str | None = None) -> None:
-    """:func:`write_hf` of a model, in its own dtype."""
+    """:func:`write_hf` of a model, in its own dtype.
+
+    Raises:
+        ConfigError: a weight-only quantized model (its int4 codes are in this CPU's kernel
+            layout): write quantized checkpoints with :func:`quantize_checkpoint`.
+    """
+    _refuse_quantized(model)
     write_hf(model.state_dict(), model.config, path, dtype=model.dtype, tokenizer=tokenizer,
              tokenizer_dir=tokenizer_dir, template=template)
 
@@ -554,7 +663,12 @@ def save_hf(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None
 def save_flagai(model: AquilaForCausalLM, path: str | os.PathLike, *, tokenizer=None,
                 tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Write FlagAI layout: FlagAI ``config.json``, ``pytorch_model.bin`` with FlagAI key names and
-    interleaved q/k rows, and ``vocab.json`` / ``merges.txt`` / ``special_tokens_map.json``."""
+    interleaved q/k rows, and ``vocab.json`` / ``merges.txt`` / ``special_tokens_map.json``.
+
+    Raises:
+        ConfigError: a weight-only quantized model (as :func:`save_hf`).
+    """
+    _refuse_quantized(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = hf_to_flagai_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.config)
@@ -592,3 +706,70 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str, outtype:
     else:
         save_flagai(model, dst, tokenizer=tokenizer)
     return Path(dst)
+
+
+def quantize_checkpoint(src: str | os.PathLike | Checkpoint, dst: str | os.PathLike, *, method: str,
+                        group_size: int | None = None, dtype: str | torch.dtype = "bfloat16",
+                        template: str | None = None) -> QuantizationConfig:
+    """Write a weight-only quantized copy of a float checkpoint (``aquilachat quantize``): Hugging
+    Face layout, ``model.safetensors`` with the tensors of :mod:`aquilachat.quantization` for the
+    linears it converts and the other weights in ``dtype``, ``config.json`` with its
+    ``quantization_config``, the tokenizer and serving files. Weights are read, converted and
+    dropped one at a time (the output, at its quantized size, is what stays in memory).
+
+    Args:
+        method: ``int8`` or ``int4``; group_size: int4's (default
+            :data:`~aquilachat.quantization.DEFAULT_GROUP_SIZE`).
+        dtype: the float dtype of the other weights and of the scales, i.e. the dtype the model
+            runs in (bfloat16, the default of quantized models on the CPU, or float32); loading
+            the result in another dtype rounds its scales.
+        template: the chat template the serving files declare (default: the source's).
+
+    Returns the :class:`~aquilachat.quantization.QuantizationConfig` written.
+
+    Raises:
+        ConfigError: unknown method, group size or dtype; a source that is already quantized;
+            a weight the kernels cannot take. CheckpointError: as :meth:`Checkpoint.load_model`.
+    """
+    from safetensors.torch import save_file
+    ckpt = Checkpoint.open(src)
+    if ckpt.quantization is not None:
+        raise ConfigError(f"{ckpt.config_file}: this checkpoint is already quantized "
+                          f"({ckpt.quantization.description}); quantize the float checkpoint")
+    dtype = resolve_dtype(dtype, ckpt.config, torch.device("cpu"))
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ConfigError(f"--dtype must be bfloat16 or float32 for a quantized checkpoint (the kernels' activation "
+                          f"dtypes), got {str(dtype).removeprefix('torch.')}")
+    config = ckpt.config
+    qconfig = QuantizationConfig.for_model(config, method, group_size)
+    qplan = quantize_plan(config, qconfig)
+    with torch.device("meta"):
+        meta = AquilaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    files, names, _ = ckpt._check_keys(expected)
+    out: dict[str, torch.Tensor] = {}
+    for name, source, t, pages in ckpt._stream(files, names):
+        module_name = name.removesuffix(".weight")
+        if module_name in qplan:
+            meth, group = qplan[module_name]
+            for suffix, tensor in quantize_weight(t, meth, group_size=group, dtype=dtype, name=module_name).items():
+                out[f"{module_name}.{suffix}"] = tensor
+        else:
+            out[name] = t.to(dtype).contiguous()
+        pages.advise(source, _MADV_DONTNEED)
+        del t, source
+    path = Path(dst)
+    path.mkdir(parents=True, exist_ok=True)
+    data = ModelConfig(**{**config.__dict__, "torch_dtype": str(dtype).removeprefix("torch.")}).to_hf_dict()
+    data["quantization_config"] = qconfig.to_dict()
+    (path / "config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    save_file(out, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = None
+    if any((ckpt.path / n).exists() for n in ("tokenizer.json", "vocab.json")):
+        tokenizer = ckpt.load_tokenizer()
+    _copy_tokenizer(tokenizer, None, path)
+    from .export import write_serving_files
+    write_serving_files(path, config, template=template, tokenizer=tokenizer)
+    return qconfig

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "aquilachat.commands.tokenizer",
     "aquilachat.commands.eval",
     "aquilachat.commands.convert",
+    "aquilachat.commands.quantize",
 ]
 
 

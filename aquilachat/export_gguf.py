@@ -321,6 +321,9 @@ def write_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, outtype: str |
     from .export import export_template
     gguf = _gguf()
     ckpt = Checkpoint.open(src)
+    if ckpt.quantization is not None:
+        raise ConfigError(f"{ckpt.config_file}: a {ckpt.quantization.method} checkpoint (quantization_config); "
+                          "convert the float checkpoint (--outtype q8_0 quantizes for llama.cpp)")
     src_path, config = ckpt.path, ckpt.config
     name = Path(str(src).rstrip("/")).name  # the directory, bundled name or repo name
     outtype = outtype or _default_outtype(config)

@@ -36,6 +36,11 @@ class LLM:
             bfloat16 where the CPU has native bfloat16, else as float32 when that fits:
             :func:`aquilachat.memory.choose_dtype`), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
+        quantization: ``"int8"`` or ``"int4"``: weight-only quantization of the linear layers at
+            load time, tensor by tensor (:mod:`aquilachat.quantization`; CPU only; with
+            ``dtype="auto"`` the activations run in bfloat16). A checkpoint written by
+            ``aquilachat quantize`` loads quantized without it (asking for another method is an
+            error).
         template: chat template name for :meth:`chat` (default: the template of the checkpoint's
             ``chat_template`` when it is one of ours, else ``aquila-chat``).
         max_num_seqs: most sequences decoded together (KV cache slots; default 16, lowered to
@@ -62,15 +67,18 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike | Checkpoint = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", template: str | None = None, max_num_seqs: int | None = None,
+                 device: str = "auto", template: str | None = None, quantization: str | None = None,
+                 max_num_seqs: int | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  kv_cache_memory: str | int | float | None = None, enable_prefix_caching: bool = True) -> None:
         ckpt = Checkpoint.open(model)
         self.model_name = str(model) if not isinstance(model, Checkpoint) else model.name
-        self.memory_plan = ckpt.plan_memory(device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                                            max_model_len=max_model_len, kv_cache_memory=kv_cache_memory)
+        self.memory_plan = ckpt.plan_memory(device=device, dtype=dtype, quantization=quantization,
+                                            max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                            kv_cache_memory=kv_cache_memory)
         plan = self.memory_plan
-        self.model = ckpt.load_model(dtype=plan.torch_dtype, device=plan.device, check_memory=False)
+        self.model = ckpt.load_model(dtype=plan.torch_dtype, device=plan.device, check_memory=False,
+                                     quantization=quantization)
         self.config = self.model.config
         self.tokenizer = ckpt.load_tokenizer()
         self.template = get_template(template or template_name_of(self.tokenizer.chat_template))

@@ -3,8 +3,9 @@ large is allocated.
 
 A plan counts, for one device, dtype and quantization (all in bytes):
 
-* **weights**: every parameter at the run dtype (tied embeddings once); linear weights at their
-  quantized size when a weight-only quantization is chosen (:func:`weight_bytes`);
+* **weights**: every parameter at the run dtype (tied embeddings once); the linear weights a
+  weight-only quantization converts at their quantized size, scales included (:func:`weight_bytes`,
+  the formats of :mod:`aquilachat.quantization`);
 * **KV cache**: ``slots x tokens x layers x 2 x kv_heads x head_dim x bytes`` (keys and values
   of every layer, :func:`kv_bytes_per_token`), the size :class:`aquilachat.model.KVCache` allocates;
 * **workspace**: the activations of the largest step the engine runs (a prefill of
@@ -30,7 +31,9 @@ the numbers and the options that would fit, in one line.
 ``dtype="auto"`` (:func:`choose_dtype`): a checkpoint's stored dtype, except that on the CPU a float16
 checkpoint runs as bfloat16 where the CPU computes bfloat16 natively (AVX512_BF16 or AMX), as
 float32 elsewhere when float32 fits, and as bfloat16 when it does not (float16 arithmetic on x86
-CPUs is slow and overflows where bfloat16 does not).
+CPUs is slow and overflows where bfloat16 does not). With a weight-only quantization the CPU runs
+bfloat16 activations (torch's int8/int4 kernels are vectorized for them; float32 input takes their
+reference loops).
 """
 
 from __future__ import annotations
@@ -168,8 +171,10 @@ def _linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     return [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter)]
 
 
-def quantized_linear_bytes(out_features: int, in_features: int, quantization: str) -> int:
-    """Bytes of one ``[out, in]`` linear weight stored with weight-only ``quantization``.
+def quantized_linear_bytes(out_features: int, in_features: int, quantization: str, *,
+                           group_size: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one ``[out, in]`` linear weight stored with weight-only ``quantization``, its
+    scales (and zeros) in ``dtype``; ``group_size``: int4's (default: the quantizer's).
 
     The formats and their sizes are the quantizer's (:mod:`aquilachat.quantization`, which
     exposes ``METHODS`` and ``weight_bytes(out, in, method)``).
@@ -182,7 +187,7 @@ def quantized_linear_bytes(out_features: int, in_features: int, quantization: st
                           + (f"; use one of {', '.join(quantization_methods())}" if quantization_methods()
                              else "; this installation has no weight-only quantization"))
     from . import quantization as q
-    return q.weight_bytes(out_features, in_features, quantization)
+    return q.weight_bytes(out_features, in_features, quantization, group_size=group_size, dtype=dtype)
 
 
 def quantization_methods() -> tuple[str, ...]:
@@ -194,18 +199,36 @@ def quantization_methods() -> tuple[str, ...]:
     return tuple(q.METHODS)
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str | None = None) -> int:
-    """Bytes of all the model's weights at ``dtype`` (tied embeddings once), with the decoder's
-    linear weights at their quantized size when ``quantization`` is given (the embedding table,
-    the norms and the output projection stay at ``dtype``)."""
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, quantization: str | None = None,
+                 group_size: int | None = None) -> int:
+    """Bytes of all the model's weights at ``dtype`` (tied embeddings once). With a weight-only
+    ``quantization``, the linears it converts (:func:`aquilachat.quantization.quantize_plan`: the
+    decoder's, and an untied ``lm_head`` in int8) count at their quantized size with scales in
+    ``dtype``; the embedding table and the norms stay at ``dtype``.
+
+    Raises:
+        ConfigError: an unknown method or group size, or a weight the int4 kernel cannot take.
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     h = config.hidden_size
-    emb = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     norms = (2 * config.num_hidden_layers + 1) * h
-    linear = 0
-    for out_f, in_f in _linear_shapes(config):
-        linear += quantized_linear_bytes(out_f, in_f, quantization) if quantization else out_f * in_f * itemsize
-    return (emb + norms) * itemsize + config.num_hidden_layers * linear
+    if not quantization:
+        emb = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+        linear = sum(out_f * in_f for out_f, in_f in _linear_shapes(config))
+        return (emb + norms + config.num_hidden_layers * linear) * itemsize
+    quantized_linear_bytes(1, 1, quantization)  # the ConfigError of an unknown method
+    from . import quantization as q
+    plan = q.quantize_plan(config, q.QuantizationConfig.for_model(config, quantization, group_size))
+    shapes = dict(zip(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                      _linear_shapes(config)))
+    shapes["lm_head"] = (config.vocab_size, h)
+    total = (config.vocab_size * h + norms) * itemsize  # the embedding table, the norms
+    if not config.tie_word_embeddings and "lm_head" not in plan:
+        total += config.vocab_size * h * itemsize
+    for name, (method, group) in plan.items():
+        out_f, in_f = shapes[name.rpartition(".")[2]]
+        total += q.weight_bytes(out_f, in_f, method, group_size=group, dtype=dtype)
+    return total
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -290,6 +313,7 @@ class MemoryPlan:
     available_bytes: int
     available_source: str
     dtype_reason: str = ""
+    group_size: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -302,6 +326,7 @@ class MemoryPlan:
     def summary(self) -> str:
         """One line for logs: weights, KV cache, slots x tokens, workspace, dtype, device."""
         q = f" {self.quantization}" if self.quantization else ""
+        q += f" group {self.group_size}" if self.group_size else ""
         return (f"weights {format_bytes(self.weight_bytes)} ({self.dtype}{q}), KV cache "
                 f"{format_bytes(self.kv_cache_bytes)} ({self.num_slots} slot{'s' if self.num_slots != 1 else ''} x "
                 f"{self.max_model_len} tokens), "
@@ -314,14 +339,25 @@ class MemoryPlan:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
+def _default_group_size() -> int:
+    from .quantization import DEFAULT_GROUP_SIZE
+    return DEFAULT_GROUP_SIZE
+
+
 def _overhead(device: torch.device) -> int:
     return CUDA_OVERHEAD_BYTES if device.type == "cuda" else CPU_OVERHEAD_BYTES
 
 
 def choose_dtype(stored: torch.dtype, device: torch.device, *, fits_float32: bool,
-                 native_bf16: bool | None = None) -> tuple[torch.dtype, str]:
+                 native_bf16: bool | None = None, quantization: str | None = None) -> tuple[torch.dtype, str]:
     """The run dtype for ``dtype="auto"`` and why (module docstring). ``fits_float32``: whether
-    the plan fits at float32; ``native_bf16`` (default: :func:`cpu_has_native_bf16`)."""
+    the plan fits at float32; ``native_bf16`` (default: :func:`cpu_has_native_bf16`). With a
+    weight-only ``quantization`` the activations run in bfloat16 on the CPU: torch's int8/int4
+    kernels have vectorized bfloat16 paths, and float32 input takes their reference loops (60-100x
+    slower, bench/quantization_speed.py)."""
+    if quantization is not None and device.type == "cpu":
+        return torch.bfloat16, (f"{quantization} weights: torch's weight-only kernels are fast with bfloat16 "
+                                "activations")
     if device.type != "cpu" or stored != torch.float16:
         return stored, f"the checkpoint's dtype ({dtype_name(stored)})"
     if native_bf16 is None:
@@ -334,7 +370,7 @@ def choose_dtype(stored: torch.dtype, device: torch.device, *, fits_float32: boo
 
 
 def plan_memory(config: ModelConfig, *, device: torch.device | str = "cpu", dtype: str | torch.dtype = "auto",
-                quantization: str | None = None, max_num_seqs: int | None = None,
+                quantization: str | None = None, group_size: int | None = None, max_num_seqs: int | None = None,
                 max_model_len: int | None = None, kv_cache_memory: str | int | float | None = None,
                 max_num_batched_tokens: int | None = None, available: int | None = None,
                 native_bf16: bool | None = None, what: str = "the model", engine: bool = True) -> MemoryPlan:
@@ -342,7 +378,9 @@ def plan_memory(config: ModelConfig, *, device: torch.device | str = "cpu", dtyp
 
     Args:
         dtype: ``"auto"`` (see :func:`choose_dtype`) or a dtype / its name.
-        quantization: weight-only method (:func:`quantization_methods`) or None.
+        quantization: weight-only method (:func:`quantization_methods`) or None; it runs on the
+            CPU, and with ``dtype="auto"`` in bfloat16 (:func:`choose_dtype`).
+        group_size: int4's group size (default: the quantizer's).
         max_num_seqs: upper bound on slots (default :data:`DEFAULT_MAX_NUM_SEQS`); lowered to fit.
         max_model_len: tokens per slot (default: the model's context; shortened to fit only when
             not given).
@@ -373,14 +411,20 @@ def plan_memory(config: ModelConfig, *, device: torch.device | str = "cpu", dtyp
                           f"({config.max_position_embeddings} tokens, max_position_embeddings in config.json)")
     if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    if quantization is not None and quantization not in quantization_methods():
-        quantized_linear_bytes(1, 1, quantization)  # raises the ConfigError naming the methods
+    if quantization is not None:
+        if quantization not in quantization_methods():
+            quantized_linear_bytes(1, 1, quantization)  # raises the ConfigError naming the methods
+        if device.type != "cpu":
+            raise ConfigError(f"quantization {quantization!r} runs on the CPU only (torch's _weight_int8pack_mm / "
+                              f"_weight_int4pack_mm_for_cpu kernels); use --device cpu")
+        weight_bytes(config, torch.bfloat16, quantization, group_size)  # a shape the kernels refuse: ConfigError
     kv_budget = parse_kv_cache_memory(kv_cache_memory)
     if available is None:
         available, source = available_memory(device)
     else:
         source = "given"
-    planner = _Planner(config, device, available, source, engine=engine, batched=max_num_batched_tokens)
+    planner = _Planner(config, device, available, source, engine=engine, batched=max_num_batched_tokens,
+                       group_size=group_size)
     cap = max_num_seqs or DEFAULT_MAX_NUM_SEQS
     if dtype == "auto":
         stored = DTYPES.get(str(config.torch_dtype), torch.float32)
@@ -390,7 +434,8 @@ def plan_memory(config: ModelConfig, *, device: torch.device | str = "cpu", dtyp
             # than bfloat16's rounding
             fits32 = planner.fits(torch.float32, quantization, 1, max_model_len or config.max_position_embeddings,
                                   kv_budget)
-        run_dtype, reason = choose_dtype(stored, device, fits_float32=fits32, native_bf16=native_bf16)
+        run_dtype, reason = choose_dtype(stored, device, fits_float32=fits32, native_bf16=native_bf16,
+                                         quantization=quantization)
     else:
         run_dtype = dtype if isinstance(dtype, torch.dtype) else DTYPES[dtype]
         reason = "asked for"
@@ -425,9 +470,19 @@ class _Planner:
     """The arithmetic of :func:`plan_memory` for one model, device and available memory."""
 
     def __init__(self, config: ModelConfig, device: torch.device, available: int, source: str, *,
-                 engine: bool, batched: int | None) -> None:
+                 engine: bool, batched: int | None, group_size: int | None = None) -> None:
         self.config, self.device, self.available, self.source = config, device, available, source
         self.engine, self.batched, self.overhead = engine, batched, _overhead(device)
+        self.group_size = group_size
+        self._weights: dict = {}
+
+    def weight_bytes(self, dtype, quantization) -> int:
+        """:func:`weight_bytes` (cached per dtype and method; the group size applies to int4)."""
+        key = (dtype, quantization)
+        if key not in self._weights:
+            self._weights[key] = weight_bytes(self.config, dtype, quantization,
+                                              self.group_size if quantization == "int4" else None)
+        return self._weights[key]
 
     def _plan(self, dtype, quantization, slots: int, length: int) -> MemoryPlan:
         per_token = kv_bytes_per_token(self.config, dtype)
@@ -435,7 +490,8 @@ class _Planner:
         work = workspace_bytes(self.config, dtype, num_slots=slots, max_model_len=length,
                                max_num_batched_tokens=batched) if self.engine else 0
         return MemoryPlan(device=str(self.device), dtype=dtype_name(dtype), quantization=quantization,
-                          weight_bytes=weight_bytes(self.config, dtype, quantization),
+                          group_size=(self.group_size or _default_group_size()) if quantization == "int4" else None,
+                          weight_bytes=self.weight_bytes(dtype, quantization),
                           kv_cache_bytes=slots * length * per_token, num_slots=slots, max_model_len=length,
                           max_num_batched_tokens=batched, workspace_bytes=work, overhead_bytes=self.overhead,
                           available_bytes=self.available, available_source=self.source)
@@ -506,10 +562,14 @@ class _Planner:
                 except _NoFit as other:
                     smallest = other.plan
                 needs.append(f"{format_bytes(smallest.total_bytes)} as {dtype_name(alt)}{q}")
-        for method in quantization_methods():
-            if method != quantization and self.fits(dtype, method, cap, model_len, kv_budget):
-                options.append(f"--quantization {method} ({format_bytes(weight_bytes(self.config, dtype, method))} "
-                               "of weights)")
+        for method in quantization_methods() if self.device.type == "cpu" else ():
+            try:
+                fits = method != quantization and self.fits(torch.bfloat16, method, cap, model_len, kv_budget)
+            except ConfigError:  # a width the method's kernel cannot take
+                fits = False
+            if fits:
+                options.append(f"--quantization {method} ({format_bytes(self.weight_bytes(torch.bfloat16, method))} "
+                               "of weights in bfloat16)")
         if self.engine:
             if model_len is not None:
                 for length in range((model_len - 1) // MIN_MODEL_LEN * MIN_MODEL_LEN, 0, -MIN_MODEL_LEN):

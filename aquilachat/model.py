@@ -573,11 +573,12 @@ class AquilaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The run dtype: the embedding's (it stays float when the linears are quantized)."""
+        return self.model.embed_tokens.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, *, slots: torch.Tensor | None = None,

@@ -21,6 +21,10 @@ def add_model_args(p: argparse.ArgumentParser, *, template: bool = True) -> None
                         "(default: the bundled aquila-tiny)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the linear layers at load time (CPU; activations in "
+                        "bfloat16 with --dtype auto); a checkpoint written by 'aquilachat quantize' loads "
+                        "quantized without it. See docs/generation.md")
     if template:
         from ..chat_format import TEMPLATES
         p.add_argument("--template", default=None, choices=list(TEMPLATES),
@@ -60,7 +64,8 @@ def load_llm(args: argparse.Namespace, command: str, **kwargs):
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """``LLM`` keyword arguments from :func:`add_model_args` and :func:`add_engine_args`."""
-    return {"dtype": args.dtype, "device": args.device, "max_num_seqs": args.max_num_seqs,
+    return {"dtype": args.dtype, "device": args.device, "quantization": args.quantization,
+            "max_num_seqs": args.max_num_seqs,
             "max_model_len": args.max_model_len, "kv_cache_memory": args.kv_cache_memory,
             "enable_prefix_caching": args.enable_prefix_caching}
 

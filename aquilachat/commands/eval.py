@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens per file")
     pp.add_argument("--dtype", default="auto")
     pp.add_argument("--device", default="auto")
+    pp.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                    help="weight-only quantization at load time (see docs/generation.md)")
     _add_common(pp)
     pp.set_defaults(func=run_ppl)
 
@@ -158,7 +160,8 @@ def run_ppl(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{f}: data file not found")
     results, info = evaluate_files(args.model, args.data, context=args.context, stride=args.stride,
                                    add_bos=not args.no_bos, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                   dtype=args.dtype, device=args.device, field=args.field, progress=not args.no_progress)
+                                   dtype=args.dtype, device=args.device, field=args.field, progress=not args.no_progress,
+                                   quantization=args.quantization)
     meta = run_metadata(model=info, template=None, sampling=None, datasets=args.data,
                         extra={"context": next(iter(results.values())).context,
                                "stride": next(iter(results.values())).stride})

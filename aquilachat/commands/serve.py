@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     # a wrong --model, or a model that cannot fit, fails here in one line, before the server starts
     ckpt = Checkpoint.open(args.model)
     kwargs = engine_kwargs(args)
-    plan = ckpt.plan_memory(**{k: kwargs[k] for k in ("device", "dtype", "max_num_seqs", "max_model_len",
-                                                      "kv_cache_memory")})
+    plan = ckpt.plan_memory(**{k: kwargs[k] for k in ("device", "dtype", "quantization", "max_num_seqs",
+                                                      "max_model_len", "kv_cache_memory")})
     logging.getLogger("aquilachat.server").info("memory plan: %s; dtype: %s", plan.summary(), plan.dtype_reason)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and api_key is None:
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     def loader() -> LLM:
         # the plan's decisions, explicitly: the loader thread sizes nothing again
         return LLM(ckpt, template=args.template, device=plan.device, dtype=plan.dtype,
+                   quantization=args.quantization,
                    max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
                    kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes,
                    enable_prefix_caching=args.enable_prefix_caching)

@@ -190,18 +190,22 @@ def perplexity(model: Any, tokenizer: Any, documents: Sequence[str], *, context:
 def evaluate_files(model_path: str, files: Sequence[str | os.PathLike], *, context: int | None = None,
                    stride: int | None = None, add_bos: bool = True, batch_size: int = 1,
                    max_tokens: int | None = None, dtype: str = "auto", device: str = "auto",
-                   field: str = "text", progress: bool = True) -> tuple[dict[str, PerplexityResult], dict[str, Any]]:
-    """Load a checkpoint and score each file; returns per-file results and model facts."""
+                   field: str = "text", progress: bool = True,
+                   quantization: str | None = None) -> tuple[dict[str, PerplexityResult], dict[str, Any]]:
+    """Load a checkpoint (``quantization``: ``int8`` / ``int4`` weight-only at load time, see
+    :mod:`aquilachat.quantization`) and score each file; returns per-file results and model facts."""
     from ..checkpoint import Checkpoint
     ckpt = Checkpoint.open(model_path)  # resolved once (a Hub id: one download)
-    model = ckpt.load_model(dtype=dtype, device=device)
+    model = ckpt.load_model(dtype=dtype, device=device, quantization=quantization)
     tokenizer = ckpt.load_tokenizer()
     out = {}
     for f in files:
         docs = read_documents(f, field=field)
         out[str(f)] = perplexity(model, tokenizer, docs, context=context, stride=stride, add_bos=add_bos,
                                  batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+    qconfig = ckpt.quantization_for(quantization)
     info = {"path": str(model_path), "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+            "quantization": qconfig.description if qconfig else None,
             "parameters": model.num_parameters(), "vocab_size": model.config.vocab_size,
             "max_position_embeddings": model.config.max_position_embeddings,
             "tokenizer_vocab_size": tokenizer.vocab_size}

@@ -391,6 +391,9 @@ def set_up_run(config: TrainConfig, *, mode: str, resume: bool,
 
     # the base model, resolved once (a Hub id is fetched here, once)
     base = Checkpoint.open(config.model) if config.architecture is None else None
+    if base is not None and base.quantization is not None:
+        raise ConfigError(f"model: {base.config_file} is a {base.quantization.method} checkpoint (quantization_config); "
+                          "train from the float checkpoint")
     tokenizer = _resolve_tokenizer(config, base)
     model_config = _model_config(config, tokenizer, base)
     if tokenizer.vocab_size > model_config.vocab_size:
