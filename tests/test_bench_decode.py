@@ -24,34 +24,42 @@ def tiny_dir(tmp_path_factory, byte_tokenizer_dir) -> Path:
     return out
 
 
-@pytest.mark.parametrize("engine", ["ours", "transformers"])
-def test_runner_measures_and_counts_weight_bytes(tiny_dir, engine):
-    """Both torch engines go through the whole protocol (ours ends every batch exactly at its
-    ``max_tokens``: the next prefill refuses a busy engine), and a decode step reads every bf16
-    weight once but only one row of the embedding table."""
+def expected_weight_bytes(model_dir: Path, precision: str) -> int:
+    """Bytes one decode step reads, counted from the plain model's shapes: each linear weight in
+    bfloat16 or at its quantized size (the quantizer's plan and byte formula), norms in bfloat16,
+    one row of the embedding table."""
+    from torch import nn
+
     from aquilachat.checkpoint import load_model
+    from aquilachat.quantization import QuantizationConfig, quantize_plan, weight_bytes
+    model = load_model(model_dir, dtype="float32")
+    cfg = model.config
+    plan = {} if precision == "bf16" else quantize_plan(cfg, QuantizationConfig.for_model(cfg, precision))
+    total = 2 * cfg.hidden_size  # one embedding row
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            method, group = plan.get(name, (None, None))
+            total += (weight_bytes(module.out_features, module.in_features, method, group_size=group) if method
+                      else 2 * module.weight.numel())
+        elif name.endswith("norm"):
+            total += 2 * module.weight.numel()
+    return total
+
+
+@pytest.mark.parametrize("engine,precision", [("ours", "bf16"), ("ours", "int8"), ("ours", "int4"),
+                                              ("transformers", "bf16")])
+def test_runner_measures_and_counts_weight_bytes(tiny_dir, engine, precision):
+    """The torch engines go through the whole protocol (ours ends every batch exactly at its
+    ``max_tokens``: the next prefill refuses a busy engine), and the bytes a decode step reads are
+    every weight once at its precision but one row of the embedding table."""
     prompts = {"b4": [[5 + i + j for j in range(16)] for i in range(4)], "pp": list(range(3, 3 + 80))}
-    spec = dict(engine=engine, precision="bf16", model=str(tiny_dir), prompts=prompts, new_tokens=3, threads=1,
-                max_model_len=128)
+    spec = dict(engine=engine, precision=precision, model=str(tiny_dir), prompts=prompts, new_tokens=3,
+                threads=1, max_model_len=128)
     runner = decode_engines.RUNNERS[engine](spec)
     result = decode_engines.measure(runner, prompts, 3)
     assert set(result) == {"decode_b1", "decode_b4", "prompt"} and all(v > 0 for v in result.values())
-    cfg = load_model(tiny_dir).config
-    params = sum(p.numel() for p in load_model(tiny_dir).parameters())
-    expected = 2 * (params - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size)
-    assert expected <= runner.weight_bytes <= expected + 4096  # + the rotary buffers, if the model keeps any
-
-
-def test_ours_skips_a_precision_its_llm_cannot_load(tiny_dir, monkeypatch):
-    import inspect
-
-    from aquilachat import LLM
-    if "quantization" in inspect.signature(LLM).parameters:
-        pytest.skip("LLM has quantization on this branch")
-    spec = dict(engine="ours", precision="int8", model=str(tiny_dir), prompts={}, new_tokens=1, threads=1,
-                max_model_len=64)
-    with pytest.raises(decode_engines.Skip, match="quantization"):
-        decode_engines.OursRunner(spec)
+    expected = expected_weight_bytes(tiny_dir, precision)
+    assert expected <= runner.weight_bytes <= expected + 4096  # + rotary buffers and alignment, if any
 
 
 def test_preset_table():
