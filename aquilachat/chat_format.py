@@ -43,7 +43,11 @@ displayed, and the Jinja template makes exactly the same changes:
   ``"</s>"`` becomes ``"<\\u200b/s>"``;
 * in templates whose turns are separated by plain text (``###``), every ``#`` that is followed by
   another ``#`` gets a zero-width space after it, so no message contains ``##`` and therefore no
-  ``###`` separator: ``"###Assistant: hi"`` becomes ``"#\\u200b#\\u200b#Assistant: hi"``.
+  ``###`` separator: ``"###Assistant: hi"`` becomes ``"#\\u200b#\\u200b#Assistant: hi"``;
+* in system and user messages only, the image-instruction markers ``#text2image#`` and
+  ``#InstructFace#`` get a zero-width space after their first ``#``
+  (:func:`aquilachat.instructions.neutralize_markers`), so a user cannot get a working instruction
+  copied into the model's answer; the model's own answers keep them, as trained.
 
 Message text is also tokenized without special-token matching, so a control token unknown to
 :data:`GUARDED_TOKENS` still stays text here (but not in the other runtimes).
@@ -56,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ValidationError
+from .instructions import MARKERS, neutralize_markers
 from .tokenizer import AQUILA_SPECIAL_TOKENS
 
 __all__ = ["ChatTemplate", "TEMPLATES", "get_template", "render", "render_text", "render_for_training",
@@ -111,6 +116,12 @@ class ChatTemplate:
         if self.neutralize_hashes:
             text = re.sub(r"#(?=#)", "#" + _ZWSP, text)
         return text
+
+    def clean_prompt(self, text: str) -> str:
+        """:meth:`clean` for system and user messages, which also get the image-instruction markers
+        neutralized (:func:`aquilachat.instructions.neutralize_markers`), so that a user cannot make
+        the model copy a working ``#text2image#`` into its answer. Assistant messages keep them."""
+        return neutralize_markers(self.clean(text))
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -216,13 +227,13 @@ def _segments(template: ChatTemplate, system: str | None, turns: list[tuple[str,
     text is always plain text."""
     tp = _template_parts
     segs: list[Segment] = []
-    sys_text = template.system if system is None else template.clean(system)
+    sys_text = template.system if system is None else template.clean_prompt(system)
     segs += [(sys_text, False, False)] if sys_text else []
     segs += tp(template, template.system_sep, False)
     for role, content in turns:
         if role == "user":
             segs += tp(template, template.user_prefix, False)
-            segs.append((template.clean(content), False, False))
+            segs.append((template.clean_prompt(content), False, False))
             segs += tp(template, template.seps[0], False)
         else:
             segs += tp(template, template.assistant_prefix, False)
@@ -306,14 +317,17 @@ def _jinja_str(text: str) -> str:
     return f'"{out}"'
 
 
-def _jinja_clean(template: ChatTemplate, expr: str) -> str:
-    """Jinja for :meth:`ChatTemplate.clean` of ``expr``. Two passes of ``replace("##", "#\\u200b#")``
-    equal ``re.sub("#(?=#)", "#\\u200b", ...)``: the first leaves only pairs of ``#`` that straddle
-    two replaced pairs, and those do not overlap."""
+def _jinja_clean(template: ChatTemplate, expr: str, *, prompt: bool = False) -> str:
+    """Jinja for :meth:`ChatTemplate.clean` of ``expr`` (:meth:`ChatTemplate.clean_prompt` with
+    ``prompt``). Two passes of ``replace("##", "#\\u200b#")`` equal ``re.sub("#(?=#)", "#\\u200b", ...)``:
+    the first leaves only pairs of ``#`` that straddle two replaced pairs, and those do not overlap."""
     for token in GUARDED_TOKENS:
         expr += f" | replace({_jinja_str(token)}, {_jinja_str(token[0] + _ZWSP + token[1:])})"
     if template.neutralize_hashes:
         expr += f' | replace("##", {_jinja_str("#" + _ZWSP + "#")})' * 2
+    if prompt:
+        for marker in MARKERS.values():
+            expr += f" | replace({_jinja_str(marker)}, {_jinja_str(neutralize_markers(marker))})"
     return expr
 
 
@@ -338,12 +352,12 @@ def jinja_template(template: str | ChatTemplate | None = None) -> str:
         "{%- for message in messages -%}\n",
         "{%- if message['role'] == 'system' -%}\n",
         "{%- if not loop.first -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}\n",
-        f"{{{{- {_jinja_clean(tpl, content)} + {s(tpl.system_sep)} -}}}}\n",
+        f"{{{{- {_jinja_clean(tpl, content, prompt=True)} + {s(tpl.system_sep)} -}}}}\n",
         "{%- elif message['role'] in ['user', 'assistant'] -%}\n",
         "{%- if (message['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) -%}"
         "{{- raise_exception('user and assistant messages must alternate, starting with user') -}}{%- endif -%}\n",
         "{%- if message['role'] == 'user' -%}\n",
-        f"{{{{- {s(tpl.user_prefix)} + {_jinja_clean(tpl, content)} + {s(tpl.seps[0])} -}}}}\n",
+        f"{{{{- {s(tpl.user_prefix)} + {_jinja_clean(tpl, content, prompt=True)} + {s(tpl.seps[0])} -}}}}\n",
         "{%- else -%}\n",
         f"{{{{- {s(tpl.assistant_prefix + tpl.answer_prefix)} + {_jinja_clean(tpl, content)} + {s(tpl.seps[1])} -}}}}\n",
         "{%- endif -%}\n",
@@ -356,10 +370,16 @@ def jinja_template(template: str | ChatTemplate | None = None) -> str:
 
 def template_name_of(chat_template: str | None) -> str | None:
     """The name of the template whose :func:`jinja_template` is ``chat_template``, or ``None``
-    (no template, or one that was not written by us)."""
+    (no template, or one that was not written by us). A template written by an earlier version of
+    :func:`jinja_template` is recognised by its first line, which names it."""
     if not chat_template:
         return None
-    return next((name for name in TEMPLATES if jinja_template(name) == chat_template), None)
+    exact = next((name for name in TEMPLATES if jinja_template(name) == chat_template), None)
+    if exact is not None:
+        return exact
+    header = re.match(r"\{#- aquilachat chat template '([\w.-]+)' \(aquilachat\.chat_format\.jinja_template\) -#\}\n",
+                      chat_template)
+    return header.group(1) if header and header.group(1) in TEMPLATES else None
 
 
 def ollama_template(template: str | ChatTemplate | None = None) -> str:

@@ -31,6 +31,7 @@ then calls :meth:`Engine.finish` (see :mod:`aquilachat.output_processor`).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends import BackendUnsupported, CpuDecodeBackend
 from .errors import ValidationError
 from .model import AquilaForCausalLM, KVCache
 from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -45,6 +47,8 @@ from .sampling import SamplingParams, sample, sanitize_logits
 from .structured_output import bitmask_to_bool
 
 __all__ = ["Engine", "Sequence", "StepOutput", "EngineStats", "PROMPT_LOGPROBS_CHUNK"]
+
+log = logging.getLogger(__name__)
 
 #: Prompt positions projected onto the vocabulary at once for prompt log-probabilities (bounds the
 #: ``[chunk, vocab]`` fp32 logits: 26 MB for the Aquila vocabulary).
@@ -129,6 +133,9 @@ class Engine:
             without it.
         prefix_block_size: tokens per cached block.
 
+    On the CPU, prefill and decode run through :class:`~aquilachat.backends.CpuDecodeBackend`
+    (``self.backend``; :meth:`release_backend` lets it go).
+
     Thread safety: :meth:`add` and :meth:`finish` may be called from other threads while one
     thread calls :meth:`step`.
     """
@@ -141,8 +148,14 @@ class Engine:
         if max_num_seqs < 1:
             raise ValidationError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         self.model = model.eval()
+        # prefill and decode run through the device backend when there is one (it steps aside
+        # to the plain modules for what it does not support); the model is never changed by it
+        self.backend = None
         if model.device.type == "cpu":
-            model.prepare_for_cpu_decode()
+            try:
+                self.backend = CpuDecodeBackend(model)
+            except BackendUnsupported as exc:  # e.g. a wrapped model: its own forward runs
+                log.info("no CPU decode backend: %s", exc)
         self.config = model.config
         self.device = model.device
         self.eos_token_ids = set(eos_token_ids)
@@ -238,6 +251,25 @@ class Engine:
                 return
             if not seq.finished:
                 self._pending_finish[seq.seq_id] = (reason, stop_reason)
+
+    def release_backend(self) -> None:
+        """Release the device backend (:class:`~aquilachat.backends.CpuDecodeBackend`); later steps
+        run the plain model's modules. The model is then exactly as if it had never been served."""
+        if self.backend is not None:
+            self.backend.release()
+            self.backend = None
+
+    @property
+    def runner(self) -> CpuDecodeBackend | AquilaForCausalLM:
+        """What runs the forward passes: the backend, or the model once it is released."""
+        return self.backend if self.backend is not None else self.model
+
+    def _forward_hidden(self, decode: bool, *args, **kwargs) -> torch.Tensor:
+        """``forward_hidden`` of :attr:`runner`; ``decode`` tells the backend a decode step from a
+        prefill (see :meth:`CpuDecodeBackend.forward_hidden`)."""
+        if self.backend is not None:
+            return self.backend.forward_hidden(*args, decode=decode, **kwargs)
+        return self.model.forward_hidden(*args, **kwargs)
 
     def abort_all(self, reason: str = "error", error: str | None = None) -> list[Sequence]:
         """Retire every waiting and running sequence at once and free all slots; return them.
@@ -377,10 +409,10 @@ class Engine:
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
         slots = self._slots_arg([s.slot for s in seqs])
         if all(s.params.prompt_logprobs is None for s in seqs):
-            hidden = self.model.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len,
+            hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len,
                                                logits_index=last)
             return hidden[:, 0]
-        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
+        hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
         for row, seq in enumerate(seqs):
             if seq.params.prompt_logprobs is not None:
                 seq.prompt_logprobs = self._prompt_logprobs(seq, hidden[row, :lengths[row]])
@@ -397,7 +429,7 @@ class Engine:
         out: list = [None]
         for begin in range(0, len(ids) - 1, PROMPT_LOGPROBS_CHUNK):
             end = min(begin + PROMPT_LOGPROBS_CHUNK, len(ids) - 1)
-            logprobs = sanitize_logits(self.model.compute_logits(hidden[begin:end]), self.allowed).log_softmax(-1)
+            logprobs = sanitize_logits(self.runner.compute_logits(hidden[begin:end]), self.allowed).log_softmax(-1)
             targets = torch.tensor(ids[begin + 1:end + 1], device=self.device)
             chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()  # (end - begin,)
             if k:
@@ -414,14 +446,14 @@ class Engine:
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=self.device)
         pos = [s.num_tokens - 1 for s in seqs]
         positions = torch.tensor(pos, device=self.device)[:, None]
-        hidden = self.model.forward_hidden(ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
+        hidden = self._forward_hidden(True, ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
                                            kv_len=max(pos) + 1)
         return hidden[:, 0]
 
     @torch.inference_mode()
     def _logits(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, V]`` of the prefill and decode rows, in one vocabulary product."""
-        return self.model.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return self.runner.compute_logits(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def _token_masks(self, batch: list[Sequence]) -> torch.Tensor | None:
         """``[B, V]`` bool: the ids each row's grammar allows next (all for rows without one);

@@ -103,3 +103,31 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict | str]:
             continue
         data = line[len("data: "):]
         yield data if data == "[DONE]" else json.loads(data)
+
+
+def script_chat(server: RunningServer, monkeypatch, text: str) -> None:
+    """Make ``server``'s chat completions answer ``text`` (a model cannot be made to write, say, an
+    image instruction on demand): non-streamed and streamed, built from the real response models,
+    streamed in pieces of 3 characters. Undone by ``monkeypatch``."""
+    from aquilachat.server.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionMessage,
+                                            ChatCompletionResponse, ChatCompletionStreamChoice, DeltaMessage,
+                                            UsageInfo)
+    from aquilachat.server.serving import Stream
+    serving = server.state.serving
+    model = serving.model_name
+
+    async def chat(req):
+        if not req.stream:
+            return ChatCompletionResponse(id="chatcmpl-1", model=model, usage=UsageInfo(
+                prompt_tokens=1, completion_tokens=1, total_tokens=2), choices=[ChatCompletionChoice(
+                    index=0, message=ChatCompletionMessage(content=text), finish_reason="stop")])
+
+        async def chunks():
+            for i in range(0, len(text), 3):
+                choice = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(content=text[i:i + 3]),
+                                                    finish_reason="stop" if i + 3 >= len(text) else None)
+                yield "data: " + json.dumps(ChatCompletionChunk(id="chatcmpl-1", created=1, model=model,
+                                                                choices=[choice]).model_dump(mode="json")) + "\n\n"
+            yield "data: [DONE]\n\n"
+        return Stream(chunks(), lambda: None)
+    monkeypatch.setattr(serving, "chat", chat)

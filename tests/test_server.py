@@ -387,13 +387,14 @@ def test_the_server_takes_the_offline_ranges(client, oracle):
 
 def test_body_limit_and_routes(server):
     big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
-    r = httpx.post(server.url + "/v1/completions", content=big, timeout=30)
+    json_type = {"content-type": "application/json"}
+    r = httpx.post(server.url + "/v1/completions", content=big, headers=json_type, timeout=30)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
     def chunked():  # no Content-Length: the limit is enforced while reading
         for _ in range(MAX_BODY_BYTES // 65536 + 2):
             yield b" " * 65536
-    r = httpx.post(server.url + "/v1/completions", content=chunked(), timeout=30)
+    r = httpx.post(server.url + "/v1/completions", content=chunked(), headers=json_type, timeout=30)
     assert r.status_code == 413
     r = httpx.get(server.url + "/v1/nothing", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"

@@ -38,6 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default max-num-seqs * context)")
     p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"sequences that may queue for a slot before requests get 429 (default {DEFAULT_MAX_WAITING})")
+    p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated web origins (e.g. https://app.example.com) whose pages may call this "
+                        "server besides its own chat page; requests with another Origin get 403 (default: none)")
+    g = p.add_argument_group("images", "carry out AquilaChat's #text2image# / #InstructFace# answers and serve "
+                                       "/v1/images/* (diffusers pipelines need: pip install 'aquilachat[image]')")
+    g.add_argument("--image-model", metavar="DIR", default=None,
+                   help="a diffusers text-to-image pipeline directory (AltDiffusion, Stable Diffusion, ...)")
+    g.add_argument("--image-edit-model", metavar="DIR", default=None,
+                   help="a diffusers image-edit pipeline directory taking image= (e.g. InstructPix2Pix)")
+    g.add_argument("--image-url", metavar="URL", default=None,
+                   help="an OpenAI-compatible images API base (e.g. http://host:8000/v1) for what the "
+                        "directories above do not cover")
+    g.add_argument("--image-api-key", default=None, help="API key of --image-url")
+    g.add_argument("--image-steps", type=int, default=None, help="denoising steps per image (default: the pipeline's)")
+    g.add_argument("--run-instructions", action="store_true",
+                   help="carry out image instructions in every chat answer (a request can still say "
+                        "aquilachat.run_instructions: false); off: only requests that ask")
     p.add_argument("--log-prompts", action="store_true", help="log prompts and answers (off by default)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -50,6 +67,26 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def image_backends(args: argparse.Namespace):
+    """``(text2image, edit)`` backends from ``--image-model``, ``--image-edit-model`` and
+    ``--image-url`` (the URL serves whichever of the two no directory gives).
+
+    Raises:
+        ImageBackendError: a directory that is not a diffusers pipeline, or diffusers missing.
+    """
+    from ..images import DiffusersBackend, OpenAIImagesBackend
+    if args.image_steps is not None and args.image_steps < 1:
+        from ..errors import ValidationError
+        raise ValidationError(f"--image-steps must be >= 1, got {args.image_steps}")
+    device = None if args.device == "auto" else args.device
+    remote = OpenAIImagesBackend(args.image_url, api_key=args.image_api_key) if args.image_url else None
+    text2image = (DiffusersBackend(args.image_model, device=device, num_inference_steps=args.image_steps)
+                  if args.image_model else remote)
+    edit = (DiffusersBackend(args.image_edit_model, device=device, num_inference_steps=args.image_steps)
+            if args.image_edit_model else remote)
+    return text2image, edit
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("aquilachat.server").warning(
             "serving on %s without an API key: anyone who can reach this address can use the model", args.host)
     settings = ServerSettings(model_name=args.served_model_name or args.model, api_key=api_key,
-                              max_waiting=args.max_waiting, log_prompts=args.log_prompts)
+                              max_waiting=args.max_waiting, log_prompts=args.log_prompts,
+                              allowed_origins=tuple(args.allowed_origins.split(",")),
+                              run_instructions=args.run_instructions)
+    text2image, image_edit = image_backends(args)
 
     def loader() -> LLM:
         # the plan's decisions, explicitly: the loader thread sizes nothing again
@@ -94,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         failed.append(exc)
         server.should_exit = True
 
-    app = create_app(loader, settings, on_load_error=on_load_error)
+    app = create_app(loader, settings, on_load_error=on_load_error, text2image=text2image, image_edit=image_edit)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     server.run()
     if failed:

@@ -19,10 +19,12 @@ unless ``log_prompts`` is set.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
 import re
+import shutil
 import threading
 import time
 from contextlib import asynccontextmanager, suppress
@@ -30,8 +32,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel
@@ -39,11 +43,14 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..images import ImageBackend
 from .async_engine import AsyncEngine
+from .image_serving import ImageServing, ImageStore, body_limit, image_store_dir
+from .page import STATIC_DIR, page_response
 from .limits import DEFAULT_MAX_WAITING, LOADING_RETRY_AFTER_S, MAX_BODY_BYTES
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                       ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, LegacyRequest, LegacyResponse,
-                       ModelList)
+                       ErrorResponse, FlagAIRequest, FlagAIResponse, FlagAIStreamRequest, ImageEditRequest,
+                       ImageGenerationRequest, ImagesResponse, LegacyRequest, LegacyResponse, ModelList)
 from .serving import APIError, Serving, Stream
 
 __all__ = ["create_app", "ServerSettings", "ServerMetrics"]
@@ -65,6 +72,10 @@ class ServerSettings:
         max_waiting: sequences that may wait for a slot beyond ``max_num_seqs`` (then 429).
         log_prompts: log prompts and answers.
         max_body_bytes: largest request body (then 413).
+        allowed_origins: web origins (``scheme://host[:port]``) besides the server's own whose
+            pages may call the API (``--allowed-origins``); they also get CORS headers. ``*`` allows any.
+        run_instructions: carry out ``#text2image#`` / ``#InstructFace#`` answers of every chat
+            request that does not say otherwise (``--run-instructions``).
     """
 
     model_name: str
@@ -72,6 +83,12 @@ class ServerSettings:
     max_waiting: int = DEFAULT_MAX_WAITING
     log_prompts: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    allowed_origins: tuple[str, ...] = ()
+    run_instructions: bool = False
+
+    def __post_init__(self) -> None:
+        # compared with the Origin header as browsers send it: lower case, no trailing slash
+        self.allowed_origins = tuple(o.strip().lower().rstrip("/") for o in self.allowed_origins if o.strip())
 
 
 class ServerMetrics:
@@ -98,6 +115,7 @@ class ServerMetrics:
                              "Seconds between consecutive tokens of an answer", buckets=ITL_BUCKETS,
                              registry=self.registry)
         self.registry.register(_EngineCollector(state))
+        self.registry.register(_ImageCollector(state))
 
     # EngineObserver (called from the engine thread; prometheus_client is thread-safe)
     def first_token(self, seconds: float) -> None:
@@ -139,6 +157,24 @@ class _EngineCollector:
                                 value=1 if engine else 0)
 
 
+class _ImageCollector:
+    """The image jobs' counters (:class:`~.image_serving.ImageStats`) at scrape time."""
+
+    def __init__(self, state: "_State") -> None:
+        self.state = state
+
+    def collect(self):
+        stats = self.state.images.stats if self.state.images is not None else None
+        for name, doc, attr in (("aquilachat_image_jobs_running", "Image jobs running", "running"),
+                                ("aquilachat_image_jobs_waiting", "Image jobs waiting for the running one", "waiting")):
+            yield GaugeMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+        for name, doc, attr in (("aquilachat_image_steps", "Denoising steps done (remote edit steps too)", "steps"),
+                                ("aquilachat_images", "Images made", "images"),
+                                ("aquilachat_image_jobs_failed", "Image jobs that failed, timed out or were "
+                                                                 "cancelled", "failed")):
+            yield CounterMetricFamily(name, doc, value=getattr(stats, attr) if stats else 0)
+
+
 class _State:
     """What the routes share: the serving layer once loaded, or the load error."""
 
@@ -147,6 +183,7 @@ class _State:
         self.async_engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.memory_plan: dict | None = None  # the loaded model's (aquilachat.memory.MemoryPlan.as_dict)
+        self.images: ImageServing | None = None
 
 
 class _ClientGone(Exception):
@@ -158,6 +195,12 @@ _LEGACY_PATHS = {"/"}
 _FLAGAI_PATHS = {"/func", "/stream_func"}
 #: Paths served without the API key: health checks, and the API's description (no model access).
 _PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+
+def _is_public(method: str, path: str) -> bool:
+    """Served without the API key: :data:`_PUBLIC_PATHS`, and the chat page with its files (the
+    page asks for the key and sends it with every API call)."""
+    return path in _PUBLIC_PATHS or (method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")))
 
 
 def _error_response(exc: APIError, path: str, model_name: str = "", input_length: int = 0) -> JSONResponse:
@@ -234,6 +277,43 @@ def _parse(model: type[BaseModel], body: bytes, *, json_string: bool = False) ->
         raise _pydantic_error(exc) from None
 
 
+async def _parse_image_edit(request: Request, body: bytes) -> ImageEditRequest:
+    """An :class:`ImageEditRequest` from a JSON body, or from multipart/form-data as the OpenAI
+    client sends it (an ``image`` file and text fields; the file becomes base64 ``image``)."""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return _parse(ImageEditRequest, body)
+    try:
+        from starlette.formparsers import MultiPartParser
+    except ImportError:  # pragma: no cover - starlette always has it
+        raise APIError(415, "multipart bodies are not supported here; send JSON") from None
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=16,
+                                     max_part_size=len(body) + 1).parse()
+    except AssertionError:  # starlette asserts python-multipart is installed
+        raise APIError(415, "multipart uploads need python-multipart: pip install 'aquilachat[image]' "
+                            "(or send JSON with a base64 image)") from None
+    except Exception as exc:  # noqa: BLE001 - MultiPartException and the parser's own errors
+        raise APIError(400, f"the multipart body cannot be read: {exc}") from None
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key == "image" and hasattr(value, "read"):
+            fields["image"] = base64.b64encode(await value.read()).decode("ascii")
+        elif key in ("n", "seed"):
+            if not str(value).isdigit():
+                raise APIError(400, f"{key} must be an integer, got {value!r}", param=key)
+            fields[key] = int(value)
+        else:
+            fields[key] = value
+    try:
+        return ImageEditRequest.model_validate(fields)
+    except PydanticValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
 async def _cancel_on_disconnect(request: Request, work) -> Any:
     """Await ``work``; cancel it (which aborts its generation) if the client disconnects first."""
     task = asyncio.ensure_future(work)
@@ -274,9 +354,63 @@ class _EventStreamResponse(StreamingResponse):
             self._on_close()
 
 
+#: Bodies that a web page cannot send to another site without a CORS preflight have one of these
+#: media types; ``text/plain``, the form types and no type at all need none (the Fetch standard's
+#: "CORS-safelisted request-header" for Content-Type).
+_JSON_MEDIA_TYPE = "application/json"
+
+
+def _is_json_route(path: str) -> bool:
+    """Routes whose POST bodies must be sent as ``application/json`` (``/v1/*``, FlagAI's routes)."""
+    return path.startswith("/v1/") or path in _FLAGAI_PATHS
+
+
+def _own_origin(scope, headers: dict[bytes, bytes]) -> str:
+    """``scheme://host[:port]`` as the client addressed this server (its ``Host`` header)."""
+    host = headers.get(b"host", b"").decode("latin-1").lower()
+    return f"{'https' if scope.get('scheme') in ('https', 'wss') else 'http'}://{host}"
+
+
+def _cross_site_error(scope, headers: dict[bytes, bytes], allowed_origins: tuple[str, ...]) -> APIError | None:
+    """The boundary against other web pages (docs/serving.md, "Requests from other web pages").
+
+    A browser sends a cross-site POST whose type is ``text/plain``, a form type or missing without
+    asking the server first (no CORS preflight), so such a body must never be taken as an API call:
+
+    - a request whose ``Origin`` header is neither this server's own origin nor in
+      ``allowed_origins`` gets 403 (``Origin: null``, from sandboxed frames and files, included);
+    - a POST to a JSON route (``/v1/*``, ``/func``, ``/stream_func``) whose ``Content-Type`` is not
+      ``application/json`` gets 415. One exception: ``multipart/form-data`` on
+      ``/v1/images/edits`` (the OpenAI client uploads images so) when the request carries an
+      ``Authorization`` header, which no page can add to a cross-site request without a preflight;
+    - the legacy ``POST /`` takes any type (curl's ``-d`` sends a form type), foreign origins being
+      refused above.
+    """
+    origin = headers.get(b"origin")
+    if origin is not None:
+        value = origin.decode("latin-1").strip().lower().rstrip("/")
+        if value != _own_origin(scope, headers) and "*" not in allowed_origins and value not in allowed_origins:
+            return APIError(403, f"requests from the web origin {value!r} are refused: it is not this server's own "
+                                 "origin and not in --allowed-origins", type="permission_error",
+                            code="origin_not_allowed")
+    path = scope.get("path", "")
+    if scope.get("method") == "POST" and _is_json_route(path):
+        declared = headers.get(b"content-type", b"").decode("latin-1")
+        media_type = declared.partition(";")[0].strip().lower()
+        if media_type == _JSON_MEDIA_TYPE:
+            return None
+        if media_type == "multipart/form-data" and path == "/v1/images/edits" and b"authorization" in headers:
+            return None
+        return APIError(415, f"{path} takes a JSON body sent with Content-Type: application/json (got "
+                             f"{declared or 'no Content-Type'})", code="unsupported_media_type")
+    return None
+
+
 class _GuardMiddleware:
     """Pure ASGI (so streaming and disconnects pass through untouched): Bearer authentication on
-    everything but ``/health``, and a 413 for a declared ``Content-Length`` over the limit."""
+    everything but ``/health``, the cross-site boundary (:func:`_cross_site_error`: 403 for a
+    foreign ``Origin``, 415 for a JSON route's body sent as another type), and a 413 for a
+    declared ``Content-Length`` over the limit."""
 
     def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app = app
@@ -290,7 +424,7 @@ class _GuardMiddleware:
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         error = None
-        if self._key is not None and path not in _PUBLIC_PATHS:
+        if self._key is not None and not _is_public(scope["method"], path):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
@@ -298,9 +432,12 @@ class _GuardMiddleware:
                                  type="authentication_error", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
         if error is None:
+            error = _cross_site_error(scope, headers, self.settings.allowed_origins)
+        if error is None:
             declared = headers.get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-                error = APIError(413, f"the body is larger than {self.settings.max_body_bytes} bytes",
+            limit = body_limit(path, self.settings.max_body_bytes)
+            if declared.isdigit() and int(declared) > limit:
+                error = APIError(413, f"the body is larger than {limit} bytes",
                                  code="body_too_large", headers={"Connection": "close"})
         if error is None:
             return await self.app(scope, receive, send)
@@ -310,10 +447,12 @@ class _GuardMiddleware:
 
 _ENDPOINTS = {"/": "legacy", "/v1/chat/completions": "chat", "/v1/completions": "completions",
               "/v1/models": "models", "/health": "health", "/metrics": "metrics", "/func": "flagai",
-              "/stream_func": "flagai_stream", "/openapi.json": "openapi", "/docs": "docs"}
+              "/stream_func": "flagai_stream", "/openapi.json": "openapi", "/docs": "docs",
+              "/v1/images/generations": "image_generations", "/v1/images/edits": "image_edits"}
 
 #: The request body models, for ``components.schemas`` of the OpenAPI description.
-_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, LegacyRequest, FlagAIRequest, FlagAIStreamRequest)
+_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, LegacyRequest, FlagAIRequest, FlagAIStreamRequest,
+                   ImageGenerationRequest, ImageEditRequest)
 #: Error responses every generating route may give.
 _ERRORS = {400: "Bad request (the field is named in param)", 401: "Missing or invalid API key",
            404: "Unknown model", 413: "Body too large", 429: "Server busy (Retry-After)",
@@ -347,7 +486,8 @@ def _endpoint(path: str) -> str:
 
 
 def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[BaseException], None] | None = None,
+               text2image: ImageBackend | None = None, image_edit: ImageBackend | None = None) -> FastAPI:
     """The server application.
 
     Args:
@@ -357,8 +497,12 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         settings: see :class:`ServerSettings`.
         on_load_error: called (in the loader thread) if ``loader`` raises; the server then keeps
             answering 503 with the error on ``/health``.
+        text2image, image_edit: the image backends of ``/v1/images/*`` and of instructions
+            (:mod:`aquilachat.images`; ``--image-model`` / ``--image-edit-model`` / ``--image-url``).
     """
     state = _State()
+    store = ImageStore(image_store_dir())
+    state.images = ImageServing(text2image, image_edit, store=store, run_instructions=settings.run_instructions)
     metrics = ServerMetrics(state)
 
     def load(loop: asyncio.AbstractEventLoop) -> None:
@@ -387,6 +531,8 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         yield
         if state.async_engine is not None:
             state.async_engine.shutdown()
+        state.images.shutdown()
+        shutil.rmtree(store.directory, ignore_errors=True)
 
     from .. import __version__
     app = FastAPI(title="aquilachat", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
@@ -408,6 +554,11 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     app.state.aquilachat = state
     app.state.metrics = metrics
     app.add_middleware(_GuardMiddleware, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        # outside the guard: a preflight (OPTIONS, no Authorization) is answered here; the guard
+        # still refuses foreign origins on every real request
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     def serving_or_503() -> Serving:
         if state.serving is not None:
@@ -418,17 +569,19 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
         raise APIError(503, "the model is loading; retry later", type="service_unavailable",
                        code="model_loading", headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
 
-    async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call) -> Response:
+    async def handle(request: Request, endpoint: str, model: type[BaseModel] | None, call, *,
+                     needs_model: bool = True, parse: Callable | None = None) -> Response:
         path = request.url.path
         own_shape = path in _LEGACY_PATHS or path in _FLAGAI_PATHS  # their bodies leave out unset fields
         req = None
         try:
-            serving = serving_or_503()
+            serving = serving_or_503() if needs_model else None
             if model is None:
                 result = call(serving, None)
             else:
-                req = _parse(model, await _read_body(request, settings.max_body_bytes),
-                             json_string=path in _FLAGAI_PATHS)
+                body = await _read_body(request, body_limit(path, settings.max_body_bytes))
+                req = (await parse(request, body) if parse is not None
+                       else _parse(model, body, json_string=path in _FLAGAI_PATHS))
                 result = await _cancel_on_disconnect(request, call(serving, req))
             if isinstance(result, Stream):
                 response: Response = _EventStreamResponse(result)
@@ -469,13 +622,44 @@ def create_app(loader: Callable[[], Any], settings: ServerSettings, *,
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: the conversation answered in the model's chat template
         (server-sent events with stream)."""
-        return await handle(request, "chat", ChatCompletionRequest, lambda s, r: s.chat(r))
+        return await handle(request, "chat", ChatCompletionRequest, lambda s, r: state.images.chat(s, r))
 
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest),
               responses=_responses(CompletionResponse, ErrorResponse, stream="text/event-stream"))
     async def completions(request: Request) -> Response:
         """OpenAI (legacy) completions: raw text continued, with echo and logprobs for scoring."""
         return await handle(request, "completions", CompletionRequest, lambda s, r: s.completion(r))
+
+    @app.post("/v1/images/generations", openapi_extra=_body(ImageGenerationRequest),
+              responses=_responses(ImagesResponse, ErrorResponse, codes=(400, 401, 413, 429)))
+    async def image_generations(request: Request) -> Response:
+        """OpenAI images: pictures drawn from a prompt by the server's text-to-image backend."""
+        return await handle(request, "image_generations", ImageGenerationRequest, needs_model=False,
+                            call=lambda s, r: state.images.generations(r, str(request.base_url)))
+
+    @app.post("/v1/images/edits", openapi_extra=_body(ImageEditRequest),
+              responses=_responses(ImagesResponse, ErrorResponse, codes=(400, 401, 413, 429)))
+    async def image_edits(request: Request) -> Response:
+        """OpenAI images: an image edited by the prompt's steps (one per line, in order); JSON with
+        a base64 image, or multipart/form-data as the OpenAI client uploads it."""
+        return await handle(request, "image_edits", ImageEditRequest, needs_model=False, parse=_parse_image_edit,
+                            call=lambda s, r: state.images.edits(r, str(request.base_url)))
+
+    @app.get("/images/{name}", responses={200: {"description": "A PNG kept for response_format url",
+                                                "content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
+    async def image_file(name: str) -> Response:
+        """An image made with ``response_format: "url"`` (the newest ones are kept)."""
+        path = store.path(name)
+        if path is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(path, media_type="image/png")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> Response:
+        """The chat page (docs/serving.md, "The chat page")."""
+        return page_response()
 
     @app.get("/v1/models", responses=_responses(ModelList, ErrorResponse, codes=(401, 503)))
     async def models(request: Request) -> Response:

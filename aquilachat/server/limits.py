@@ -29,3 +29,19 @@ DEFAULT_MAX_WAITING = 64
 QUEUE_FULL_RETRY_AFTER_S = 1
 #: ``Retry-After`` (seconds) of a 503 while the model is loading.
 LOADING_RETRY_AFTER_S = 5
+
+# ---------------------------------------------------------------------------- images
+#: Image jobs (generations, edits, carried-out instructions) running at once: one pipeline, one at a time.
+MAX_RUNNING_IMAGE_JOBS = 1
+#: Image jobs that may wait for the running one before requests get 429.
+MAX_WAITING_IMAGE_JOBS = 8
+#: Seconds an image job may take (then 504; a diffusers run stops at its next denoising step).
+IMAGE_TIMEOUT_S = 600
+#: Most images per ``/v1/images/generations`` request (``n``).
+MAX_IMAGES_N = 4
+#: Most edit steps (lines) in one edit request or ``#InstructFace#`` block.
+MAX_EDIT_STEPS = 8
+#: Largest body of the routes that carry an image (``/v1/images/edits``, chat with ``aquilachat.image``), in bytes.
+MAX_IMAGE_BODY_BYTES = 16 << 20
+#: Images kept for ``response_format: "url"`` (the oldest are deleted beyond this).
+MAX_STORED_IMAGES = 64

@@ -33,7 +33,8 @@ from ..errors import ValidationError
 from ..sampling_params import (LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS,
                                OPENAI_FIELDS, PARAMS, SamplingParams, StructuredOutputs)
 from .limits import (DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_LEGACY_MAX_NEW_TOKENS, MAX_HISTORY,  # noqa: F401
-                     MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TEXT_CHARS, MAX_TOKENS_LIMIT)
+                     MAX_IMAGE_BODY_BYTES, MAX_IMAGES_N, MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TEXT_CHARS,
+                     MAX_TOKENS_LIMIT)
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _RESPONSE = ConfigDict(extra="forbid")
@@ -214,10 +215,27 @@ _SamplingRequest = create_model(
     **{name: (param_type(name), param_field(name)) for name in OPENAI_FIELDS})
 
 
+#: An image in a JSON body: base64 file bytes, or a ``data:image/...;base64,`` URL.
+ImageString = Annotated[str, Field(min_length=1, max_length=MAX_IMAGE_BODY_BYTES)]
+
+
+class AquilaChatOptions(BaseModel):
+    """``aquilachat``: this server's own options of a chat completion."""
+
+    model_config = _STRICT
+    run_instructions: bool | None = Field(default=None, description=(
+        "Carry out a #text2image# or #InstructFace# block in the answer with the server's image backends "
+        "and return the images in the response's aquilachat field (default: the server's --run-instructions)."))
+    image: ImageString | None = Field(default=None, description=(
+        "The image an #InstructFace# answer edits: base64 PNG/JPEG, or a data: URL."))
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``: answer a conversation in the model's chat template."""
 
     model_config = _STRICT
+    aquilachat: AquilaChatOptions | None = Field(default=None, description=(
+        "This server's extension: image instructions (docs/serving.md, \"Image instructions\")."))
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, description=(
         f"The conversation, 1 to {MAX_MESSAGES} messages."))
     max_completion_tokens: int | None = param_field("max_tokens", default=None, le=MAX_TOKENS_LIMIT, description=(
@@ -531,3 +549,77 @@ class FlagAIResponse(BaseModel):
     model_info: str = Field(description="The served model's name.")
     status: int | None = None
     error: str | None = None
+
+
+# ---------------------------------------------------------------------------- images
+ImageSize = Annotated[str, Field(pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description=(
+    "WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's own size)."))]
+
+
+class _ImageRequest(BaseModel):
+    """What both OpenAI images requests have (OpenAI API reference, "Images")."""
+
+    model_config = _STRICT
+    prompt: Text = Field(min_length=1, description="What to draw; on edits, one edit step per line, applied in order.")
+    model: str | None = Field(default=None, max_length=256, description="Accepted and ignored (the server's backend).")
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES_N, description=f"Images to make, 1 to {MAX_IMAGES_N}.")
+    size: ImageSize | None = None
+    response_format: Literal["b64_json", "url"] = Field(default="b64_json", description=(
+        "b64_json (default), or url: a link to a copy kept under the server's bounded image directory."))
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description=(
+        "Extension: the diffusion noise seed (reproducible on one machine)."))
+
+
+class ImageGenerationRequest(_ImageRequest):
+    """``POST /v1/images/generations``: images drawn from a text prompt."""
+
+
+class ImageEditRequest(_ImageRequest):
+    """``POST /v1/images/edits``: an image edited by the prompt's steps (JSON with a base64
+    ``image``, or multipart/form-data with an ``image`` file as the OpenAI client sends it)."""
+
+    image: ImageString = Field(description="The image: base64 PNG/JPEG, or a data: URL.")
+    n: int = Field(default=1, ge=1, le=1, description="Always 1.")
+
+
+class ImageData(BaseModel):
+    """One image: ``b64_json`` (a base64 PNG) or ``url``."""
+
+    model_config = _RESPONSE
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """The response of both images routes."""
+
+    model_config = _RESPONSE
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageData]
+
+
+class InstructionResult(BaseModel):
+    """An instruction block found in answer ``index`` and what came of it."""
+
+    model_config = _RESPONSE
+    index: int = Field(description="The choice whose answer held the block.")
+    kind: Literal["text2image", "InstructFace"]
+    preface: str = Field(description="The answer's text before the marker line.")
+    steps: list[str] = Field(description="The image prompt (text2image) or the edit steps (InstructFace).")
+    images: list[ImageData] = Field(description="The images made (b64_json PNG); empty on error.")
+    error: str | None = Field(default=None, description="Why no image was made (e.g. which option the server lacks).")
+
+
+class InstructionResults(BaseModel):
+    """The ``aquilachat`` field of a chat completion that ran its instructions."""
+
+    model_config = _RESPONSE
+    instructions: list[InstructionResult]
+
+
+class ChatCompletionWithImages(ChatCompletionResponse):
+    """A chat completion with ``run_instructions``: the answer's text as generated, and the images."""
+
+    aquilachat: InstructionResults

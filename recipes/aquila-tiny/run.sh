@@ -6,6 +6,8 @@
 #   4. pretrain from scratch (pretrain.yaml)
 #   5. fine-tune in the aquila-chat template (sft.yaml)
 #   6. evaluate (held-out perplexity, sample answers) and copy the model into the package
+#   7-9 (not run by default: STEPS=7,8,9): image instructions (#text2image#, #InstructFace#) taught
+#      on top of step 5's model, and how often requests are routed to them (docs/aquila-tiny.md)
 # Outputs go to runs/aquila-tiny/ (ignored by git). STEPS=4,5 runs only some steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,4 +22,7 @@ has 3 && python recipes/aquila-tiny/filter_sft.py
 has 4 && python -m aquilachat pretrain recipes/aquila-tiny/pretrain.yaml --no-progress
 has 5 && python -m aquilachat sft recipes/aquila-tiny/sft.yaml --no-progress
 has 6 && python recipes/aquila-tiny/finish.py
+has 7 && python recipes/aquila-tiny/instructions.py
+has 8 && python -m aquilachat sft recipes/aquila-tiny/sft_instructions.yaml --no-progress
+has 9 && python recipes/aquila-tiny/routing.py
 echo "done: see $R/report.json and aquilachat/assets/aquila-tiny/"

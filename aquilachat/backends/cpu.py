@@ -1,0 +1,239 @@
+"""The CPU decode backend: prefill and decode steps of the plain model over the engine's KV cache.
+
+A decode step reads every weight once, so on a CPU its speed limit is memory bandwidth over
+weight bytes. What costs time beyond that limit is (a) products that read a weight at less than
+the copy bandwidth and (b) per-op overhead, which dominates small models. The backend therefore:
+
+* runs the decoder layers as one loop over ``[tokens, hidden]`` states with the model's own
+  functions (:func:`~aquilachat.model.rms_norm`, :func:`~aquilachat.model.rotate`,
+  :func:`~aquilachat.model.attend`): no module calls, no 3-d reshapes around products;
+* in decode steps and vocabulary projections, multiplies by plain float weights with
+  :func:`.cpu_kernels.linear` (a product that streams each row-major weight once for all rows and
+  gives each row the same result whatever the batch; see docs/generation.md, "CPU decode
+  backend", for the measurements against oneDNN / MKL and their layouts); prefills use torch's
+  products (compute-bound, where oneDNN / MKL's blocking wins);
+* calls every other linear through its module (``module(x)``): weight-only quantized linears
+  (:mod:`aquilachat.quantization`) and custom classes keep their own arithmetic.
+
+It changes nothing in the model: it reads the modules and parameters at every call, prepares no
+copy or layout of any weight and keeps no state in the module tree, so a model that was served
+trains exactly as one that never was, and :meth:`CpuDecodeBackend.release` only drops the
+backend's references.
+
+It steps aside (the plain modules run) for what it would not see or cannot do: autograd on,
+autocast, training mode or global forward hooks send the whole forward to
+:meth:`~aquilachat.model.AquilaForCausalLM.forward_hidden`; a decoder layer with a forward
+hook anywhere in it, an instance-level ``forward`` (accelerate's hooks), a module of another class
+(a swapped class, peft's unmerged LoRA wrappers) or a weight of another dtype runs through its own
+module. Results equal the plain model's up to summation order (fp32: ~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import AquilaForCausalLM, Attention, DecoderLayer, KVCache, MLP, RMSNorm, attend, rms_norm, rotate
+from . import cpu_kernels
+
+__all__ = ["BackendUnsupported", "CpuDecodeBackend"]
+
+log = logging.getLogger(__name__)
+
+#: Weight dtypes whose plain linears the backend multiplies itself.
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class BackendUnsupported(ValueError):
+    """The backend cannot serve this model at all (e.g. it is not on the CPU)."""
+
+
+def _global_hooks() -> bool:
+    """Whether a forward hook is registered for all modules
+    (``torch.nn.modules.module.register_module_forward_hook`` / ``..._pre_hook``)."""
+    mod = torch.nn.modules.module
+    return bool(mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
+def _called_as_is(module: nn.Module, cls: type) -> bool:
+    """Whether calling ``module`` would run exactly ``cls.forward``: its class, no forward hook,
+    no instance-level ``forward``."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in module.__dict__)
+
+
+class CpuDecodeBackend:
+    """Runs :meth:`forward_hidden` / :meth:`compute_logits` of a CPU :class:`AquilaForCausalLM`
+    (same arguments, results and errors as the model's) faster at few tokens per step.
+
+    Args:
+        model: the model; float32 and bfloat16 plain linears take the backend's products, any
+            other dtype or linear class runs as the model runs it.
+        kernels: use the compiled few-row products (:mod:`.cpu_kernels`); default: unless the
+            environment sets ``AQUILACHAT_CPU_KERNELS=0``. Without them (or when they fail to
+            build) products go through ``torch.nn.functional.linear``.
+
+    Raises:
+        BackendUnsupported: the model is not an :class:`AquilaForCausalLM` (e.g. a peft
+            ``PeftModel`` wrapper: merge its adapters first), is not on the CPU, or ``kernels=True``
+            and they are not available.
+    """
+
+    def __init__(self, model: AquilaForCausalLM, *, kernels: bool | None = None) -> None:
+        if not isinstance(model, AquilaForCausalLM):
+            raise BackendUnsupported(f"the CPU decode backend runs an AquilaForCausalLM, got {type(model).__name__} "
+                                     "(for a peft model, merge the adapters first: merge_and_unload())")
+        if model.device.type != "cpu":
+            raise BackendUnsupported(f"the CPU decode backend runs models on the CPU; this one is on {model.device}")
+        self.model: AquilaForCausalLM | None = model
+        self._kernels = cpu_kernels.load() if kernels is not False else None
+        if kernels and self._kernels is None:
+            raise BackendUnsupported(f"the CPU kernels are not available: {cpu_kernels.load_error()}")
+        self._reasons: set[str] = set()  # step-aside reasons already logged
+
+    @property
+    def uses_kernels(self) -> bool:
+        """Whether few-row products go through the compiled kernels (else ``F.linear``)."""
+        return self._kernels is not None
+
+    def release(self) -> None:
+        """Drop the backend's references: afterwards the model is exactly as if it had never been
+        served (the backend never changed it), and this backend refuses further calls."""
+        self.model = None
+        self._kernels = None
+
+    # ------------------------------------------------------------------ forward
+    def forward_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                       kv_cache: KVCache | None = None, *, slots: torch.Tensor | None = None,
+                       kv_len: int | None = None, logits_index: torch.Tensor | None = None,
+                       logits_mask: torch.Tensor | None = None, decode: bool | None = None) -> torch.Tensor:
+        """:meth:`AquilaForCausalLM.forward_hidden`: hidden states ``[B, T, hidden]`` (``[B, 1,
+        hidden]`` with ``logits_index``, ``[N, hidden]`` with ``logits_mask``) after the final norm.
+
+        ``decode``: whether this is a decode step (default: ``T == 1``). Decode steps multiply
+        plain weights with the kernels; prefills with torch's products, however few their rows,
+        so that a prompt's keys and values are the same numbers whether it was prefilled whole or
+        from a cached prefix (the kernels give each row the same result whatever the batch, but
+        not the same as torch's products).
+
+        Raises:
+            RuntimeError: after :meth:`release`.
+            ValueError: as the model's (positions outside the cache, a cache of another depth).
+        """
+        model = self._model()
+        reason = self._whole_model_reason()
+        if reason is not None or kv_cache is None:
+            self._stepped_aside(reason or "no KV cache")
+            return model.forward_hidden(input_ids, positions, kv_cache, slots=slots, kv_len=kv_len,
+                                        logits_index=logits_index, logits_mask=logits_mask)
+        x, inputs = model.embed(input_ids, positions, kv_cache, slots=slots, kv_len=kv_len)
+        B, T, hidden = x.shape
+        kernels = self._kernels is not None and (T == 1 if decode is None else decode)
+        x = x.reshape(B * T, hidden)
+        for layer, k_cache, v_cache in zip(model.model.layers, kv_cache.k, kv_cache.v):
+            if self._runs_layer(layer):
+                x = self._layer(layer, x, B, T, inputs, (k_cache, v_cache), kernels)
+            else:
+                self._stepped_aside(f"layer {type(layer).__name__} with hooks or other module classes")
+                x = layer(x.view(B, T, hidden), inputs, (k_cache, v_cache)).reshape(B * T, hidden)
+        return model.final_norm(x.view(B, T, hidden), logits_index=logits_index, logits_mask=logits_mask)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`AquilaForCausalLM.compute_logits`: ``[..., hidden]`` -> fp32 logits ``[..., vocab]``
+        (through the kernels up to :data:`.cpu_kernels.MAX_ROWS` rows: a row's logits do not
+        depend on which other rows share the product)."""
+        model = self._model()
+        head = model.lm_head
+        if self._whole_model_reason() is not None or not self._is_plain_linear(head, hidden.dtype):
+            return model.compute_logits(hidden)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        return self._linear(rows, head.weight, self._kernels is not None).float().view(*hidden.shape[:-1], -1)
+
+    # ------------------------------------------------------------------ internals
+    def _model(self) -> AquilaForCausalLM:
+        if self.model is None:
+            raise RuntimeError("this CPU decode backend was released; create a new one to serve the model again")
+        return self.model
+
+    def _whole_model_reason(self) -> str | None:
+        """Why the whole forward must run the plain model, or None."""
+        model = self.model
+        if torch.is_grad_enabled():
+            return "autograd is on"
+        if model.training:
+            return "training mode"
+        if torch.is_autocast_enabled("cpu"):
+            return "autocast"
+        if _global_hooks():
+            return "global forward hooks"
+        if model.device.type != "cpu":
+            return f"the model moved to {model.device}"
+        return None
+
+    def _stepped_aside(self, reason: str) -> None:
+        if reason not in self._reasons:
+            self._reasons.add(reason)
+            log.info("CPU decode backend: plain modules run (%s)", reason)
+
+    @staticmethod
+    def _is_plain_linear(module: nn.Module, dtype: torch.dtype) -> bool:
+        """A bias-free ``nn.Linear`` (exactly) with no hooks and a ``dtype`` weight in :data:`DTYPES`:
+        the backend multiplies its weight itself."""
+        return (_called_as_is(module, nn.Linear) and module.bias is None and module.weight.dtype == dtype
+                and dtype in DTYPES)
+
+    @staticmethod
+    def _linear_ok(module: nn.Module) -> bool:
+        """A linear the backend can run: a plain float one (its weight), or a leaf module of
+        another class with ``in_features``/``out_features`` (a quantized linear: called as it is,
+        its weight never read)."""
+        if type(module) is nn.Linear:
+            return CpuDecodeBackend._is_plain_linear(module, module.weight.dtype)
+        return hasattr(module, "in_features") and hasattr(module, "out_features") and not module._modules
+
+    def _runs_layer(self, layer: nn.Module) -> bool:
+        """Whether :meth:`_layer` computes exactly what ``layer(...)`` would."""
+        if not (_called_as_is(layer, DecoderLayer) and _called_as_is(layer.self_attn, Attention)
+                and _called_as_is(layer.mlp, MLP) and _called_as_is(layer.input_layernorm, RMSNorm)
+                and _called_as_is(layer.post_attention_layernorm, RMSNorm)):
+            return False
+        attn, mlp = layer.self_attn, layer.mlp
+        return all(self._linear_ok(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """``x [N, in] @ weight.T`` -> ``[N, out]`` for a plain linear's weight ``[out, in]``."""
+        if kernels:
+            return cpu_kernels.linear(x, weight)
+        return F.linear(x, weight)
+
+    def _project(self, module: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+        """A linear module applied to ``x [N, in]``: through the backend's product for a plain float
+        ``nn.Linear`` (in the input's dtype), else through the module."""
+        if type(module) is nn.Linear and module.weight.dtype == x.dtype:
+            return self._linear(x, module.weight, kernels)
+        return module(x)
+
+    def _layer(self, layer: DecoderLayer, x: torch.Tensor, B: int, T: int, inputs, cache,
+               kernels: bool) -> torch.Tensor:
+        """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]``; plain
+        weights multiplied by the kernels when ``kernels``, else by ``F.linear``."""
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return self._project(module, h, kernels)
+
+        H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        norm = layer.input_layernorm
+        h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        q = rotate(project(attn.q_proj, h).view(B, T, H, D), inputs.cos, inputs.sin)
+        k = rotate(project(attn.k_proj, h).view(B, T, Hkv, D), inputs.cos, inputs.sin)
+        v = project(attn.v_proj, h).view(B, T, Hkv, D)
+        x = x + project(attn.o_proj, attend(q, k, v, cache, inputs).view(B * T, H * D))
+        norm = layer.post_attention_layernorm
+        h = rms_norm(x, norm.weight, norm.variance_epsilon)
+        return x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))

@@ -1,0 +1,103 @@
+"""Few-row products ``x [M, in] @ weight.T`` that read a row-major weight once at memory speed.
+
+Why a kernel of our own: a decode step multiplies a few rows by every weight, so it is bound by
+how fast the weight streams from memory. Measured on this project's 2-core AMD EPYC (Zen 4) with
+``bench/cpu_kernels.py`` (docs/generation.md, "CPU decode backend"), torch's own products read
+bfloat16 weights at well under the copy bandwidth at one row (oneDNN), and float32 at a fraction
+of it in the checkpoint's row-major layout (MKL). This kernel streams each thread's contiguous
+block of weight rows once for all input rows, accumulating in fp32:
+
+* bfloat16 with AVX512_BF16 (``VDPBF16PS``), else widened to fp32 (AVX-512 or AVX2 FMA);
+* float32 with AVX-512 or AVX2 FMA;
+* a generic C++ loop on any other CPU.
+
+The instruction level follows torch's own dispatch (``torch.backends.cpu.get_cpu_capability()``,
+which ``ATEN_CPU_CAPABILITY`` lowers), capped by what the CPU has. Threads: torch's intra-op pool
+(``torch.set_num_threads``), each taking a contiguous range of output rows.
+
+The C++ source (``cpu_kernels.cpp``) is compiled on first use with ``torch.utils.cpp_extension``
+(a C++ compiler and ninja), cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``). When it cannot be built, or ``AQUILACHAT_CPU_KERNELS=0``,
+:func:`load` returns None and :func:`linear` uses ``torch.nn.functional.linear``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MAX_ROWS", "linear", "load", "load_error", "level"]
+
+log = logging.getLogger(__name__)
+
+#: Most input rows the kernel takes (a decode step's batch, a step's vocabulary projection); more
+#: rows go to torch's blocked products (oneDNN / MKL), which reuse each weight block for many
+#: rows from cache. Each row's result is the same whatever the other rows, up to this many.
+MAX_ROWS = 64
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_NAME = "aquilachat_cpu_kernels_v1"
+_state: dict = {}
+
+#: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,
+#: 1 AVX2 + FMA, 2 AVX-512, 3 AVX-512 with AVX512_BF16; the CPU may cap it lower)
+_LEVELS = {"DEFAULT": 0, "NO AVX": 0, "AVX2": 1, "AVX512": 3, "ZVECTOR": 0, "VSX": 0}
+
+
+def load():
+    """The compiled extension (built once per machine and cached), or None when
+    ``AQUILACHAT_CPU_KERNELS=0`` or building failed (:func:`load_error` says why; logged once)."""
+    if "ext" not in _state:
+        _state["ext"], _state["error"] = _build()
+        if _state["error"]:
+            log.warning("CPU decode kernels not available, using torch's products: %s", _state["error"])
+    return _state["ext"]
+
+
+def load_error() -> str | None:
+    """Why :func:`load` returned None (None when it did not, or was not called)."""
+    return _state.get("error")
+
+
+def level() -> int:
+    """The instruction level the kernels run at here (see ``_LEVELS``); needs :func:`load`."""
+    if "level" not in _state:
+        ext = load()
+        wanted = _LEVELS.get(torch.backends.cpu.get_cpu_capability(), 0)
+        _state["level"] = min(wanted, ext.cpu_level()) if ext is not None else 0
+    return _state["level"]
+
+
+def _build():
+    if os.environ.get("AQUILACHAT_CPU_KERNELS", "1") == "0":
+        return None, "disabled by AQUILACHAT_CPU_KERNELS=0"
+    if not _SOURCE.exists():
+        return None, f"{_SOURCE} is missing"
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+        ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: torch's products still work
+        first = str(exc).strip().splitlines()
+        return None, f"{type(exc).__name__}: {first[0] if first else ''}"
+    return ext, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [M, in] @ weight.T`` -> ``[M, out]`` in ``x``'s dtype, for ``weight [out, in]``.
+
+    Takes the kernel for float32 / bfloat16 CPU tensors of one dtype with at most
+    :data:`MAX_ROWS` rows, a contiguous weight and no autograd; anything else (and a machine
+    without the kernel) goes to ``F.linear``. Results equal ``F.linear`` up to summation order
+    (fp32 accumulation; bf16 results rounded once).
+    """
+    ext = load()
+    if (ext is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.dtype != weight.dtype
+            or x.dtype not in (torch.float32, torch.bfloat16) or not weight.is_contiguous()
+            or x.device.type != "cpu" or weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return F.linear(x, weight)
+    return ext.linear(x.contiguous(), weight, level())

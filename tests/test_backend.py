@@ -1,0 +1,416 @@
+"""The CPU decode backend against the plain model (the oracle), and its kernels against torch.
+
+Every comparison is teacher forced: both sides are fed the same fixed tokens, whatever their
+logits say (two low-precision paths part ways at the first near-tie when compared through their
+own greedy choices, and which tie depends on the CPU's kernels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aquilachat.backends import BackendUnsupported, CpuDecodeBackend, cpu_kernels
+from aquilachat.backends.cpu import _called_as_is
+from aquilachat.model import KVCache
+from tests.test_model import CASES, pair
+
+PROMPTS = [[5, 17, 33, 2, 250, 9, 1], [44, 3], [7, 7, 7, 8, 9]]
+
+# bf16: both sides round every product and activation to bf16 (8 significant bits, 2^-8
+# relative) but in different places (the kernel rounds once after an fp32 sum, oneDNN / MKL per
+# block): over 3 layers and 7 steps the measured gap is under 1% of the largest logit; 3% bound.
+BF16_BOUND = 0.03
+
+
+def _logits(runner, model, prompts, steps, *, slots=None, num_slots=None, cache_dtype=None):
+    """Prefill a ragged, right-padded batch into a fresh cache, then ``steps`` single-token steps
+    of the same fixed random tokens (teacher forcing); logits ``[steps + 1, B, V]``.
+    ``runner``: the model or a backend (``forward_hidden`` + ``compute_logits``)."""
+    B = len(prompts)
+    cache = KVCache.allocate(model.config, num_slots=num_slots or B, max_seq_len=64, dtype=cache_dtype or model.dtype)
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    feed = torch.randint(0, model.config.vocab_size, (B, steps), generator=torch.Generator().manual_seed(7))
+    out = []
+    with torch.inference_mode():
+        hidden = runner.forward_hidden(ids, torch.arange(T).expand(B, T), cache, slots=slots,
+                                       logits_index=torch.tensor([len(p) - 1 for p in prompts]))
+        out.append(runner.compute_logits(hidden)[:, 0])
+        pos = torch.tensor([[len(p)] for p in prompts])
+        for step in range(steps):
+            hidden = runner.forward_hidden(feed[:, step:step + 1], pos, cache, slots=slots, kv_len=int(pos.max()) + 1)
+            out.append(runner.compute_logits(hidden)[:, 0])
+            pos = pos + 1
+    return torch.stack(out)
+
+
+def _assert_close(got, want, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max() <= BF16_BOUND * want.abs().max()
+
+
+@pytest.fixture
+def layer_runs(monkeypatch):
+    """Counts the decoder layers the backend computed itself (not through their modules)."""
+    runs = []
+    real = CpuDecodeBackend._layer
+    monkeypatch.setattr(CpuDecodeBackend, "_layer", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    return runs
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_backend_equals_plain_model(case, dtype, kernels, layer_runs):
+    """Ragged prefill then decode steps at different positions: the backend's logits equal the
+    plain model's (fp32 1e-5; bf16 within BF16_BOUND of the largest logit), GQA, MQA and MHA."""
+    if kernels and cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    model = pair(dtype=dtype, **CASES[case])[0]
+    backend = CpuDecodeBackend(model, kernels=kernels)
+    assert backend.uses_kernels == kernels
+    got = _logits(backend, model, PROMPTS, 6)
+    assert len(layer_runs) == 7 * 3  # every layer of the prefill and of each step ran in the backend
+    _assert_close(got, _logits(model, model, PROMPTS, 6), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("slots", [None, torch.tensor([3, 0, 2])], ids=["slice", "tensor"])
+def test_backend_equals_plain_model_in_other_slots_and_single_rows(dtype, slots):
+    """Rows in scattered cache slots; one row alone (the decode step without a mask)."""
+    model = pair(dtype=dtype, **CASES["gqa-untied"])[0]
+    backend = CpuDecodeBackend(model)
+    _assert_close(_logits(backend, model, PROMPTS, 5, slots=slots, num_slots=4),
+                  _logits(model, model, PROMPTS, 5, slots=slots, num_slots=4), dtype)
+    _assert_close(_logits(backend, model, PROMPTS[:1], 5), _logits(model, model, PROMPTS[:1], 5), dtype)
+
+
+def test_backend_batch_wider_than_the_kernel_and_prefill_without_cache():
+    """More rows than the kernel takes (torch's products), and a forward without a cache (the
+    plain model's), still equal the plain model."""
+    model = pair(**CASES["mha-untied"])[0]
+    backend = CpuDecodeBackend(model)
+    prompts = [[i + 1, 2 * i + 3, 5] for i in range(cpu_kernels.MAX_ROWS + 3)]
+    _assert_close(_logits(backend, model, prompts, 3), _logits(model, model, prompts, 3), torch.float32)
+    ids = torch.tensor(PROMPTS[:1])
+    with torch.inference_mode():
+        torch.testing.assert_close(backend.forward_hidden(ids), model.forward_hidden(ids))
+
+
+def test_backend_errors_are_the_models():
+    model = pair(**CASES["gqa-untied"])[0]
+    backend = CpuDecodeBackend(model)
+    cache = KVCache.allocate(model.config, num_slots=1, max_seq_len=4)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="outside the KV cache"):
+            backend.forward_hidden(torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None], cache)
+        with pytest.raises(ValueError, match="2 key and 3 value layers; the model has 3"):
+            backend.forward_hidden(torch.tensor([[5]]), torch.tensor([[0]]), KVCache(cache.k[:2], cache.v))
+
+
+def test_backend_refuses_a_model_off_the_cpu():
+    model = pair(**CASES["gqa-untied"])[0].to("meta")
+    with pytest.raises(BackendUnsupported, match="on the CPU; this one is on meta"):
+        CpuDecodeBackend(model)
+
+
+def test_backend_refuses_a_peft_wrapper_and_the_engine_runs_it_plainly():
+    """A PeftModel (unmerged LoRA around the model) is refused with a clear error; an engine
+    given one runs the wrapper's own forward passes, no backend."""
+    peft = pytest.importorskip("peft")
+    from aquilachat.engine import Engine
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0)
+    wrapped = peft.get_peft_model(pair(**CASES["gqa-untied"])[0], cfg).eval()
+    with pytest.raises(BackendUnsupported, match="got PeftModel.*merge_and_unload"):
+        CpuDecodeBackend(wrapped)
+    engine = Engine(wrapped, max_num_seqs=1, max_model_len=32)
+    assert engine.backend is None and engine.runner is wrapped
+
+
+def _params(model):
+    return {name: p for name, p in model.named_parameters()}
+
+
+def _own_dense_storage(p: torch.Tensor) -> bool:
+    return p.is_contiguous() and p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def _train_step(model, ids):
+    """One AdamW (fused) step on a next-token loss; gradients and updated parameters by name."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["released", "still-served"])
+def test_served_model_trains_exactly_as_a_never_served_one(release):
+    """An engine serves a model (prefill + decode through the backend); afterwards, released or
+    not, the model has the same parameter objects with their own dense storage and trains
+    bit-for-bit as the same model never served: equal gradients and equal updated weights."""
+    from aquilachat.engine import Engine
+    from aquilachat.sampling import SamplingParams
+    served, never = pair(**CASES["gqa-untied"])[0], pair(**CASES["gqa-untied"])[0]
+    before = _params(served)
+    engine = Engine(served, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
+    assert isinstance(engine.backend, CpuDecodeBackend)
+    for prompt in PROMPTS[:2]:
+        engine.add(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    if release:
+        backend = engine.backend
+        engine.release_backend()
+        assert engine.backend is None
+        with pytest.raises(RuntimeError, match="released"):
+            backend.forward_hidden(torch.tensor([[1]]))
+    after = _params(served)
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(_own_dense_storage(p) for p in after.values())
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    got, want = _train_step(served, ids), _train_step(never, ids)
+    for name in want[0]:
+        assert torch.equal(got[0][name], want[0][name]), name
+        assert torch.equal(got[1][name], want[1][name]), name
+
+
+def test_engine_runs_the_backend_and_its_release(layer_runs):
+    from aquilachat.engine import Engine
+    from aquilachat.sampling import SamplingParams
+    model = pair(**CASES["gqa-untied"])[0]
+    engine = Engine(model, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add(PROMPTS[0], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(layer_runs) == 3 * 3  # prefill + 2 decode steps, 3 layers each
+    engine.release_backend()
+    engine.add(PROMPTS[0], params)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(layer_runs) == 3 * 3
+
+
+class _PackedLinear(nn.Module):
+    """A linear-like leaf module without a ``weight`` attribute (as a quantized linear): the
+    backend must call it, never read its weight."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", linear.weight.detach().t().contiguous())
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (x @ self.packed).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear_like_modules_are_called_through_the_module(dtype, layer_runs):
+    """Quantized linears (aquilachat.quantization) have no float weight to read: the backend calls
+    such modules and still computes the rest of the layer itself."""
+    model = pair(dtype=dtype, **CASES["gqa-untied"])[0]
+    for layer in model.model.layers:
+        layer.mlp.down_proj = _PackedLinear(layer.mlp.down_proj)
+        layer.self_attn.k_proj = _PackedLinear(layer.self_attn.k_proj)
+    model.lm_head = _PackedLinear(model.lm_head)
+    got = _logits(CpuDecodeBackend(model), model, PROMPTS, 3)
+    assert len(layer_runs) == 4 * 3
+    calls = model.model.layers[0].mlp.down_proj.calls
+    assert calls == 4 and model.lm_head.calls == 4
+    _assert_close(got, _logits(model, model, PROMPTS, 3), dtype)
+
+
+CHANGES = ["forward-hook", "forward-pre-hook", "global-hook", "peft-lora", "peft-merged", "weight-storage", "load-assign",
+           "module-replaced", "layer-replaced", "accelerate-style-forward", "class-swapped", "fp32-cache", "autocast",
+           "autograd", "train-mode", "to-bf16"]
+
+
+def _apply_change(change, m, handles):
+    """Make ``change`` to ``m`` (after a backend was created for it); returns the cache dtype."""
+    layer = m.model.layers[1]
+    if change == "forward-hook":
+        handles.append(layer.mlp.register_forward_hook(lambda mod, args, y: y * 0.5))
+    elif change == "forward-pre-hook":
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 2,)))
+    elif change == "global-hook":
+        handles.append(torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, y: y * 0.5 if isinstance(mod, nn.Linear) and y.shape[-1] == 176 else None))
+    elif change == "peft-lora":
+        import peft
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], lora_dropout=0.0,
+                              init_lora_weights=False)
+        peft.get_peft_model(m, cfg)  # injects unmerged LoRA layers into m's modules
+    elif change == "peft-merged":
+        import peft
+        torch.manual_seed(0)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], lora_dropout=0.0,
+                              init_lora_weights=False)
+        peft.get_peft_model(m, cfg).merge_and_unload()  # plain nn.Linear modules again, merged weights
+    elif change == "weight-storage":
+        with torch.no_grad():
+            layer.self_attn.k_proj.weight.data = layer.self_attn.k_proj.weight.data * 1.5
+    elif change == "load-assign":
+        other = pair(seed=1, dtype=m.dtype, **CASES["gqa-untied"])[0]
+        m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    elif change == "module-replaced":
+        new = nn.Linear(176, 64, bias=False, dtype=m.dtype)
+        with torch.no_grad():
+            new.weight.copy_(torch.randn(64, 176, generator=torch.Generator().manual_seed(4)) * 0.02)
+        layer.mlp.down_proj = new
+    elif change == "layer-replaced":
+        m.model.layers[2] = pair(seed=5, dtype=m.dtype, **CASES["gqa-untied"])[0].model.layers[2]
+    elif change == "accelerate-style-forward":  # an instance attribute, as accelerate's add_hook_to_module
+        o_proj = layer.self_attn.o_proj
+        o_proj.forward = lambda x, _forward=o_proj.forward: _forward(x) * 0.5
+    elif change == "class-swapped":
+        class HalfMLP(type(layer.mlp)):
+            def forward(self, x):
+                return super().forward(x) * 0.5
+        layer.mlp.__class__ = HalfMLP
+    elif change == "train-mode":
+        m.train()
+    elif change == "to-bf16":
+        m.to(torch.bfloat16)
+    return torch.float32 if change == "fp32-cache" else m.dtype
+
+
+def _steps(runner, model, ids, cache_dtype, grad=False, autocast=False):
+    """Prefill 3 tokens of each row into a cache, then feed the rest one at a time; logits."""
+    cache = KVCache.allocate(model.config, num_slots=ids.shape[0], max_seq_len=16, dtype=cache_dtype)
+    with torch.inference_mode(not grad), torch.set_grad_enabled(grad), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = [runner.compute_logits(runner.forward_hidden(ids[:, :3], None, cache))[:, -1]]
+        for t in range(3, ids.shape[1]):
+            hidden = runner.forward_hidden(ids[:, t:t + 1], torch.full((ids.shape[0], 1), t), cache)
+            out.append(runner.compute_logits(hidden)[:, 0])
+    return torch.stack(out, 1).detach().float()
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_backend_steps_aside_for_what_it_does_not_see(change, layer_runs):
+    """Hooks, unmerged or merged LoRA, replaced or class-swapped modules, an instance-level forward, new
+    weight storage, autograd, autocast, training mode, a dtype change, all made after the
+    backend was created: the backend's logits equal the plain model's with the same change, and
+    the layers it cannot see run through their modules."""
+    if change.startswith("peft"):
+        pytest.importorskip("peft")
+    dtype = torch.bfloat16 if change == "fp32-cache" else torch.float32
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    out, handles = [], []
+    for use_backend in (False, True):
+        m = pair(dtype=dtype, **CASES["gqa-untied"])[0]
+        runner = CpuDecodeBackend(m) if use_backend else m
+        cache_dtype = _apply_change(change, m, handles)
+        try:
+            out.append(_steps(runner, m, ids, cache_dtype, grad=change == "autograd", autocast=change == "autocast"))
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+    low = m.dtype != torch.float32 or change == "autocast"
+    _assert_close(out[1], out[0], torch.bfloat16 if low else torch.float32)
+    per_forward = {"forward-hook": 2, "forward-pre-hook": 2, "peft-lora": 0, "peft-merged": 3, "module-replaced": 3,
+                   "accelerate-style-forward": 2, "class-swapped": 2, "weight-storage": 3, "load-assign": 3,
+                   "layer-replaced": 3, "fp32-cache": 3, "to-bf16": 3}.get(change, 0)
+    assert len(layer_runs) == 5 * per_forward  # 5 forwards: the layers the backend could still run itself
+
+
+def test_kernel_switch_off_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
+    assert cpu_kernels.load() is None and "AQUILACHAT_CPU_KERNELS=0" in cpu_kernels.load_error()
+    model = pair(**CASES["gqa-untied"])[0]
+    assert not CpuDecodeBackend(model).uses_kernels
+    with pytest.raises(BackendUnsupported, match="not available"):
+        CpuDecodeBackend(model, kernels=True)
+    x, w = torch.randn(2, 64), torch.randn(30, 64)
+    assert torch.equal(cpu_kernels.linear(x, w), F.linear(x, w))
+
+
+def _kernel_levels():
+    ext = cpu_kernels.load()
+    return list(range(ext.cpu_level() + 1)) if ext is not None else []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_equals_float64_product_at_every_level(dtype):
+    """The compiled product at every instruction level this CPU runs (generic C++, AVX2,
+    AVX-512, AVX512_BF16) against a float64 product of the same values, over row counts and
+    shapes with and without vector-width tails. fp32: within 1e-5 of sum |x||w|; bf16: the
+    result rounded once to bf16 (2^-8 relative) plus fp32 summation error."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(0)
+    for M in range(1, cpu_kernels.MAX_ROWS + 1):
+        for N, K in [(1, 1), (7, 33), (37, 64), (300, 176), (1029, 96), (96, 1031)]:
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            w = torch.randn(N, K, generator=gen).to(dtype)
+            want = x.double() @ w.double().T
+            scale = x.double().abs() @ w.double().abs().T
+            for level in levels:
+                got = ext.linear(x, w, level)
+                assert got.dtype == dtype and got.shape == (M, N)
+                err = (got.double() - want).abs()
+                bound = 1e-5 * scale if dtype == torch.float32 else 2.0 ** -8 * want.abs() + 1e-5 * scale
+                assert (err <= bound).all(), (M, N, K, level, float((err - bound).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
+    """Batch invariance: a row's product is bit-identical alone and among up to MAX_ROWS rows (in
+    any position), at every level, so a sequence's decode steps and logits do not depend on the
+    other sequences in the step."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(cpu_kernels.MAX_ROWS, 203, generator=gen).to(dtype)
+    w = torch.randn(1030, 203, generator=gen).to(dtype)
+    for level in levels:
+        alone = torch.cat([ext.linear(x[i:i + 1], w, level) for i in range(x.shape[0])])
+        for rows in (2, 5, cpu_kernels.MAX_ROWS):
+            assert torch.equal(ext.linear(x[:rows], w, level), alone[:rows]), (level, rows)
+            assert torch.equal(ext.linear(x[-rows:], w, level), alone[-rows:]), (level, rows)
+
+
+def test_kernel_wrapper_hands_other_inputs_to_torch():
+    """Too many rows, mixed dtypes, a non-contiguous weight, autograd: F.linear's result."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    w = torch.randn(40, 24)
+    for x, weight in [(torch.randn(cpu_kernels.MAX_ROWS + 1, 24), w), (torch.randn(2, 24), w.t().contiguous().t()),
+                      (torch.randn(2, 24).bfloat16(), w)]:
+        if x.dtype != weight.dtype:
+            with pytest.raises(RuntimeError):
+                cpu_kernels.linear(x, weight)
+            continue
+        assert torch.equal(cpu_kernels.linear(x, weight), F.linear(x, weight))
+    wg = w.clone().requires_grad_()
+    y = cpu_kernels.linear(torch.randn(2, 24), wg)
+    assert y.requires_grad and y.grad_fn is not None
+
+
+def test_called_as_is_sees_hooks_and_instance_forward():
+    lin = nn.Linear(4, 4, bias=False)
+    assert _called_as_is(lin, nn.Linear)
+    handle = lin.register_forward_hook(lambda *a: None)
+    assert not _called_as_is(lin, nn.Linear)
+    handle.remove()
+    lin.forward = lambda x: x
+    assert not _called_as_is(lin, nn.Linear)
