@@ -118,8 +118,10 @@ class OursRunner(Runner):
         self.params = SamplingParams(temperature=0, ignore_eos=True)
         model = self.llm.model
         backend = getattr(self.engine, "backend", None)
-        nbytes = getattr(backend, "weight_bytes", None)
-        self.weight_bytes = nbytes() if callable(nbytes) else torch_weight_bytes(model, model.model.embed_tokens)
+        if backend is not None:
+            self.notes.append(f"{type(backend).__name__}" + (" with its compiled kernels"
+                                                             if getattr(backend, "uses_kernels", False) else ""))
+        self.weight_bytes = torch_weight_bytes(model, model.model.embed_tokens)
 
     def prefill(self, rows: list[list[int]], max_tokens: int) -> None:
         if self.engine.has_unfinished():
