@@ -14,13 +14,41 @@ Bandwidth bound (batch 1): every decoded token must read every weight except the
 (one row of it), so tokens/s <= copy_bandwidth / weight_bytes, where copy_bandwidth is measured
 here as (bytes read + bytes written) / time of a large ``torch`` tensor copy, once per round
 (median reported with the bound).
+
+``--preset aquila-7b``: the AquilaChat-7B shape (random float16 weights and the real Aquila
+tokenizer, written once to ``--cache``: ``bench/random_checkpoint.py``), engine against engine:
+
+* ours (``aquilachat.LLM`` and its engine) in bfloat16, int8 and int4 (``quantization=``; a
+  precision this branch's ``LLM`` cannot load is reported as skipped);
+* llama.cpp through llama-cpp-python, at f16, q8_0 and q4_0, on GGUF files that our exporter
+  writes (``aquilachat convert --to gguf``: f16, q8_0) and llama.cpp's ``llama_model_quantize``
+  makes from the f16 one (q4_0; llama.cpp's default recipe, so ``output.weight`` is not q4_0).
+  ``--llama-python`` names an interpreter that has ``llama_cpp`` (its own virtual environment);
+* transformers ``LlamaForCausalLM`` in bfloat16 (the checkpoint is in Hugging Face layout).
+
+Missing files are made first (each step timed, its peak RSS reported). Each engine then runs in
+a process of its own, one after the other (``bench/decode_engines.py``: same prompt token ids,
+greedy, EOS ignored, warm-up first); reported per engine: decode tokens/s at batch 1 and 4,
+prompt processing tokens/s for a ``--prompt-tokens`` prompt, the process's peak RSS, and the
+batch-1 bound ``copy_bandwidth / weight_bytes``, where ``weight_bytes`` is what that engine's
+weights at that precision occupy (the embedding table counted as one row) and the copy bandwidth
+is measured just before the engine runs. Needs about 17 GB of free memory and 40 GB of disk; run
+it alone (``flock /work/cache/bigmem.lock python bench/decode.py --preset aquila-7b ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -75,14 +103,163 @@ def bench_hf(ref, prompts, new_tokens) -> float:
     return prompts.shape[0] * new_tokens / (time.perf_counter() - t)
 
 
+# ------------------------------------------------------------------------ --preset aquila-7b
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path(os.environ.get("AQUILACHAT_BENCH_CACHE", "/work/cache"))
+#: (engine, precision) rows of the preset, in the order they run.
+PRESET_ENGINES = (("ours", "bf16"), ("ours", "int8"), ("ours", "int4"),
+                  ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
+                  ("transformers", "bf16"))
+#: llama.cpp's type that reads about as many bytes per weight as ours at a precision.
+LLAMA_COUNTERPART = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+#: Rows per batch-4 decode prompt, and tokens per row.
+BATCH, ROW_TOKENS = 4, 16
+#: Ids the prompts are drawn from: the Aquila tokenizer's byte-level BPE entries (no special tokens).
+PROMPT_VOCAB = 100_000
+
+
+def preset_prompts(prompt_tokens: int, seed: int = 0) -> dict:
+    """The token ids every engine gets: ``b4`` (4 rows of 16 ids; batch 1 uses the first) and
+    ``pp`` (``prompt_tokens`` ids), drawn uniformly from the BPE ids with a fixed seed."""
+    rng = random.Random(seed)
+    return {"b4": [[rng.randrange(PROMPT_VOCAB) for _ in range(ROW_TOKENS)] for _ in range(BATCH)],
+            "pp": [rng.randrange(PROMPT_VOCAB) for _ in range(prompt_tokens)]}
+
+
+def run_child(cmd: list[str], timeout: float) -> tuple[int, str, float, int]:
+    """Run ``cmd`` (stdout captured, stderr passed through) with ``timeout`` seconds; returns
+    (exit code, stdout, seconds, peak RSS in bytes of that process: ``wait4``'s ``ru_maxrss``)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen does not wait again
+    return proc.returncode, out, time.perf_counter() - t, usage.ru_maxrss * 1024
+
+
+def prepare_7b(cache: Path, llama_python: str, gguf_types: set[str], *,
+               timeout: float) -> tuple[Path, dict[str, Path], list[str]]:
+    """Make what is missing: the random checkpoint, and of ``gguf_types`` the f16 and q8_0 GGUF
+    files (our exporter) and the q4_0 one (llama.cpp's quantizer, from the f16 file). Returns the
+    checkpoint, the GGUF path per llama.cpp type, and one line per step that ran (seconds, peak RSS)."""
+    ckpt = cache / "aquila-7b"
+    ggufs = {t: cache / "gguf7b" / f"aquila-7b-{t}.gguf" for t in ("f16", "q8_0", "q4_0")}
+    steps = []
+    todo = []
+    if not (ckpt / ".complete").exists():
+        todo.append(("random checkpoint", [sys.executable, "bench/random_checkpoint.py", "--cache", str(cache)]))
+    for t in ("f16", "q8_0"):
+        if not ggufs[t].exists() and (t in gguf_types or (t == "f16" and "q4_0" in gguf_types)):
+            todo.append((f"GGUF {t} (aquilachat convert)", [sys.executable, "-m", "aquilachat", "convert", str(ckpt),
+                                                             str(ggufs[t]), "--to", "gguf", "--outtype", t]))
+    if not ggufs["q4_0"].exists() and "q4_0" in gguf_types:
+        todo.append(("GGUF q4_0 (llama_model_quantize)", [llama_python, "bench/decode_engines.py", "quantize",
+                                                           str(ggufs["f16"]), str(ggufs["q4_0"]), "q4_0"]))
+    for what, cmd in todo:
+        print(f"making {what}: {' '.join(cmd)}", flush=True)
+        rc, _, secs, rss = run_child(cmd, timeout)
+        if rc != 0:
+            raise SystemExit(f"{what}: {' '.join(cmd)} exited with {rc}")
+        steps.append(f"{what}: {secs:.0f} s, peak RSS {rss / 1e9:.1f} GB")
+    return ckpt, ggufs, steps
+
+
+def run_engine(engine: str, precision: str, model: Path, prompts: dict, *, python: str, new_tokens: int,
+               threads: int, timeout: float) -> dict:
+    """One engine in its own process (``bench/decode_engines.py``); its result dict, with
+    ``peak_rss`` and the copy bandwidth / load average measured just before it, or ``skipped``."""
+    max_model_len = -(-max(len(prompts["pp"]) + 1, ROW_TOKENS + new_tokens + 1) // 32) * 32
+    spec = dict(engine=engine, precision=precision, model=str(model), prompts=prompts, new_tokens=new_tokens,
+                threads=threads, max_model_len=max_model_len)
+    bandwidth, load = copy_bandwidth(), os.getloadavg()[0]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(spec, f)
+        f.flush()
+        rc, out, _, rss = run_child([python, "bench/decode_engines.py", f.name], timeout)
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if rc != 0 or line is None:
+        return {"skipped": f"failed (exit code {rc}; see its stderr above)"}
+    result = json.loads(line.removeprefix("RESULT "))
+    result.update(peak_rss=rss, bandwidth=bandwidth, loadavg=load)
+    return result
+
+
+def format_preset_table(rows: list[tuple[str, str, dict]]) -> str:
+    """The preset's markdown table: one row per (engine, precision, result of :func:`run_engine`),
+    then the ratios of ours to llama.cpp at the counterpart precision (:data:`LLAMA_COUNTERPART`)."""
+    head = ("| engine | precision | weights read/token (GB) | copy bandwidth (GB/s) | bound b1 tok/s | "
+            "decode b1 tok/s (% of bound) | decode b4 tok/s | prompt tok/s | peak RSS (GB) | load (s) | load avg |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    by_key = {(e, p): r for e, p, r in rows}
+    for engine, precision, r in rows:
+        if "skipped" in r:
+            lines.append(f"| {engine} | {precision} | skipped: {r['skipped']} |" + " |" * 8)
+            continue
+        bound = r["bandwidth"] / r["weight_bytes"]
+        lines.append(f"| {engine} | {precision} | {r['weight_bytes'] / 1e9:.2f} | {r['bandwidth'] / 1e9:.1f} | "
+                     f"{bound:.2f} | {r['decode_b1']:.2f} ({r['decode_b1'] / bound:.0%}) | {r['decode_b4']:.2f} | "
+                     f"{r['prompt']:.1f} | {r['peak_rss'] / 1e9:.1f} | {r['load_s']:.0f} | {r['loadavg']:.1f} |")
+    ratios = []
+    for ours, theirs in LLAMA_COUNTERPART.items():
+        a, b = by_key.get(("ours", ours), {}), by_key.get(("llama.cpp", theirs), {})
+        if "decode_b1" in a and "decode_b1" in b:
+            ratios.append(f"ours {ours} / llama.cpp {theirs}: decode b1 {a['decode_b1'] / b['decode_b1']:.2f}x, "
+                          f"b4 {a['decode_b4'] / b['decode_b4']:.2f}x, prompt {a['prompt'] / b['prompt']:.2f}x")
+    return "\n".join(lines + ([""] + ratios if ratios else []))
+
+
+def run_preset(args: argparse.Namespace) -> None:
+    threads = args.threads or os.cpu_count()
+    new_tokens = args.new_tokens or 16
+    wanted = [tuple(e.split(":", 1)) for e in args.engines.split(",")] if args.engines else list(PRESET_ENGINES)
+    bad = [e for e in wanted if e not in PRESET_ENGINES]
+    if bad:
+        raise SystemExit(f"--engines: unknown {':'.join(bad[0])}; choose from "
+                         + ",".join(f"{e}:{p}" for e, p in PRESET_ENGINES))
+    llama_python = args.llama_python or sys.executable
+    ckpt, ggufs, steps = prepare_7b(args.cache, llama_python, {p for e, p in wanted if e == "llama.cpp"},
+                                    timeout=args.timeout)
+    prompts = preset_prompts(args.prompt_tokens)
+    rows = []
+    for engine, precision in wanted:
+        print(f"== {engine} {precision}", flush=True)
+        llama = engine == "llama.cpp"
+        r = run_engine(engine, precision, ggufs[precision] if llama else ckpt, prompts,
+                       python=llama_python if llama else sys.executable, new_tokens=new_tokens,
+                       threads=threads, timeout=args.timeout)
+        print(json.dumps(r), flush=True)
+        rows.append((engine, precision, r))
+    print()
+    print(f"aquila-7b, {threads} threads, decode {new_tokens} tokens after the prefill (batch 1: 1 x "
+          f"{ROW_TOKENS}-token prompt; batch 4: 4 x {ROW_TOKENS}), prompt processing {args.prompt_tokens} tokens")
+    for step in steps:
+        print(f"made {step}")
+    print()
+    print(format_preset_table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="bench-20m,bench-100m")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128; 16 for --preset")
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per row; medians reported")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default; --preset: all cores)")
+    ap.add_argument("--preset", choices=["aquila-7b"], help="engine against engine at a real size (docstring)")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="--preset: where its model files live")
+    ap.add_argument("--engines", default=None, help="--preset: a subset, e.g. ours:bf16,llama.cpp:q4_0")
+    ap.add_argument("--llama-python", default=None, help="--preset: interpreter with llama_cpp (default: this one)")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="--preset: prompt-processing prompt length")
+    ap.add_argument("--timeout", type=float, default=900, help="--preset: seconds per engine or preparation step")
     args = ap.parse_args()
+    if args.preset:
+        run_preset(args)
+        return
+    args.new_tokens = args.new_tokens or 128
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
