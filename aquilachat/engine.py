@@ -410,7 +410,7 @@ class Engine:
         slots = self._slots_arg([s.slot for s in seqs])
         if all(s.params.prompt_logprobs is None for s in seqs):
             hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len,
-                                               logits_index=last)
+                                          logits_index=last)
             return hidden[:, 0]
         hidden = self._forward_hidden(False, ids, positions, self.cache, slots=slots, kv_len=kv_len)  # (B, T, hidden)
         for row, seq in enumerate(seqs):
@@ -447,7 +447,7 @@ class Engine:
         pos = [s.num_tokens - 1 for s in seqs]
         positions = torch.tensor(pos, device=self.device)[:, None]
         hidden = self._forward_hidden(True, ids, positions, self.cache, slots=self._slots_arg([s.slot for s in seqs]),
-                                           kv_len=max(pos) + 1)
+                                      kv_len=max(pos) + 1)
         return hidden[:, 0]
 
     @torch.inference_mode()
