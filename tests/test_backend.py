@@ -7,6 +7,8 @@ own greedy choices, and which tie depends on the CPU's kernels).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -343,6 +345,29 @@ def test_kernel_switch_off_falls_back_to_torch(monkeypatch):
 def _kernel_levels():
     ext = cpu_kernels.load()
     return list(range(ext.cpu_level() + 1)) if ext is not None else []
+
+
+def test_kernel_products_run_on_torchs_threads():
+    """The extension's parallel regions use torch's intra-op threads (it is built with -fopenmp;
+    without it at::parallel_for silently runs every product on one thread), and a product's
+    result does not depend on how many threads computed it (each output row is one thread's)."""
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 512, generator=gen), torch.randn(4096, 512, generator=gen)
+    try:
+        torch.set_num_threads(1)
+        assert ext.parallel_threads(64) == 1
+        one = {dt: cpu_kernels.linear(x.to(dt), w.to(dt)) for dt in (torch.float32, torch.bfloat16)}
+        if (os.cpu_count() or 1) >= 2:
+            torch.set_num_threads(2)
+            assert ext.parallel_threads(64) == 2
+            for dt in (torch.float32, torch.bfloat16):
+                assert torch.equal(cpu_kernels.linear(x.to(dt), w.to(dt)), one[dt])
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

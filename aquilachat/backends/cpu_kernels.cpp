@@ -9,6 +9,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 
@@ -170,10 +172,31 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   return y;
 }
 
+// How many distinct threads run the chunks of an at::parallel_for over `n` items here: the
+// number of threads the kernels' products really use. at::parallel_for is a header template
+// whose OpenMP body compiles to a serial loop unless this file is built with -fopenmp
+// (cpu_kernels.py passes it); the tests check this against torch.get_num_threads().
+int64_t parallel_threads(int64_t n) {
+  std::vector<std::atomic<int>> seen(std::max(1, at::get_num_threads()) + 1);
+  for (auto& s : seen) s = 0;
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int id = std::min<int>(at::get_thread_num(), static_cast<int>(seen.size()) - 1);
+    seen[id] = 1;
+    // a little work per chunk, so that one thread cannot take every chunk before the others start
+    volatile double sink = 0;
+    for (int i = 0; i < 200000; ++i) sink = sink + i;
+  });
+  int64_t count = 0;
+  for (auto& s : seen) count += s.load();
+  return count;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y[M, N] = x[M, K] @ w[N, K]^T (float32 / bfloat16, fp32 accumulation)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("level"));
+  m.def("parallel_threads", &parallel_threads, "distinct threads that run an at::parallel_for of n items",
+        pybind11::arg("n"));
   m.def("cpu_level", &cpu_level, "highest instruction level this CPU runs: 0 generic, 1 AVX2, 2 AVX-512, 3 AVX512_BF16");
 }

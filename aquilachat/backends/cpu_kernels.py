@@ -13,7 +13,8 @@ block of weight rows once for all input rows, accumulating in fp32:
 
 The instruction level follows torch's own dispatch (``torch.backends.cpu.get_cpu_capability()``,
 which ``ATEN_CPU_CAPABILITY`` lowers), capped by what the CPU has. Threads: torch's intra-op pool
-(``torch.set_num_threads``), each taking a contiguous range of output rows.
+(``torch.set_num_threads``), each taking a contiguous range of output rows (the extension is built
+with ``-fopenmp``, without which ``at::parallel_for`` runs serially).
 
 The C++ source (``cpu_kernels.cpp``) is compiled on first use with ``torch.utils.cpp_extension``
 (a C++ compiler and ninja), cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -83,7 +84,10 @@ def _build():
         if not (build_dir / f"{_NAME}.so").exists():  # the first use on this machine: say why it waits
             log.warning("building the CPU decode kernels once for this machine (about a minute on 2 "
                         "cores; cached in %s; AQUILACHAT_CPU_KERNELS=0 skips them)", build_dir)
-        ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+        # -fopenmp: at::parallel_for is a header template whose OpenMP body is a serial loop
+        # without it (the products would run on one thread whatever torch.get_num_threads() says)
+        ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: torch's products still work
         first = str(exc).strip().splitlines()
         return None, f"{type(exc).__name__}: {first[0] if first else ''}"
