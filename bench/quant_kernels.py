@@ -13,8 +13,8 @@ bfloat16:
   on torch's threads: what reading the weight costs here, nothing multiplied);
 * int8 ``torch``: ``torch.ops.aten._weight_int8pack_mm(x, q, scales)``; ``ours``:
   ``ext.linear_int8`` at this CPU's level;
-* int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout; ``ours``:
-  ``ext.linear_int4`` on our repacked layout.
+* int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout (no kernel of
+  ours yet: the "ours" column stays empty).
 
 Interleaved: each round times every option once (a block of calls of at least ~50 ms), and the
 figure is the median over rounds, so a burst of load on this shared machine hits all options alike.
@@ -64,10 +64,6 @@ def int4_options(out_f: int, in_f: int, x: torch.Tensor, ext, level: int) -> tup
     nbytes = w.numel() + sz.numel() * sz.element_size()
     opts = {"read": lambda: w.view(torch.float32).sum(),
             "torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32, sz)}
-    if ext is not None and hasattr(ext, "linear_int4"):
-        packed, scales_zeros = cpu_kernels.pack_int4(tensors["weight"], tensors["scales"].to(x.dtype),
-                                                     tensors["zeros"].to(x.dtype))
-        opts["ours"] = lambda: ext.linear_int4(x, packed, scales_zeros, 32, level)
     return nbytes, opts
 
 
@@ -111,7 +107,7 @@ def main() -> None:
     print("| format | weight (out x in) | M | MB read | read GB/s | torch GB/s | ours GB/s | ours / torch | ours / read |")
     print("|---|---|---|---|---|---|---|---|---|")
     for fmt, shape, m, nbytes, g in table:
-        ours = g.get("ours", float("nan"))
+        ours = g.get("ours", float("nan"))  # nan: no kernel of ours for this format
         print(f"| {fmt} | {shape} | {m} | {nbytes / 1e6:.0f} | {g['read']:.1f} | {g['torch']:.1f} | {ours:.1f} | "
               f"{ours / g['torch']:.2f}x | {ours / g['read']:.0%} |")
 
