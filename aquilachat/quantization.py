@@ -12,8 +12,10 @@ per row instead of per 32 weights. For a row ``w [K]``::
     q_k   = round(w_k / scale)        in [-127, 127], int8
     w_k  ~= q_k * scale               |error| <= scale / 2
 
-Product: ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, scales [N])`` with
-``scales`` in ``x``'s dtype.
+Product: our kernel (:func:`aquilachat.backends.cpu_kernels.linear_int8`: fp32 sums, the weight
+read once for up to ``MAX_ROWS`` rows) on the CPU, else (more rows, no compiler,
+``AQUILACHAT_CPU_KERNELS=0``) ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8,
+scales [N])`` with ``scales`` in ``x``'s dtype.
 
 **int4** (``Int4Linear``): groups of ``group_size`` consecutive inputs of one output row,
 asymmetric min/max (the convention of torch's tinygemm kernels and gpt-fast's
@@ -437,7 +439,8 @@ class Int8Linear(QuantizedLinear):
         return self.scales
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        from .backends import cpu_kernels  # not at import: the backends import the model
+        return cpu_kernels.linear_int8(x2, self.weight, self.scales)
 
     @classmethod
     def from_tensors(cls, tensors, *, in_features, out_features, dtype) -> "Int8Linear":

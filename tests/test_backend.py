@@ -431,6 +431,78 @@ def test_kernel_wrapper_hands_other_inputs_to_torch():
     assert y.requires_grad and y.grad_fn is not None
 
 
+def _int8_operands(M, N, K, dtype, gen):
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+    scales = (torch.rand(N, generator=gen) * 1e-2 + 1e-4).to(dtype)
+    return x, q, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_kernel_equals_float64_product_at_every_level(dtype):
+    """The int8 product ``(x @ q.T) * scales`` at every instruction level this CPU runs (generic
+    C++, AVX2, AVX-512; level 3 runs the AVX-512 one) against float64 of the same values, over
+    row counts and shapes with and without vector-width tails. Tolerance: fp32 sums of K
+    products, each exact in fp32 (a bf16 or fp32 input times a code of 8 bits: for fp32 input
+    rounded once), so within 1e-5 of sum |x||q| scale (K <= 1031: K * 2^-24 ~ 6e-5 worst
+    case, ~sqrt(K) * 2^-24 typical); bf16 output: plus the final rounding, 2^-8 relative."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(2)
+    for M in (1, 2, 3, 4, 5, 7, 8, 9, 17, cpu_kernels.MAX_ROWS):
+        for N, K in [(1, 1), (7, 33), (37, 64), (300, 176), (1029, 96), (96, 1031), (5, 15)]:
+            x, q, scales = _int8_operands(M, N, K, dtype, gen)
+            want = (x.double() @ q.double().T) * scales.double()
+            scale = (x.double().abs() @ q.double().abs().T) * scales.double()
+            for level in levels:
+                got = ext.linear_int8(x, q, scales, level)
+                assert got.dtype == dtype and got.shape == (M, N)
+                err = (got.double() - want).abs()
+                bound = 1e-5 * scale if dtype == torch.float32 else 2.0 ** -8 * want.abs() + 1e-5 * scale
+                assert (err <= bound).all(), (M, N, K, level, float((err - bound).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
+    """Batch invariance of the int8 product, as for the float one: a row's bits alone equal its
+    bits among up to MAX_ROWS rows, in any position, at every level."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS, 1030, 203, dtype, torch.Generator().manual_seed(3))
+    for level in levels:
+        alone = torch.cat([ext.linear_int8(x[i:i + 1], q, scales, level) for i in range(x.shape[0])])
+        for rows in (2, 3, 5, cpu_kernels.MAX_ROWS):
+            assert torch.equal(ext.linear_int8(x[:rows], q, scales, level), alone[:rows]), (level, rows)
+            assert torch.equal(ext.linear_int8(x[-rows:], q, scales, level), alone[-rows:]), (level, rows)
+
+
+def test_int8_kernel_wrapper_hands_other_inputs_to_torch(monkeypatch):
+    """More than MAX_ROWS rows, autograd, and kernels switched off: torch's _weight_int8pack_mm;
+    bad operands: a clear error from the kernel."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(4)
+    x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS + 1, 40, 64, torch.float32, gen)
+    torch_op = torch.ops.aten._weight_int8pack_mm
+    assert torch.equal(cpu_kernels.linear_int8(x, q, scales), torch_op(x, q, scales))
+    xg = x[:2].clone().requires_grad_()
+    assert torch.equal(cpu_kernels.linear_int8(xg, q, scales), torch_op(xg, q, scales))
+    ext = cpu_kernels.load()
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.linear_int8(x[:, :63].contiguous(), q, scales, 2)
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.linear_int8(x, q, scales[:-1], 2)
+    with pytest.raises(RuntimeError, match="int8"):
+        ext.linear_int8(x, q.to(torch.int16), scales, 2)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
+    assert torch.equal(cpu_kernels.linear_int8(x[:2], q, scales), torch_op(x[:2], q, scales))
+
+
 def test_called_as_is_sees_hooks_and_instance_forward():
     lin = nn.Linear(4, 4, bias=False)
     assert _called_as_is(lin, nn.Linear)

@@ -126,6 +126,26 @@ def test_module_forward_bf16(cls, kw):
     assert y32.dtype == torch.float32 and torch.equal(y32, y.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_module_rows_alone_equal_rows_batched_and_torchs_product(monkeypatch, dtype):
+    """Int8Linear (our CPU kernel when built): each row's output has the same bits alone and in a
+    batch (what keeps a sequence's tokens independent of the rest of the engine's step), and
+    equals torch's _weight_int8pack_mm (AQUILACHAT_CPU_KERNELS=0) up to fp32 summation order and
+    the output's rounding: 1e-5 relative to the row's largest output in fp32, two bf16 steps
+    (2^-7) in bf16."""
+    from aquilachat.backends import cpu_kernels
+    module = Int8Linear.from_float(_weights(96, 192, seed=5), dtype=dtype)  # torch's bf16 op: rows of 64 bytes
+    x = torch.randn(9, 192).to(dtype)
+    batched = module(x)
+    assert torch.equal(torch.cat([module(x[i:i + 1]) for i in range(9)]), batched)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
+    torchs = module(x)
+    tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+    err = (batched.float() - torchs.float()).abs()
+    assert (err <= tol * torchs.float().abs().amax(dim=1, keepdim=True) + tol * torchs.float().abs()).all()
+
+
 # ---------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, byte_tokenizer_dir) -> Path:

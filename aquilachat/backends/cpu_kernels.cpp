@@ -28,7 +28,20 @@ template <typename T> struct Ops {
   static inline float fma(float a, float x, float w) { return a + x * w; }
   static inline float sum(float a) { return a; }
 };
+struct QOps {
+  using in = float;
+  using acc = float;
+  static constexpr int L = 1;
+  static inline float zero() { return 0.f; }
+  static inline float loadx(const float* p) { return p[0]; }
+  static inline float loadx_tail(const float* p, int) { return p[0]; }
+  static inline float load8(const int8_t* p) { return static_cast<float>(p[0]); }
+  static inline float load8_tail(const int8_t* p, int) { return static_cast<float>(p[0]); }
+  static inline float fma(float a, float x, float w) { return a + x * w; }
+  static inline float sum(float a) { return a; }
+};
 #include "cpu_kernels_body.h"
+#include "cpu_kernels_quant_body.h"
 }  // namespace generic
 
 #pragma GCC push_options
@@ -73,7 +86,26 @@ template <> struct Ops<bf16> {
   static inline __m256 fma(__m256 a, __m256 x, __m256 w) { return _mm256_fmadd_ps(x, w, a); }
   static inline float sum(__m256 a) { return hsum(a); }
 };
+struct QOps {
+  using in = __m256;
+  using acc = __m256;
+  static constexpr int L = 8;
+  static inline __m256 zero() { return _mm256_setzero_ps(); }
+  static inline __m256 loadx(const float* p) { return _mm256_loadu_ps(p); }
+  static inline __m256 loadx_tail(const float* p, int n) { return Ops<float>::load_tail(p, n); }
+  static inline __m256 load8(const int8_t* p) {  // 8 int8 -> 8 fp32 (exact)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline __m256 load8_tail(const int8_t* p, int n) {
+    int8_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, n);
+    return load8(buf);
+  }
+  static inline __m256 fma(__m256 a, __m256 x, __m256 w) { return _mm256_fmadd_ps(x, w, a); }
+  static inline float sum(__m256 a) { return hsum(a); }
+};
 #include "cpu_kernels_body.h"
+#include "cpu_kernels_quant_body.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -103,7 +135,24 @@ template <> struct Ops<bf16> {
   static inline __m512 fma(__m512 a, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, a); }
   static inline float sum(__m512 a) { return _mm512_reduce_add_ps(a); }
 };
+struct QOps {
+  using in = __m512;
+  using acc = __m512;
+  static constexpr int L = 16;
+  static inline __m512 zero() { return _mm512_setzero_ps(); }
+  static inline __m512 loadx(const float* p) { return _mm512_loadu_ps(p); }
+  static inline __m512 loadx_tail(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static inline __m512 load8(const int8_t* p) {  // 16 int8 -> 16 fp32 (exact)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline __m512 load8_tail(const int8_t* p, int n) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p)));
+  }
+  static inline __m512 fma(__m512 a, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, a); }
+  static inline float sum(__m512 a) { return _mm512_reduce_add_ps(a); }
+};
 #include "cpu_kernels_body.h"
+#include "cpu_kernels_quant_body.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -126,6 +175,7 @@ template <> struct Ops<bf16> {  // VDPBF16PS: 32 bf16 pairs -> 16 fp32 sums per 
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
+
 namespace {
 
 template <typename T>
@@ -136,6 +186,14 @@ void dispatch(int64_t level, const T* x, const T* w, T* y, int64_t M, int64_t K,
   if (level >= 2) return avx512::run(x, w, y, M, K, N, n0, n1);
   if (level >= 1) return avx2::run(x, w, y, M, K, N, n0, n1);
   generic::run(x, w, y, M, K, N, n0, n1);
+}
+
+template <typename T>
+void dispatch_q8(int64_t level, const float* x, const int8_t* q, const float* s, T* y, int64_t M, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
+  if (level >= 2) return avx512::q8_run<T>(x, q, s, y, M, K, N, n0, n1);
+  if (level >= 1) return avx2::q8_run<T>(x, q, s, y, M, K, N, n0, n1);
+  generic::q8_run<T>(x, q, s, y, M, K, N, n0, n1);
 }
 
 // The highest level this CPU runs (the caller may ask for less).
@@ -191,6 +249,38 @@ int64_t parallel_threads(int64_t n) {
   return count;
 }
 
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N] for int8 q: x widened to fp32 once, fp32 sums.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, int64_t level) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 1,
+              "linear_int8: x [M, K], q [N, K] and scales [N] expected, got ", x.sizes(), ", ", q.sizes(), " and ",
+              scales.sizes());
+  TORCH_CHECK(x.size(1) == q.size(1), "linear_int8: x has ", x.size(1), " columns, q has ", q.size(1));
+  TORCH_CHECK(scales.size(0) == q.size(0), "linear_int8: ", q.size(0), " rows of q but ", scales.size(0), " scales");
+  TORCH_CHECK(q.scalar_type() == at::kChar, "linear_int8: q must be int8, got ", q.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "linear_int8: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scales.device().is_cpu(), "linear_int8: CPU tensors expected");
+  TORCH_CHECK(q.is_contiguous(), "linear_int8: contiguous q expected");
+  level = std::min<int64_t>(std::min(level, cpu_level()), 2);  // no AVX512_BF16 variant: see cpu_kernels_quant_body.h
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const at::Tensor sf = scales.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K));
+  const float* sp = sf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  if (x.scalar_type() == at::kFloat) {
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { dispatch_q8<float>(level, xp, qp, sp, yp, M, K, N, n0, n1); });
+  } else {
+    bf16* yp = y.data_ptr<bf16>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { dispatch_q8<bf16>(level, xp, qp, sp, yp, M, K, N, n0, n1); });
+  }
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -198,5 +288,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("level"));
   m.def("parallel_threads", &parallel_threads, "distinct threads that run an at::parallel_for of n items",
         pybind11::arg("n"));
+  m.def("linear_int8", &linear_int8,
+        "y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N], int8 q, x float32 / bfloat16 (fp32 accumulation)",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("level"));
   m.def("cpu_level", &cpu_level, "highest instruction level this CPU runs: 0 generic, 1 AVX2, 2 AVX-512, 3 AVX512_BF16");
 }

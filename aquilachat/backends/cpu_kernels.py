@@ -9,7 +9,10 @@ block of weight rows once for all input rows, accumulating in fp32:
 
 * bfloat16 with AVX512_BF16 (``VDPBF16PS``), else widened to fp32 (AVX-512 or AVX2 FMA);
 * float32 with AVX-512 or AVX2 FMA;
-* a generic C++ loop on any other CPU.
+* a generic C++ loop on any other CPU;
+* int8 weights with one scale per output row (:func:`linear_int8`, for
+  :class:`aquilachat.quantization.Int8Linear`): codes widened to fp32 in registers, inputs to fp32
+  once per call, AVX-512 / AVX2 FMA / generic.
 
 The instruction level follows torch's own dispatch (``torch.backends.cpu.get_cpu_capability()``,
 which ``ATEN_CPU_CAPABILITY`` lowers), capped by what the CPU has. Threads: torch's intra-op pool
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "linear", "load", "load_error", "level"]
+__all__ = ["MAX_ROWS", "linear", "linear_int8", "load", "load_error", "level"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_NAME = "aquilachat_cpu_kernels_v1"
+_NAME = "aquilachat_cpu_kernels_v2"
 _state: dict = {}
 
 #: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,
@@ -109,3 +112,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight)
     return ext.linear(x.contiguous(), weight, level())
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(x [M, in] @ q.T) * scales`` -> ``[M, out]`` in ``x``'s dtype, for int8 codes ``q [out, in]``
+    and ``scales [out]`` (the weight-only int8 format of :mod:`aquilachat.quantization`).
+
+    Takes the kernel for float32 / bfloat16 CPU input with at most :data:`MAX_ROWS` rows, a
+    contiguous ``q`` and no autograd; anything else (and a machine without the kernel) goes to
+    ``torch.ops.aten._weight_int8pack_mm`` (which wants ``scales`` in ``x``'s dtype and 64-byte
+    aligned operands: the module's business). The kernel sums in fp32 over the inputs in a fixed
+    order and multiplies by the row's scale once: the fp32 product of ``x`` and the dequantized
+    weight up to summation order and the final rounding to ``x``'s dtype. Each row's result is
+    the same whatever the other rows, up to :data:`MAX_ROWS` rows.
+    """
+    ext = load()
+    if (ext is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16)
+            or q.dtype != torch.int8 or not q.is_contiguous() or x.device.type != "cpu" or q.device.type != "cpu"
+            or scales.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
+        return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    return ext.linear_int8(x.contiguous(), q, scales, level())
