@@ -188,6 +188,19 @@ def run_engine(engine: str, precision: str, model: Path, prompts: dict, *, pytho
     return result
 
 
+def median_result(results: list[dict]) -> dict:
+    """One engine's runs (:func:`run_engine` dicts) -> one dict: the median of every figure over
+    the runs that were not skipped, ``runs`` (how many), and ``b1_range`` (min, max of batch-1
+    tokens/s); the first run's ``skipped`` when every run was skipped."""
+    done = [r for r in results if "skipped" not in r]
+    if not done:
+        return results[0]
+    out = {k: statistics.median(r[k] for r in done) for k in done[0] if isinstance(done[0][k], (int, float))}
+    out["runs"] = len(done)
+    out["b1_range"] = (min(r["decode_b1"] for r in done), max(r["decode_b1"] for r in done))
+    return out
+
+
 def format_preset_table(rows: list[tuple[str, str, dict]]) -> str:
     """The preset's markdown table: one row per (engine, precision, result of :func:`run_engine`),
     then the ratios of ours to llama.cpp at the counterpart precision (:data:`LLAMA_COUNTERPART`)."""
@@ -201,7 +214,7 @@ def format_preset_table(rows: list[tuple[str, str, dict]]) -> str:
             continue
         bound = r["bandwidth"] / r["weight_bytes"]
         lines.append(f"| {engine} | {precision} | {r['weight_bytes'] / 1e9:.2f} | {r['bandwidth'] / 1e9:.1f} | "
-                     f"{bound:.2f} | {r['decode_b1']:.2f} ({r['decode_b1'] / bound:.0%}) | {r['decode_b4']:.2f} | "
+                     f"{bound:.2f} | {r['decode_b1']:.2f} ({r['decode_b1'] / bound:.0%}){_range(r)} | {r['decode_b4']:.2f} | "
                      f"{r['prompt']:.1f} | {r['peak_rss'] / 1e9:.1f} | {r['load_s']:.0f} | {r['loadavg']:.1f} |")
     ratios = []
     for ours, theirs in LLAMA_COUNTERPART.items():
@@ -210,6 +223,11 @@ def format_preset_table(rows: list[tuple[str, str, dict]]) -> str:
             ratios.append(f"ours {ours} / llama.cpp {theirs}: decode b1 {a['decode_b1'] / b['decode_b1']:.2f}x, "
                           f"b4 {a['decode_b4'] / b['decode_b4']:.2f}x, prompt {a['prompt'] / b['prompt']:.2f}x")
     return "\n".join(lines + ([""] + ratios if ratios else []))
+
+
+def _range(r: dict) -> str:
+    lo_hi = r.get("b1_range")
+    return f" [{lo_hi[0]:.2f}-{lo_hi[1]:.2f}]" if lo_hi and r.get("runs", 1) > 1 else ""
 
 
 def run_preset(args: argparse.Namespace) -> None:
@@ -224,18 +242,22 @@ def run_preset(args: argparse.Namespace) -> None:
     ckpt, ggufs, steps = prepare_7b(args.cache, llama_python, {p for e, p in wanted if e == "llama.cpp"},
                                     timeout=args.timeout)
     prompts = preset_prompts(args.prompt_tokens)
-    rows = []
-    for engine, precision in wanted:
-        print(f"== {engine} {precision}", flush=True)
-        llama = engine == "llama.cpp"
-        r = run_engine(engine, precision, ggufs[precision] if llama else ckpt, prompts,
-                       python=llama_python if llama else sys.executable, new_tokens=new_tokens,
-                       threads=threads, timeout=args.timeout)
-        print(json.dumps(r), flush=True)
-        rows.append((engine, precision, r))
+    repeats = args.repeats or 1
+    runs: dict[tuple[str, str], list[dict]] = {e: [] for e in wanted}
+    for round_ in range(repeats):  # round-robin: a drift of the machine's speed hits every engine alike
+        for engine, precision in wanted:
+            print(f"== {engine} {precision} (round {round_ + 1}/{repeats})", flush=True)
+            llama = engine == "llama.cpp"
+            r = run_engine(engine, precision, ggufs[precision] if llama else ckpt, prompts,
+                           python=llama_python if llama else sys.executable, new_tokens=new_tokens,
+                           threads=threads, timeout=args.timeout)
+            print(json.dumps(r), flush=True)
+            runs[(engine, precision)].append(r)
+    rows = [(engine, precision, median_result(runs[(engine, precision)])) for engine, precision in wanted]
     print()
     print(f"aquila-7b, {threads} threads, decode {new_tokens} tokens after the prefill (batch 1: 1 x "
-          f"{ROW_TOKENS}-token prompt; batch 4: 4 x {ROW_TOKENS}), prompt processing {args.prompt_tokens} tokens")
+          f"{ROW_TOKENS}-token prompt; batch 4: 4 x {ROW_TOKENS}), prompt processing {args.prompt_tokens} tokens; "
+          f"{repeats} round(s), engines in turn, medians (batch-1 range in brackets)")
     for step in steps:
         print(f"made {step}")
     print()
@@ -247,7 +269,9 @@ def main() -> None:
     ap.add_argument("--configs", default="bench-20m,bench-100m")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128; 16 for --preset")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per row; medians reported")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="alternating runs per row, medians reported (default 3; --preset: 1, each engine "
+                         "loads anew per round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default; --preset: all cores)")
     ap.add_argument("--preset", choices=["aquila-7b"], help="engine against engine at a real size (docstring)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="--preset: where its model files live")
@@ -278,7 +302,7 @@ def main() -> None:
             # alternated, so machine noise hits both sides alike; the copy bandwidth is measured in
             # the same rounds (it drifts with the machine too)
             runs = [(bench_ours(model, prompts, args.new_tokens), bench_hf(ref, prompts, args.new_tokens),
-                     copy_bandwidth()) for _ in range(args.repeats)]
+                     copy_bandwidth()) for _ in range(args.repeats or 3)]
             ours, hf = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             bw = statistics.median(r[2] for r in runs)
             bound = bw / wb

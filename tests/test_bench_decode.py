@@ -80,3 +80,17 @@ def test_preset_prompts_are_fixed_and_in_vocabulary():
     assert a == b and len(a["pp"]) == 512 and [len(r) for r in a["b4"]] == [16] * 4
     assert all(0 <= t < decode.PROMPT_VOCAB for r in a["b4"] + [a["pp"]] for t in r)
     assert len({tuple(r) for r in a["b4"]}) == 4
+
+
+def test_preset_rounds_take_medians_and_keep_the_range():
+    """Several rounds of one engine -> the median of each figure over the rounds that ran, and the
+    batch-1 range shown in the table; an engine skipped in every round stays skipped."""
+    base = dict(weight_bytes=10e9, bandwidth=30e9, decode_b4=5.0, prompt=20.0, peak_rss=11e9, load_s=42.0,
+                loadavg=1.3)
+    runs = [dict(base, decode_b1=b1, bandwidth=bw) for b1, bw in ((1.0, 20e9), (3.0, 40e9), (2.0, 30e9))]
+    merged = decode.median_result(runs + [{"skipped": "failed"}])
+    assert merged["decode_b1"] == 2.0 and merged["bandwidth"] == 30e9 and merged["runs"] == 3
+    assert merged["b1_range"] == (1.0, 3.0)
+    row = decode.format_preset_table([("ours", "bf16", merged)]).splitlines()[2]
+    assert row == "| ours | bf16 | 10.00 | 30.0 | 3.00 | 2.00 (67%) [1.00-3.00] | 5.00 | 20.0 | 11.0 | 42 | 1.3 |"
+    assert decode.median_result([{"skipped": "no llama_cpp"}]) == {"skipped": "no llama_cpp"}
