@@ -27,7 +27,9 @@ tokenizer, written once to ``--cache``: ``bench/random_checkpoint.py``), engine 
 * transformers ``LlamaForCausalLM`` in bfloat16 (the checkpoint is in Hugging Face layout).
 
 Missing files are made first (each step timed, its peak RSS reported). Each engine then runs in
-a process of its own, one after the other (``bench/decode_engines.py``: same prompt token ids,
+a process of its own, one after the other, for ``--repeats`` rounds (default 1; the engines take
+turns, so a drift of this shared machine's speed hits them alike; medians are reported, with the
+batch-1 range) (``bench/decode_engines.py``: same prompt token ids,
 greedy, EOS ignored, warm-up first); reported per engine: decode tokens/s at batch 1 and 4,
 prompt processing tokens/s for a ``--prompt-tokens`` prompt, the process's peak RSS, and the
 batch-1 bound ``copy_bandwidth / weight_bytes``, where ``weight_bytes`` is what that engine's
