@@ -511,3 +511,26 @@ def test_called_as_is_sees_hooks_and_instance_forward():
     handle.remove()
     lin.forward = lambda x: x
     assert not _called_as_is(lin, nn.Linear)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
+def test_int8_bf16_widths_torch_gets_wrong_never_reach_it(monkeypatch, kernels):
+    """bfloat16 input whose width is not a multiple of 64 (torch 2.13's _weight_int8pack_mm returns
+    NaN or crashes on it): any row count, with or without our kernels, equals the fp32 product of
+    the dequantized weight within the bf16 rounding of the result."""
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_state", {})
+        monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
+    elif cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(5)
+    for K in (40, 200):
+        for M in (1, 9, cpu_kernels.MAX_ROWS + 6):
+            x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+            q = torch.randint(-127, 128, (1100, K), generator=gen, dtype=torch.int8)
+            scales = (torch.rand(1100, generator=gen) / 100).to(torch.bfloat16)
+            ref = (x.double() @ q.double().T) * scales.double()
+            y = cpu_kernels.linear_int8(x, q, scales)
+            assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+            bound = 2 ** -8 * ref.abs() + 1e-5 * (x.double().abs() @ q.double().abs().T) * scales.double()
+            assert ((y.double() - ref).abs() <= bound).all(), (K, M)

@@ -121,14 +121,39 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     Takes the kernel for float32 / bfloat16 CPU input with at most :data:`MAX_ROWS` rows, a
     contiguous ``q`` and no autograd; anything else (and a machine without the kernel) goes to
     ``torch.ops.aten._weight_int8pack_mm`` (which wants ``scales`` in ``x``'s dtype and 64-byte
-    aligned operands: the module's business). The kernel sums in fp32 over the inputs in a fixed
+    aligned operands: the module's business), except bfloat16 input of a width that is not a
+    multiple of 64, which torch's kernel gets wrong (NaN, or a crash): that takes our kernel at
+    any row count, or without it a float product of the dequantized weight, 1024 rows at a time. The kernel sums in fp32 over the inputs in a fixed
     order and multiplies by the row's scale once: the fp32 product of ``x`` and the dequantized
     weight up to summation order and the final rounding to ``x``'s dtype. Each row's result is
     the same whatever the other rows, up to :data:`MAX_ROWS` rows.
     """
     ext = load()
-    if (ext is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16)
-            or q.dtype != torch.int8 or not q.is_contiguous() or x.device.type != "cpu" or q.device.type != "cpu"
-            or scales.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
+    usable = (ext is not None and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
+              and q.dtype == torch.int8 and q.is_contiguous() and x.device.type == "cpu"
+              and q.device.type == "cpu" and scales.device.type == "cpu"
+              and not (torch.is_grad_enabled() and x.requires_grad))
+    # torch 2.13's bfloat16 _weight_int8pack_mm reads rows with aligned vector loads: with an input
+    # width that is not a multiple of 64 its later rows are misaligned and it returns NaN or
+    # crashes (SIGSEGV); those shapes never go to it
+    torch_safe = not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[-1] % 64)
+    if usable and (x.shape[0] <= MAX_ROWS or not torch_safe):
+        return ext.linear_int8(x.contiguous(), q, scales, level())
+    if torch_safe:
         return torch.ops.aten._weight_int8pack_mm(x, q, scales)
-    return ext.linear_int8(x.contiguous(), q, scales, level())
+    return _dequantized_product(x, q, scales)
+
+
+def _dequantized_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(x [M, in] @ q.T) * scales`` in fp32 over :data:`_DEQUANT_ROWS` rows of ``q`` at a time
+    (bounded workspace), rounded to ``x``'s dtype: for what neither kernel takes."""
+    xf = x.float()
+    out = torch.empty(*x.shape[:-1], q.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, q.shape[0], _DEQUANT_ROWS):
+        rows = slice(start, start + _DEQUANT_ROWS)
+        out[..., rows] = (F.linear(xf, q[rows].float()) * scales[rows].float()).to(x.dtype)
+    return out
+
+
+#: Weight rows dequantized at a time by :func:`_dequantized_product`.
+_DEQUANT_ROWS = 1024
