@@ -534,3 +534,94 @@ def test_int8_bf16_widths_torch_gets_wrong_never_reach_it(monkeypatch, kernels):
             assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
             bound = 2 ** -8 * ref.abs() + 1e-5 * (x.double().abs() @ q.double().abs().T) * scales.double()
             assert ((y.double() - ref).abs() <= bound).all(), (K, M)
+
+
+# fused decode ops: bf16 results may differ from torch's by the rounding of differently ordered
+# fp32 sums: one bf16 ulp (2^-7 relative) of the largest output; 2 ulps allowed
+BF16_OP_BOUND = 2 ** -6
+
+
+def _fused_operands(dtype, gen):
+    """A GQA decode step of 3 rows at ragged positions in slots (2, 0, 3) of a 4-slot cache."""
+    B, H, Hkv, D, S = 3, 6, 2, 16, 40
+    q, k, v = (torch.randn(B, h, D, generator=gen).to(dtype) for h in (H, Hkv, Hkv))
+    caches = [torch.randn(4, Hkv, S, D, generator=gen).to(dtype) for _ in range(2)]
+    return q, k, v, caches, torch.tensor([2, 0, 3]), torch.tensor([5, 0, 31])
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "fallback"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_decode_ops_equal_the_models_functions(dtype, kernels, monkeypatch):
+    """cpu_kernels.rms_norm / rotate / decode_attend against model.rms_norm / rotate / attend on
+    the same values (the kernels' code is the same at every instruction level; the fallback runs
+    when the extension is missing): RMSNorm within fp32 summation order (bf16: 2 ulps), rotary
+    bit-identical, attention within 1e-5 (bf16: 2 ulps of the largest output) and the cache
+    written at exactly the same places with the same values."""
+    from aquilachat.model import LayerInputs, attend, rms_norm, rotate
+    if kernels and cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "_state", {"ext": None, "error": "test: no extension"})
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 200, generator=gen).to(dtype) * 3, torch.randn(200, generator=gen).to(dtype)
+    got, want = cpu_kernels.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    else:
+        assert (got.float() - want.float()).abs().max() <= BF16_OP_BOUND * want.float().abs().max()
+
+    q, k, v, (k_cache, v_cache), slot_ids, pos = _fused_operands(dtype, gen)
+    B, H, D = q.shape
+    Hkv, S = k.shape[1], k_cache.shape[2]
+    cos, sin = torch.randn(B, D, generator=gen).to(dtype), torch.randn(B, D, generator=gen).to(dtype)
+    for t, heads in ((q, H), (k, Hkv)):
+        assert torch.equal(cpu_kernels.rotate(t, cos, sin), rotate(t[:, None], cos[:, None, None], sin[:, None, None])[:, 0])
+
+    kv_len = int(pos.max()) + 1
+    flat_index = ((slot_ids[:, None] * Hkv + torch.arange(Hkv)) * S + pos[:, None]).view(-1)  # (B * Hkv)
+    mask = (torch.arange(kv_len)[None, None, :] <= pos[:, None, None])[:, None]  # (B, 1, 1, kv_len)
+    inputs = LayerInputs(cos, sin, (slot_ids, flat_index, slot_ids, pos[:, None]), mask, kv_len)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = attend(q[:, None], k[:, None], v[:, None], (want_k, want_v), inputs)[:, 0]  # (B, H * D)
+    got = cpu_kernels.decode_attend(q, k, v, k_cache, v_cache, slot_ids, pos)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert (got.float() - want.float()).abs().max() <= BF16_OP_BOUND * want.float().abs().max()
+
+
+def test_decode_attend_refuses_positions_outside_the_cache():
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    q, k, v, (k_cache, v_cache), slot_ids, pos = _fused_operands(torch.float32, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="position 40 outside"):
+        ext.decode_attend(q, k, v, k_cache, v_cache, slot_ids, torch.tensor([5, 40, 1]))
+    with pytest.raises(RuntimeError, match="slot 4 outside"):
+        ext.decode_attend(q, k, v, k_cache, v_cache, torch.tensor([4, 0, 1]), pos)
+
+
+def test_backend_decode_takes_the_fused_ops(monkeypatch):
+    """A kernels decode step runs RMSNorm, rotary and attention through the fused ops (and still
+    equals the plain model: test_backend_equals_plain_model); a prefill does not."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    model = pair(**CASES["gqa-untied"])[0]
+    backend = CpuDecodeBackend(model, kernels=True)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(cpu_kernels.load(), name)
+            return lambda *a: calls.append(name) or real(*a)
+
+    backend._kernels = Spy()
+    cache = KVCache.allocate(model.config, num_slots=2, max_seq_len=16)
+    with torch.inference_mode():
+        backend.forward_hidden(torch.tensor([[3, 4, 5], [6, 7, 8]]), None, cache)
+        assert "decode_attend" not in calls and "rms_norm" not in calls
+        backend.forward_hidden(torch.tensor([[9], [10]]), torch.tensor([[3], [3]]), cache, kv_len=4)
+    layers = model.config.num_hidden_layers
+    assert calls.count("decode_attend") == layers and calls.count("rms_norm") == 2 * layers
+    assert calls.count("rotate") == 2 * layers

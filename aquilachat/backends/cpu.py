@@ -132,10 +132,17 @@ class CpuDecodeBackend:
         x, inputs = model.embed(input_ids, positions, kv_cache, slots=slots, kv_len=kv_len)
         B, T, hidden = x.shape
         kernels = self._kernels is not None and (T == 1 if decode is None else decode)
+        # one token per row, decoded by the fused ops: rotary tables [B, head_dim] and the rows'
+        # slots and positions [B] (the positions are below kv_len: embed checked)
+        fused = None
+        if kernels and T == 1:
+            rows, _, slot_ids, pos = inputs.cache_index
+            fused = (inputs.cos.reshape(B, -1), inputs.sin.reshape(B, -1), slot_ids.long(), pos.reshape(B).long())
         x = x.reshape(B * T, hidden)
         for layer, k_cache, v_cache in zip(model.model.layers, kv_cache.k, kv_cache.v):
-            if self._runs_layer(layer):
-                x = self._layer(layer, x, B, T, inputs, (k_cache, v_cache), kernels)
+            parts = self._layer_parts(layer)
+            if parts is not None:
+                x = self._layer(parts, x, B, T, inputs, (k_cache, v_cache), kernels, fused)
             else:
                 self._stepped_aside(f"layer {type(layer).__name__} with hooks or other module classes")
                 x = layer(x.view(B, T, hidden), inputs, (k_cache, v_cache)).reshape(B * T, hidden)
@@ -191,18 +198,39 @@ class CpuDecodeBackend:
         another class with ``in_features``/``out_features`` (a quantized linear: called as it is,
         its weight never read)."""
         if type(module) is nn.Linear:
-            return CpuDecodeBackend._is_plain_linear(module, module.weight.dtype)
+            # _is_plain_linear on the module dicts (nn.Linear defines no __getattr__ of its own)
+            weight = module._parameters.get("weight")
+            return (not module._forward_hooks and not module._forward_pre_hooks and "forward" not in module.__dict__
+                    and module._parameters.get("bias") is None and weight is not None and weight.dtype in DTYPES)
         return hasattr(module, "in_features") and hasattr(module, "out_features") and not module._modules
+
+    def _layer_parts(self, layer: nn.Module) -> tuple | None:
+        """What :meth:`_layer` needs of ``layer`` when it computes exactly what ``layer(...)``
+        would, else None: ``(attention, input norm, post-attention norm, (q, k, v, o, gate, up,
+        down) linears)``.
+
+        Checked at every call (one pass per layer and step, reading the module dicts directly: the
+        classes are checked first, so no ``__getattr__`` of theirs can differ): a module swapped,
+        hooked or retyped since the last step is seen at the next one."""
+        if not _called_as_is(layer, DecoderLayer):
+            return None
+        mods = layer._modules
+        attn, mlp = mods.get("self_attn"), mods.get("mlp")
+        norm1, norm2 = mods.get("input_layernorm"), mods.get("post_attention_layernorm")
+        if not (_called_as_is(attn, Attention) and _called_as_is(mlp, MLP) and _called_as_is(norm1, RMSNorm)
+                and _called_as_is(norm2, RMSNorm)):
+            return None
+        a, m = attn._modules, mlp._modules
+        linears = (a.get("q_proj"), a.get("k_proj"), a.get("v_proj"), a.get("o_proj"),
+                   m.get("gate_proj"), m.get("up_proj"), m.get("down_proj"))
+        for module in linears:
+            if not self._linear_ok(module):
+                return None
+        return attn, norm1, norm2, linears
 
     def _runs_layer(self, layer: nn.Module) -> bool:
         """Whether :meth:`_layer` computes exactly what ``layer(...)`` would."""
-        if not (_called_as_is(layer, DecoderLayer) and _called_as_is(layer.self_attn, Attention)
-                and _called_as_is(layer.mlp, MLP) and _called_as_is(layer.input_layernorm, RMSNorm)
-                and _called_as_is(layer.post_attention_layernorm, RMSNorm)):
-            return False
-        attn, mlp = layer.self_attn, layer.mlp
-        return all(self._linear_ok(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                 mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        return self._layer_parts(layer) is not None
 
     @staticmethod
     def _linear(x: torch.Tensor, weight: torch.Tensor, kernels: bool) -> torch.Tensor:
@@ -214,26 +242,47 @@ class CpuDecodeBackend:
     def _project(self, module: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
         """A linear module applied to ``x [N, in]``: through the backend's product for a plain float
         ``nn.Linear`` (in the input's dtype), else through the module."""
-        if type(module) is nn.Linear and module.weight.dtype == x.dtype:
-            return self._linear(x, module.weight, kernels)
+        if type(module) is nn.Linear:
+            weight = module._parameters["weight"]
+            if weight.dtype == x.dtype:
+                if kernels and weight.is_contiguous() and x.shape[0] <= cpu_kernels.MAX_ROWS:
+                    # what cpu_kernels.linear checks of the rest holds here: x is the backend's own
+                    # contiguous [N, in] CPU tensor, autograd is off, the dtype one of DTYPES
+                    return self._kernels.linear(x, weight, cpu_kernels.level())
+                return self._linear(x, weight, kernels)
         return module(x)
 
-    def _layer(self, layer: DecoderLayer, x: torch.Tensor, B: int, T: int, inputs, cache,
-               kernels: bool) -> torch.Tensor:
-        """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]``; plain
-        weights multiplied by the kernels when ``kernels``, else by ``F.linear``."""
-        attn, mlp = layer.self_attn, layer.mlp
-
-        def project(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-            return self._project(module, h, kernels)
-
+    def _layer(self, parts: tuple, x: torch.Tensor, B: int, T: int, inputs, cache, kernels: bool,
+               fused: tuple | None = None) -> torch.Tensor:
+        """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]`` for the
+        layer's ``parts`` (:meth:`_layer_parts`); plain weights multiplied by the kernels when
+        ``kernels``, else by ``F.linear``. ``fused`` (decode steps with the kernels: ``(cos, sin
+        [B, head_dim], slot_ids, positions [B])``): RMSNorm, rotary and attention by the fused
+        ops of :mod:`.cpu_kernels` where their dtypes allow, else the model's functions."""
+        attn, norm1, norm2, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) = parts
+        project = self._project
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        norm = layer.input_layernorm
-        h = rms_norm(x, norm.weight, norm.variance_epsilon)
-        q = rotate(project(attn.q_proj, h).view(B, T, H, D), inputs.cos, inputs.sin)
-        k = rotate(project(attn.k_proj, h).view(B, T, Hkv, D), inputs.cos, inputs.sin)
-        v = project(attn.v_proj, h).view(B, T, Hkv, D)
-        x = x + project(attn.o_proj, attend(q, k, v, cache, inputs).view(B * T, H * D))
-        norm = layer.post_attention_layernorm
-        h = rms_norm(x, norm.weight, norm.variance_epsilon)
-        return x + project(mlp.down_proj, F.silu(project(mlp.gate_proj, h)) * project(mlp.up_proj, h))
+        ext = self._kernels if fused is not None else None
+        w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
+        if ext is not None and w1.dtype == x.dtype:
+            h = ext.rms_norm(x, w1, norm1.variance_epsilon)
+        else:
+            h = rms_norm(x, w1, norm1.variance_epsilon)
+        q, k, v = project(q_proj, h, kernels), project(k_proj, h, kernels), project(v_proj, h, kernels)
+        k_cache, v_cache = cache
+        if (ext is not None and q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype == fused[0].dtype
+                and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            cos, sin, slot_ids, pos = fused
+            q = ext.rotate(q.reshape(B, H, D), cos, sin)
+            k = ext.rotate(k.reshape(B, Hkv, D), cos, sin)
+            a = ext.decode_attend(q, k, v.reshape(B, Hkv, D), k_cache, v_cache, slot_ids, pos)  # (B, H * D)
+        else:
+            q = rotate(q.view(B, T, H, D), inputs.cos, inputs.sin)
+            k = rotate(k.view(B, T, Hkv, D), inputs.cos, inputs.sin)
+            a = attend(q, k, v.view(B, T, Hkv, D), cache, inputs).view(B * T, H * D)
+        x = x + project(o_proj, a, kernels)
+        if ext is not None and w2.dtype == x.dtype:
+            h = ext.rms_norm(x, w2, norm2.variance_epsilon)
+        else:
+            h = rms_norm(x, w2, norm2.variance_epsilon)
+        return x + project(down_proj, F.silu(project(gate_proj, h, kernels)) * project(up_proj, h, kernels), kernels)

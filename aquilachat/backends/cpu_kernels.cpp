@@ -12,6 +12,7 @@
 #include <atomic>
 #include <vector>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 using bf16 = c10::BFloat16;
@@ -281,6 +282,192 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Fused decode-step ops (the same plain C++ at every instruction level: they are small next to
+// the products; what they save is torch's per-op dispatch, a few microseconds each).
+
+// RMSNorm as model.rms_norm: y = w * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32, the
+// normalised value rounded to T before the product with w (one rounding more for bfloat16).
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* y, int64_t C, float eps) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float v = static_cast<float>(x[c + j]);
+      part[j] += v * v;
+    }
+  for (; c < C; ++c) {
+    const float v = static_cast<float>(x[c]);
+    part[0] += v * v;
+  }
+  const float ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+  for (c = 0; c < C; ++c) {
+    const T n = static_cast<T>(static_cast<float>(x[c]) * r);
+    y[c] = static_cast<T>(static_cast<float>(w[c]) * static_cast<float>(n));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0),
+              "rms_norm: x [N, C] and w [C] expected, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x is ", x.scalar_type(), ", w is ", w.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU tensors expected");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t N = x.size(0), C = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    for (int64_t n = 0; n < N; ++n)
+      rms_norm_rows<float>(xc.data_ptr<float>() + n * C, wc.data_ptr<float>(), y.data_ptr<float>() + n * C, C, eps);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16 expected, got ", x.scalar_type());
+    for (int64_t n = 0; n < N; ++n)
+      rms_norm_rows<bf16>(xc.data_ptr<bf16>() + n * C, wc.data_ptr<bf16>(), y.data_ptr<bf16>() + n * C, C, eps);
+  }
+  return y;
+}
+
+// Rotary embedding as model.rotate: y = x * cos + roll(x, D/2) * signed_sin for x [N, heads, D]
+// and tables [N, D] (one row per token, shared by its heads); each product and the sum rounded
+// to T as torch's three elementwise ops round them.
+template <typename T>
+void rotate_rows(const T* x, const T* cs, const T* sn, T* y, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h, x += D, y += D)
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t src = d < half ? d + (D - half) : d - half;  // roll by D/2: y[d] takes x[d - D/2]
+      const float a = static_cast<float>(static_cast<T>(static_cast<float>(x[d]) * static_cast<float>(cs[d])));
+      const float b = static_cast<float>(static_cast<T>(static_cast<float>(x[src]) * static_cast<float>(sn[d])));
+      y[d] = static_cast<T>(a + b);
+    }
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) == x.size(0) &&
+                  cos.size(1) == x.size(2),
+              "rotate: x [N, heads, D], cos and sin [N, D] expected, got ", x.sizes(), ", ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(x.scalar_type() == cos.scalar_type() && x.scalar_type() == sin.scalar_type(),
+              "rotate: one dtype expected, got ", x.scalar_type(), ", ", cos.scalar_type(), " and ", sin.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "rotate: CPU tensors expected");
+  const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t N = x.size(0), Hn = x.size(1), D = x.size(2);
+  if (x.scalar_type() == at::kFloat) {
+    for (int64_t n = 0; n < N; ++n)
+      rotate_rows<float>(xc.data_ptr<float>() + n * Hn * D, cc.data_ptr<float>() + n * D, sc.data_ptr<float>() + n * D,
+                         y.data_ptr<float>() + n * Hn * D, Hn, D);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rotate: float32 or bfloat16 expected, got ", x.scalar_type());
+    for (int64_t n = 0; n < N; ++n)
+      rotate_rows<bf16>(xc.data_ptr<bf16>() + n * Hn * D, cc.data_ptr<bf16>() + n * D, sc.data_ptr<bf16>() + n * D,
+                        y.data_ptr<bf16>() + n * Hn * D, Hn, D);
+  }
+  return y;
+}
+
+// One decode token per row: writes k, v [B, Hkv, D] at (slot_ids[b], :, positions[b]) of the
+// caches [slots, Hkv, S, D], then attends q [B, H, D] over that slot's positions 0..positions[b]
+// (what model.attend's mask allows when kv_len > positions): softmax(q.k / sqrt(D)) v with
+// grouped heads (query head h reads kv head h / (H / Hkv), as SDPA's enable_gqa); fp32 sums,
+// the output [B, H * D] rounded to T once.
+template <typename T>
+void attend_head(const T* q, const T* kc, const T* vc, T* out, int64_t n, int64_t D, float scale, float* scores,
+                 float* acc) {
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < n; ++p) {
+    const T* kp = kc + p * D;
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      for (int j = 0; j < 8; ++j) part[j] += static_cast<float>(q[d + j]) * static_cast<float>(kp[d + j]);
+    for (; d < D; ++d) part[0] += static_cast<float>(q[d]) * static_cast<float>(kp[d]);
+    const float s = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) * scale;
+    scores[p] = s;
+    mx = std::max(mx, s);
+  }
+  float total = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    scores[p] = std::exp(scores[p] - mx);
+    total += scores[p];
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const T* vp = vc + p * D;
+    const float w = scores[p];
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<float>(vp[d]);
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(acc[d] * inv);
+}
+
+template <typename T>
+void decode_attend_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& kc, at::Tensor& vc,
+                        const int64_t* slots, const int64_t* pos, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = kc.size(2);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T *kcp = kc.data_ptr<T>(), *vcp = vc.data_ptr<T>(), *op = out.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t row = ((slots[b] * Hkv + h) * S + pos[b]) * D;
+      std::memcpy(kcp + row, kp + (b * Hkv + h) * D, D * sizeof(T));
+      std::memcpy(vcp + row, vp + (b * Hkv + h) * D, D * sizeof(T));
+    }
+  const int64_t group = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) longest = std::max(longest, pos[b] + 1);
+  // (row, head) pairs per task: at least ~64 K multiply-adds, so short contexts run on this thread
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * longest * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(longest), acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const int64_t base = (slots[b] * Hkv + h / group) * S * D;
+      attend_head<T>(qp + i * D, kcp + base, vcp + base, op + i * D, pos[b] + 1, D, scale, scores.data(), acc.data());
+    }
+  });
+}
+
+at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor k_cache,
+                         at::Tensor v_cache, const at::Tensor& slot_ids, const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && k.size(0) == q.size(0) && k.size(2) == q.size(2),
+              "decode_attend: q [B, H, D], k and v [B, Hkv, D] expected, got ", q.sizes(), ", ", k.sizes(), " and ",
+              v.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "decode_attend: ", H, " query heads are not a multiple of ", Hkv, " kv heads");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == Hkv && k_cache.size(3) == D,
+              "decode_attend: caches [slots, ", Hkv, ", S, ", D, "] expected, got ", k_cache.sizes(), " and ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attend: contiguous caches expected");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && k_cache.scalar_type() == dt && v_cache.scalar_type() == dt,
+              "decode_attend: one dtype expected for q, k, v and the caches");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(),
+              "decode_attend: CPU tensors expected");
+  TORCH_CHECK(slot_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slot_ids.numel() == B &&
+                  positions.numel() == B,
+              "decode_attend: int64 slot_ids and positions [B] expected");
+  const at::Tensor sl = slot_ids.contiguous(), ps = positions.contiguous();
+  const int64_t *slots = sl.data_ptr<int64_t>(), *pos = ps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < k_cache.size(0), "decode_attend: slot ", slots[b], " outside the cache");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < k_cache.size(2), "decode_attend: position ", pos[b], " outside the cache");
+  }
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty({B, H * D}, q.options());
+  if (dt == at::kFloat) {
+    decode_attend_impl<float>(qc, kc, vc, k_cache, v_cache, slots, pos, out);
+  } else {
+    TORCH_CHECK(dt == at::kBFloat16, "decode_attend: float32 or bfloat16 expected, got ", dt);
+    decode_attend_impl<bf16>(qc, kc, vc, k_cache, v_cache, slots, pos, out);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -291,5 +478,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8,
         "y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N], int8 q, x float32 / bfloat16 (fp32 accumulation)",
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("level"));
+  m.def("rms_norm", &rms_norm, "model.rms_norm for x [N, C] and w [C] of one dtype (fp32 statistics)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("eps"));
+  m.def("rotate", &rotate, "model.rotate for x [N, heads, D] and tables [N, D] of one dtype",
+        pybind11::arg("x"), pybind11::arg("cos"), pybind11::arg("sin"));
+  m.def("decode_attend", &decode_attend,
+        "write k, v [B, Hkv, D] into the caches at (slot, position), attend q [B, H, D] over positions <= position",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("slot_ids"), pybind11::arg("positions"));
   m.def("cpu_level", &cpu_level, "highest instruction level this CPU runs: 0 generic, 1 AVX2, 2 AVX-512, 3 AVX512_BF16");
 }

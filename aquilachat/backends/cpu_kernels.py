@@ -10,6 +10,9 @@ block of weight rows once for all input rows, accumulating in fp32:
 * bfloat16 with AVX512_BF16 (``VDPBF16PS``), else widened to fp32 (AVX-512 or AVX2 FMA);
 * float32 with AVX-512 or AVX2 FMA;
 * a generic C++ loop on any other CPU;
+* fused decode-step ops that replace several of torch's small ops each (:func:`rms_norm`,
+  :func:`rotate`, :func:`decode_attend`: plain C++, the same at every instruction level; they
+  save torch's per-op dispatch, which dominates a small model's decode step);
 * int8 weights with one scale per output row (:func:`linear_int8`, for
   :class:`aquilachat.quantization.Int8Linear`): codes widened to fp32 in registers, inputs to fp32
   once per call, AVX-512 / AVX2 FMA / generic.
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "linear", "linear_int8", "load", "load_error", "level"]
+__all__ = ["MAX_ROWS", "decode_attend", "linear", "linear_int8", "load", "load_error", "level", "rms_norm", "rotate"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_NAME = "aquilachat_cpu_kernels_v2"
+_NAME = "aquilachat_cpu_kernels_v3"
 _state: dict = {}
 
 #: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,
@@ -157,3 +160,72 @@ def _dequantized_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor)
 
 #: Weight rows dequantized at a time by :func:`_dequantized_product`.
 _DEQUANT_ROWS = 1024
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`aquilachat.model.rms_norm` for ``x [N, C]`` and ``weight [C]`` -> ``[N, C]``.
+
+    The kernel takes float32 / bfloat16 CPU tensors of one dtype without autograd: fp32 sum of
+    squares (8 partial sums: another summation order than torch's, ~1e-7 relative in fp32), the
+    normalised value rounded to the dtype before the product with ``weight`` as the model rounds
+    it. Anything else (and a machine without the kernel) runs the model's function.
+    """
+    ext = load()
+    if (ext is None or x.dim() != 2 or weight.dim() != 1 or x.dtype != weight.dtype
+            or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        from ..model import rms_norm as plain
+        return plain(x, weight, eps)
+    return ext.rms_norm(x, weight, eps)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """:func:`aquilachat.model.rotate` for one token per row: ``x [N, heads, D]`` and tables
+    ``[N, D]`` (shared by a row's heads) -> a new ``[N, heads, D]``.
+
+    The kernel takes float32 / bfloat16 CPU tensors of one dtype without autograd and rounds each
+    product and the sum as torch's elementwise ops do (bit-identical to the model's function);
+    anything else (and a machine without the kernel) runs the model's function.
+    """
+    ext = load()
+    if (ext is None or x.dim() != 3 or cos.dim() != 2 or not x.dtype == cos.dtype == signed_sin.dtype
+            or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or cos.device.type != "cpu"
+            or signed_sin.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
+        from ..model import rotate as plain
+        N, heads, D = x.shape
+        return plain(x[:, None], cos.view(N, 1, 1, D), signed_sin.view(N, 1, 1, D))[:, 0]
+    return ext.rotate(x, cos, signed_sin)
+
+
+def decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode token per row: writes rotated keys ``k`` and values ``v`` ``[B, Hkv, D]`` into
+    the caches ``[slots, Hkv, S, D]`` at ``(slot_ids[b], :, positions[b])``, then grouped-query
+    attention of rotated ``q [B, H, D]`` over that slot's positions ``0 .. positions[b]`` ->
+    ``[B, H * D]``: what :func:`aquilachat.model.attend` computes for ``T == 1`` with
+    ``kv_len > positions.max()`` (its mask is ``key_pos <= position``).
+
+    The kernel (contiguous CPU caches, float32 / bfloat16 tensors all of one dtype, no autograd)
+    sums in fp32 (scores, softmax, weighted values; scale ``1 / sqrt(D)`` as SDPA's default) and
+    rounds the output once; results equal SDPA's up to summation order. Anything else (and a
+    machine without the kernel) runs :func:`aquilachat.model.attend`.
+
+    Raises:
+        RuntimeError: (the kernel) a slot or position outside the caches, mismatched shapes.
+    """
+    ext = load()
+    if (ext is None or not (q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype)
+            or q.dtype not in (torch.float32, torch.bfloat16) or not k_cache.is_contiguous()
+            or not v_cache.is_contiguous() or q.device.type != "cpu" or k_cache.device.type != "cpu"
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        from ..model import LayerInputs, attend
+        B, H, D = q.shape
+        Hkv, S = k.shape[1], k_cache.shape[2]
+        kv_len = int(positions.max()) + 1
+        base = (slot_ids[:, None] * Hkv + torch.arange(Hkv, device=q.device)) * S  # (B, Hkv)
+        flat_index = (base + positions[:, None]).view(-1)  # (B * Hkv)
+        mask = (torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None])[:, None, None]  # (B, 1, 1, S)
+        no_table = q.new_empty(0)
+        inputs = LayerInputs(no_table, no_table, (slot_ids, flat_index, slot_ids, positions[:, None]), mask, kv_len)
+        return attend(q[:, None], k[:, None], v[:, None], (k_cache, v_cache), inputs).view(B, H * D)
+    return ext.decode_attend(q, k, v, k_cache, v_cache, slot_ids, positions)
