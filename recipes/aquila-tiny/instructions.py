@@ -9,8 +9,8 @@ Writes into OUT (default ``runs/aquila-tiny/data``):
   questions keep their ordinary answers (FlagAI format). The image prompt is the request's own
   subject (plus its style when the request names one), in the request's language, as FlagAI's
   samples turn the request into the prompt; the subjects are mostly composed from parts (measure
-  word, adjective, noun, place: about a thousand distinct ones), so a 3M-parameter model learns to
-  copy the subject rather than to recall a list. The ordinary conversations include every one of
+  word, adjective, noun, place: about 600 distinct ones in 1,000 examples), so that a 3M-parameter
+  model has to copy the subject rather than recall a list. The ordinary conversations include every one of
   ``sft.jsonl`` whose question mentions pictures, drawing or photos (hard negatives: they want text);
 * ``routing_eval.json`` — 50 held-out drawing requests (subjects and phrasings never trained on:
   no training request contains a word of a held-out subject, checked) and 50 ordinary questions
