@@ -1,4 +1,4 @@
-"""Step 7 of the aquila-tiny recipe: teach the model AquilaChat's image instructions.
+"""Step 7 of the aquila-tiny recipe (not run by default): data to teach AquilaChat's image instructions.
 
 Writes into OUT (default ``runs/aquila-tiny/data``):
 
@@ -6,10 +6,15 @@ Writes into OUT (default ``runs/aquila-tiny/data``):
   in the format of FlagAI's SFT samples (``sft_samples.jsonl``: its two prefaces, then
   ``\\n#text2image#\\n`` and one image prompt, or ``\\n#InstructFace#\\n`` and one edit step per
   line), mixed with ``--replay`` ordinary conversations from ``sft.jsonl`` so that ordinary
-  questions keep their ordinary answers (FlagAI format);
-* ``routing_eval.json`` — 50 held-out drawing requests (subjects and phrasings never trained on)
-  and 50 ordinary questions (vicuna_bench and BELLE's eval set, never trained on), for
-  ``recipes/aquila-tiny/routing.py``.
+  questions keep their ordinary answers (FlagAI format). The image prompt is the request's own
+  subject (plus its style when the request names one), in the request's language, as FlagAI's
+  samples turn the request into the prompt; the subjects are mostly composed from parts (measure
+  word, adjective, noun, place: about 600 distinct ones in 1,000 examples), so that a 3M-parameter
+  model has to copy the subject rather than recall a list. The ordinary conversations include every one of
+  ``sft.jsonl`` whose question mentions pictures, drawing or photos (hard negatives: they want text);
+* ``routing_eval.json`` — 50 held-out drawing requests (subjects and phrasings never trained on:
+  no training request contains a word of a held-out subject, checked) and 50 ordinary questions
+  (vicuna_bench and BELLE's eval set, never trained on), for ``recipes/aquila-tiny/routing.py``.
 
 Everything is a pure function of ``--seed``.
 
@@ -23,7 +28,14 @@ import json
 import random
 from pathlib import Path
 
+from aquilachat.instructions import MARKERS as _MARKERS
+from aquilachat.chat_format import render_for_training
 from aquilachat.io import iter_records
+from aquilachat.tokenizer import Tokenizer
+
+MARKERS = tuple(_MARKERS.values())
+#: Words that make an ordinary question a hard negative (it mentions pictures, but wants text).
+PICTURE_WORDS = ("画", "图", "照片", "draw", "image", "picture", "paint", "photo", "art")
 
 # FlagAI's two prefaces (sft_samples.jsonl, ids sft_v0.8.9_val.jsonl_12 and _39), word for word
 DRAW_PREFACE = "作为一款文本生成模型，我并不具备图像生成能力。但我可以尝试为您调用文生图模型进行图像生成。"
@@ -51,14 +63,83 @@ STYLES_ZH = ["油画风格", "水彩画", "数字绘画，高度详细", "素描
 STYLES_EN = ["oil painting", "watercolor", "digital painting, highly detailed", "pencil sketch", "ink wash painting",
              "cartoon style", "photorealistic", "concept art, soft lighting"]
 DRAW_ZH = ["画一张{s}的图片", "请帮我画{s}", "能画一幅{s}吗？", "给我生成一张{s}的图", "我想要一张{s}的画",
-           "帮我画一下{s}，要{style}", "请生成一幅{s}的图像", "画{s}", "你能画{s}吗", "用{style}画{s}"]
+           "帮我画一下{s}，要{style}", "请生成一幅{s}的图像", "画{s}", "你能画{s}吗", "用{style}画{s}",
+           "画一幅{s}", "帮我生成一张{s}的照片", "请画出{s}", "给我画一张{s}", "请用{style}画一张{s}",
+           "我想看{s}的画，请画一张", "请为我创作一幅{s}的画", "能帮我画{s}吗？", "画一张{s}，{style}", "绘制{s}",
+           "请绘制一幅{s}的图", "给我画个{s}", "生成一幅{s}的画，{style}", "帮忙画{s}", "你可以画一张{s}吗？"]
 DRAW_EN = ["Draw {s}.", "Can you draw {s}?", "Please generate an image of {s}.", "Paint {s} for me.",
            "Make a picture of {s}.", "I want an image of {s} in {style}.", "Could you create a picture of {s}?",
-           "Generate {s}, {style}.", "Draw me {s}, please.", "Create an image of {s}."]
+           "Generate {s}, {style}.", "Draw me {s}, please.", "Create an image of {s}.",
+           "Please paint a picture of {s}.", "Can you make an image of {s}?", "Generate a picture of {s}.",
+           "I need an image of {s}.", "Draw a picture of {s} in {style}.", "Sketch {s}.",
+           "Create artwork of {s}, {style}.", "Would you draw {s} for me?", "Render {s} in {style}.",
+           "Paint me {s}.", "Please draw me a picture of {s}.", "Make an image of {s}, {style}.",
+           "Can you generate a picture of {s}?", "Draw {s} for me, please.", "Create a painting of {s}."]
 #: Held-out phrasings: only in the routing evaluation.
 DRAW_ZH_HELDOUT = ["麻烦画一幅{s}", "能不能给我画{s}？", "生成{s}的图片", "我需要一张{s}的插图", "来一张{s}的画吧"]
 DRAW_EN_HELDOUT = ["Could you paint {s}?", "Show me a drawing of {s}.", "I'd like a picture of {s}.",
                    "Please draw {s} in {style}.", "Illustrate {s}."]
+
+# More training subjects, built from parts, so that the model learns to copy the request's subject
+# into the prompt line rather than to recall a few dozen memorised ones. No part names anything in
+# the held-out subjects (checked by ``heldout_overlap``).
+NOUNS_ZH = [("只", "猫"), ("只", "小狗"), ("只", "熊猫"), ("只", "老虎"), ("只", "蝴蝶"), ("只", "狐狸"), ("只", "鹦鹉"),
+            ("只", "企鹅"), ("只", "兔子"), ("只", "猫头鹰"), ("只", "松鼠"), ("只", "狮子"), ("只", "小鸟"), ("只", "乌龟"),
+            ("只", "青蛙"), ("只", "鸭子"), ("只", "孔雀"), ("只", "猴子"), ("只", "小鹿"), ("只", "天鹅"), ("只", "狼"),
+            ("只", "刺猬"), ("只", "蜜蜂"), ("条", "龙"), ("条", "鲸鱼"), ("条", "小河"), ("条", "海豚"), ("条", "蛇"),
+            ("座", "城堡"), ("座", "石桥"), ("座", "寺庙"), ("座", "灯塔"), ("座", "高塔"), ("座", "花园"),
+            ("栋", "木屋"), ("棵", "松树"), ("棵", "樱花树"), ("棵", "苹果树"), ("棵", "柳树"), ("朵", "红玫瑰"),
+            ("朵", "向日葵"), ("朵", "荷花"), ("辆", "跑车"), ("辆", "自行车"), ("辆", "火车"), ("艘", "帆船"),
+            ("艘", "小船"), ("个", "机器人"), ("个", "雪人"), ("个", "风筝"), ("个", "灯笼"), ("个", "苹果"),
+            ("杯", "咖啡"), ("杯", "热茶"), ("碗", "面条"), ("位", "骑士"), ("位", "老人"), ("位", "渔夫"),
+            ("位", "厨师"), ("位", "宇航员"), ("个", "小女孩"), ("把", "雨伞"), ("顶", "帐篷"), ("盏", "台灯")]
+ADJ_ZH = ["可爱的", "巨大的", "小小的", "红色的", "蓝色的", "黑色的", "金色的", "古老的", "发光的", "快乐的", "孤独的",
+          "睡着的", "绿色的", "紫色的", "胖胖的"]
+PLACES_ZH = ["雪地里", "海边", "森林里", "草地上", "雨中", "月光下", "山顶上", "城市里", "花丛中", "沙漠里", "湖边", "太空中"]
+SCENES_ZH = ["雪山", "星空", "城市夜景", "下雨的街道", "长城", "一片麦田", "瀑布", "竹林", "火山", "日落时的大海",
+             "秋天的枫叶", "森林里的小木屋", "沙漠中的骆驼", "荷花池", "月亮下的湖", "樱花盛开的公园", "雾中的森林",
+             "海边的沙滩", "夏天的田野", "热闹的集市", "安静的小巷", "春天的花园", "海底世界", "黄昏的草原"]
+NOUNS_EN = ["cat", "puppy", "panda", "tiger", "butterfly", "fox", "parrot", "penguin", "rabbit", "owl", "squirrel",
+            "lion", "bird", "turtle", "frog", "duck", "peacock", "monkey", "deer", "swan", "wolf", "hedgehog", "bee",
+            "dragon", "whale", "river", "dolphin", "snake", "castle", "stone bridge", "temple", "lighthouse", "tower",
+            "garden", "cabin", "pine tree", "cherry tree", "apple tree", "willow", "rose", "sunflower", "lotus",
+            "sports car", "bicycle", "train", "sailing ship", "boat", "robot", "snowman", "kite", "lantern", "apple",
+            "cup of coffee", "cup of tea", "bowl of noodles", "knight", "old man", "fisherman", "chef", "astronaut",
+            "little girl", "umbrella", "tent", "lamp"]
+ADJ_EN = ["cute", "giant", "tiny", "red", "blue", "black", "golden", "ancient", "glowing", "happy", "lonely",
+          "sleeping", "green", "purple", "fluffy"]
+PLACES_EN = ["in the snow", "by the sea", "in the forest", "on the grass", "in the rain", "under the moon",
+             "on a mountain top", "in a big city", "among flowers", "in the desert", "by a lake", "in outer space"]
+SCENES_EN = ["snowy mountains", "the starry sky", "a city at night", "a rainy street", "the Great Wall", "a wheat field",
+             "a waterfall", "a bamboo forest", "a volcano", "the sea at sunset", "autumn maple leaves",
+             "a cabin in the woods", "a camel in the desert", "a lotus pond", "a lake under the moon",
+             "a park with cherry blossoms", "a forest in the fog", "a sandy beach", "a summer meadow",
+             "a busy market", "a quiet alley", "a spring garden", "the bottom of the sea", "the grassland at dusk"]
+#: Words of the held-out subjects: no training subject may contain one.
+HELDOUT_WORDS = ["大象", "小提琴", "图书馆", "恐龙", "岛", "彩虹", "马", "金鱼", "村庄", "飞船", "elephant", "violin",
+                 "library", "dinosaur", "island", "rainbow", "horse", "goldfish", "village", "spaceship"]
+
+
+def compose_subject(rng: random.Random, zh: bool) -> str:
+    """One training subject: a scene, or a (measure word +) noun with an optional adjective and place."""
+    if rng.random() < 0.2:
+        return rng.choice(SCENES_ZH if zh else SCENES_EN)
+    adj = rng.choice(ADJ_ZH if zh else ADJ_EN) if rng.random() < 0.6 else ""
+    place = rng.choice(PLACES_ZH if zh else PLACES_EN) if rng.random() < 0.35 else ""
+    if zh:
+        measure, noun = rng.choice(NOUNS_ZH)
+        subject = f"一{measure}{adj}{noun}"
+        return f"{place}的{subject}" if place else subject
+    noun = rng.choice(NOUNS_EN)
+    words = f"{adj} {noun}" if adj else noun
+    subject = ("an " if words[0] in "aeiou" else "a ") + words
+    return f"{subject} {place}" if place else subject
+
+
+def heldout_overlap(texts: list[str]) -> list[str]:
+    """The training texts that mention a held-out subject's word (must be none)."""
+    return [t for t in texts if any(w in t.lower() for w in HELDOUT_WORDS)]
+
 
 WHO = [("the girl", "女孩"), ("the man", "男人"), ("the woman", "女人"), ("the boy", "男孩")]
 EDITS = [("eye color", "眼睛颜色", ["brown", "blue", "green"], ["棕色", "蓝色", "绿色"]),
@@ -68,11 +149,17 @@ EXTRAS = [("Make {who} smile.", "让{who}微笑"), ("Add glasses to {who}.", "�
           ("Make {who} look older.", "让{who}看起来更老"), ("Give {who} a beard.", "给{who}加上胡子")]
 
 
-def draw_example(rng: random.Random, zh: bool, subjects: list[str], templates: list[str]) -> tuple[str, str]:
-    """A drawing request and its answer (FlagAI's preface, the marker, one prompt line)."""
-    s, style = rng.choice(subjects), rng.choice(STYLES_ZH if zh else STYLES_EN)
-    request = rng.choice(templates).format(s=s, style=style)
-    prompt = f"{s}，{style}" if zh else f"{s}, {style}"
+def draw_example(rng: random.Random, zh: bool, subject: str, templates: list[str]) -> tuple[str, str]:
+    """A drawing request and its answer: FlagAI's preface, the marker, and one prompt line that is
+    the request's own subject (plus its style, when the request names one), in its language, as
+    FlagAI's samples turn the request into the prompt."""
+    style = rng.choice(STYLES_ZH if zh else STYLES_EN)
+    template = rng.choice(templates)
+    request = template.format(s=subject, style=style)
+    if "{style}" in template:
+        prompt = f"{subject}，{style}" if zh else f"{subject}, {style}"
+    else:
+        prompt = subject
     return request, f"{DRAW_PREFACE}\n#text2image#\n{prompt}"
 
 
@@ -118,26 +205,50 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=root.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=root / "runs" / "aquila-tiny" / "data")
-    ap.add_argument("--draw", type=int, default=300, help="drawing examples")
-    ap.add_argument("--edit", type=int, default=100, help="face-editing examples")
-    ap.add_argument("--replay", type=int, default=3000, help="ordinary conversations from sft.jsonl")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--draw", type=int, default=1000, help="drawing examples")
+    ap.add_argument("--edit", type=int, default=250, help="face-editing examples")
+    ap.add_argument("--replay", type=int, default=2750, help="ordinary conversations from sft.jsonl")
+    ap.add_argument("--replay-max-tokens", type=int, default=0,
+                    help="only ordinary conversations at most this long in the aquila-chat template (0: any)")
+    ap.add_argument("--tokenizer", type=Path, default=root / "runs" / "aquila-tiny" / "tokenizer",
+                    help="the tokenizer that measures --replay-max-tokens")
+    ap.add_argument("--name", default="instructions_train.jsonl", help="file name of the training mix in OUT")
+    ap.add_argument("--seed", type=int, default=1234, help="seed of the evaluation set")
+    ap.add_argument("--mix-seed", type=int, default=None, help="seed of the training mix (default: --seed + 1)")
     args = ap.parse_args()
-    rng = random.Random(args.seed + 1)  # the training mix; the evaluation has its own (below)
+    # the training mix; the evaluation has its own generator (below), so it is the same for every mix
+    rng = random.Random(args.seed + 1 if args.mix_seed is None else args.mix_seed)
     # subjects split once: the last 10 of each language are only ever evaluated
     train_zh, heldout_zh = SUBJECTS_ZH[:-10], SUBJECTS_ZH[-10:]
     train_en, heldout_en = SUBJECTS_EN[:-10], SUBJECTS_EN[-10:]
+    assert not set(DRAW_ZH + DRAW_EN) & set(DRAW_ZH_HELDOUT + DRAW_EN_HELDOUT)
     rows = []
     for i in range(args.draw):
         zh = i % 2 == 0
-        rows.append(conversation(f"draw:{i}", *draw_example(rng, zh, train_zh if zh else train_en,
-                                                             DRAW_ZH if zh else DRAW_EN)))
+        if rng.random() < 0.25:
+            subject = rng.choice(train_zh if zh else train_en)
+        else:
+            subject = compose_subject(rng, zh)
+        rows.append(conversation(f"draw:{i}", *draw_example(rng, zh, subject, DRAW_ZH if zh else DRAW_EN)))
     for i in range(args.edit):
         rows.append(conversation(f"edit:{i}", *edit_example(rng, i % 2 == 0)))
+    leaked = heldout_overlap([r["conversations"][0]["value"] for r in rows])
+    if leaked:
+        raise SystemExit(f"training requests mention held-out subjects: {leaked[:5]}")
+    # ordinary conversations: every one whose question mentions pictures or art without asking for an
+    # instruction (hard negatives), then a random sample of the rest
     ordinary = [json.loads(line) for line in (args.out / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    rows += rng.sample(ordinary, min(args.replay, len(ordinary)))
+    ordinary = [r for r in ordinary if not any(m in t["value"] for t in r["conversations"] for m in MARKERS)]
+    if args.replay_max_tokens:
+        tok = Tokenizer.from_dir(args.tokenizer)
+        ordinary = [r for r in ordinary
+                    if len(render_for_training(tok, r["conversations"], "aquila-chat")[0]) <= args.replay_max_tokens]
+    mentions = [r for r in ordinary if any(w in r["conversations"][0]["value"].lower() for w in PICTURE_WORDS)]
+    rest = [r for r in ordinary if r not in mentions]
+    replay = mentions[: args.replay] + rng.sample(rest, max(0, min(args.replay - len(mentions), len(rest))))
+    rows += replay
     rng.shuffle(rows)
-    with open(args.out / "instructions_train.jsonl", "w", encoding="utf-8") as f:
+    with open(args.out / args.name, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     # 25 distinct (held-out subject, held-out phrasing) pairs per language, whatever the mix's sizes
     rng = random.Random(args.seed)
@@ -147,8 +258,8 @@ def main() -> None:
         drawing += [t.format(s=s, style=rng.choice(styles)) for s, t in pairs]
     evaluation = {"drawing": drawing, "ordinary": ordinary_questions(args.shared, rng, 50)}
     (args.out / "routing_eval.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"instructions: {args.draw} drawing + {args.edit} editing examples + {args.replay} ordinary "
-          f"conversations; routing eval: {len(drawing)} drawing requests, {len(evaluation['ordinary'])} ordinary questions")
+    print(f"instructions: {args.draw} drawing + {args.edit} editing examples + {len(replay)} ordinary "
+          f"conversations ({len(mentions)} mentioning pictures); routing eval: {len(drawing)} drawing requests, {len(evaluation['ordinary'])} ordinary questions")
 
 
 if __name__ == "__main__":

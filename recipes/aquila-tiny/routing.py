@@ -1,10 +1,13 @@
-"""Step 9 of the aquila-tiny recipe: how often the model routes a request to an image instruction.
+"""Step 9 of the aquila-tiny recipe (not run by default): how often requests are routed to an image instruction.
 
 On ``routing_eval.json`` (``instructions.py``): 50 held-out drawing requests, each answered
 greedily (temperature 0, at most 96 tokens) in the aquila-chat template; correct when the answer
 holds a ``#text2image#`` block that :func:`aquilachat.instructions.parse_instruction` accepts.
 50 ordinary questions: a false route is any instruction block in the answer. Target (issue 18):
-at least 80 % correct routes, no false routes. Writes ``routing.json`` next to the model's run.
+at least 80 % correct routes, no false routes. Also counted: the routed answers whose image prompt
+is taken from the request (:func:`prompt_from_request`: every word of the prompt, every character
+for Chinese, occurs in the request), a rough measure of whether the prompt names the right subject.
+Writes ``routing.json`` next to the model's run.
 
     python recipes/aquila-tiny/routing.py [--model DIR] [--eval FILE] [--out FILE]
 """
@@ -13,12 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 from aquilachat.instructions import TEXT2IMAGE, parse_instruction
 from aquilachat.llm import LLM
 from aquilachat.sampling_params import SamplingParams
+
+
+def prompt_from_request(prompt: str, request: str) -> bool:
+    """Whether every word of ``prompt`` (Latin letters and digits) and every CJK character of it
+    occurs in ``request`` (case-insensitive); punctuation and spaces are ignored. An empty prompt
+    is not taken from anything: ``False``."""
+    units = re.findall(r"[a-z0-9]+|[\u4e00-\u9fff]", prompt.lower())
+    words = set(re.findall(r"[a-z0-9]+", request.lower()))
+    return bool(units) and all(u in words if u.isascii() else u in request for u in units)
 
 
 def main() -> None:
@@ -35,11 +48,15 @@ def main() -> None:
     report: dict = {"model": args.model, "answers": {}}
     for group in ("drawing", "ordinary"):
         outs = llm.chat([[{"role": "user", "content": q}] for q in questions[group]], params)
-        report["answers"][group] = [{"request": q, "answer": o.text,
-                                     "kind": (found.kind if (found := parse_instruction(o.text)) else None)}
-                                    for q, o in zip(questions[group], outs)]
+        report["answers"][group] = []
+        for q, o in zip(questions[group], outs):
+            found = parse_instruction(o.text)
+            report["answers"][group].append({"request": q, "answer": o.text, "kind": found.kind if found else None,
+                                             "prompt_from_request": bool(found) and prompt_from_request(found.prompt, q)})
     drawing, ordinary = report["answers"]["drawing"], report["answers"]["ordinary"]
     report["drawing_routed"] = f"{sum(a['kind'] == TEXT2IMAGE for a in drawing)}/{len(drawing)}"
+    report["drawing_prompt_from_request"] = (f"{sum(a['kind'] == TEXT2IMAGE and a['prompt_from_request'] for a in drawing)}"
+                                             f"/{len(drawing)}")
     report["ordinary_false_routes"] = f"{sum(a['kind'] is not None for a in ordinary)}/{len(ordinary)}"
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.out.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -7,7 +7,8 @@
 #   5. fine-tune in the aquila-chat template (sft.yaml)
 #   6. evaluate (held-out perplexity, sample answers) and copy the model into the package
 #   7-9 (not run by default: STEPS=7,8,9): image instructions (#text2image#, #InstructFace#) taught
-#      on top of step 5's model, and how often requests are routed to them (docs/aquila-tiny.md)
+#      on top of step 5's model in two phases, and how often requests are routed to them; they do
+#      not reach the target yet, so nothing they make is shipped (docs/aquila-tiny.md)
 # Outputs go to runs/aquila-tiny/ (ignored by git). STEPS=4,5 runs only some steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +23,14 @@ has 3 && python recipes/aquila-tiny/filter_sft.py
 has 4 && python -m aquilachat pretrain recipes/aquila-tiny/pretrain.yaml --no-progress
 has 5 && python -m aquilachat sft recipes/aquila-tiny/sft.yaml --no-progress
 has 6 && python recipes/aquila-tiny/finish.py
-has 7 && python recipes/aquila-tiny/instructions.py
-has 8 && python -m aquilachat sft recipes/aquila-tiny/sft_instructions.yaml --no-progress
-has 9 && python recipes/aquila-tiny/routing.py
+if has 7; then
+  python recipes/aquila-tiny/instructions.py
+  python recipes/aquila-tiny/instructions.py --draw 600 --edit 120 --replay 4000 --replay-max-tokens 256 \
+         --mix-seed 2 --name instructions_train2.jsonl
+fi
+if has 8; then
+  python -m aquilachat sft recipes/aquila-tiny/sft_instructions.yaml --no-progress
+  python -m aquilachat sft recipes/aquila-tiny/sft_instructions2.yaml --no-progress
+fi
+has 9 && python recipes/aquila-tiny/routing.py --model $R/instructions2/final
 echo "done: see $R/report.json and aquilachat/assets/aquila-tiny/"
