@@ -83,7 +83,7 @@ class Page:
         self.requests: list = []
         self.errors: list[str] = []
         self.page.on("request", lambda r: self.requests.append(r))
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text + " @" + str(m.location)))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.goto(url + "/")
         # short greedy answers: fast, and the same as the offline LLM's (settings as the drawer stores them)
@@ -230,6 +230,8 @@ def test_markdown_code_highlighting_and_no_html_injection(tab, server, monkeypat
     assert tab.page.query_selector(".msg.assistant pre code.hljs .hljs-keyword") is not None
     assert tab.page.evaluate("window.pwned") is None
     assert tab.page.query_selector(".msg.assistant script") is None
+    shown = tab.page.inner_text(".msg.assistant")
+    assert "<img" in shown and "<script>" in shown  # raw HTML is shown as text, not parsed
     tab.shot("6-markdown")
 
 

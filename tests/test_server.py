@@ -223,8 +223,12 @@ def test_disconnected_stream_frees_its_slot(server):
     assert engine.stats.generated_tokens - before < CONTEXT - 100, "generation went on after the client left"
 
 
-def test_disconnected_non_streamed_request_is_aborted(server):
+def test_disconnected_non_streamed_request_is_aborted(server, monkeypatch):
     engine = server.state.async_engine.engine
+    # each step made to take at least 2 ms, so the full answer (~1000 steps) outlasts the client's
+    # 0.5 s read timeout however fast the CPU backend decodes this tiny model
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda *a, **k: (time.sleep(0.002), step(*a, **k))[1])
     before = engine.stats.generated_tokens
     body = {"model": MODEL, "prompt": "a long story", "max_tokens": CONTEXT - 32, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
