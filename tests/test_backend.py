@@ -342,6 +342,15 @@ def test_kernel_switch_off_falls_back_to_torch(monkeypatch):
     assert torch.equal(cpu_kernels.linear(x, w), F.linear(x, w))
 
 
+def _assert_product_close(got, want, scale, dtype, where):
+    """A kernel's product ``got [M, N]`` against the float64 ``want``: fp32 within 1e-5 of ``scale``
+    (sum |x||w| per output), bf16 also within one bf16 rounding of the result (2^-8 relative)."""
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.double() - want).abs()
+    bound = 1e-5 * scale if dtype == torch.float32 else 2.0 ** -8 * want.abs() + 1e-5 * scale
+    assert (err <= bound).all(), (*where, float((err - bound).max()))
+
+
 def _kernel_levels():
     ext = cpu_kernels.load()
     return list(range(ext.cpu_level() + 1)) if ext is not None else []
@@ -388,11 +397,7 @@ def test_kernel_equals_float64_product_at_every_level(dtype):
             want = x.double() @ w.double().T
             scale = x.double().abs() @ w.double().abs().T
             for level in levels:
-                got = ext.linear(x, w, level)
-                assert got.dtype == dtype and got.shape == (M, N)
-                err = (got.double() - want).abs()
-                bound = 1e-5 * scale if dtype == torch.float32 else 2.0 ** -8 * want.abs() + 1e-5 * scale
-                assert (err <= bound).all(), (M, N, K, level, float((err - bound).max()))
+                _assert_product_close(ext.linear(x, w, level), want, scale, dtype, (M, N, K, level))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -457,11 +462,7 @@ def test_int8_kernel_equals_float64_product_at_every_level(dtype):
             want = (x.double() @ q.double().T) * scales.double()
             scale = (x.double().abs() @ q.double().abs().T) * scales.double()
             for level in levels:
-                got = ext.linear_int8(x, q, scales, level)
-                assert got.dtype == dtype and got.shape == (M, N)
-                err = (got.double() - want).abs()
-                bound = 1e-5 * scale if dtype == torch.float32 else 2.0 ** -8 * want.abs() + 1e-5 * scale
-                assert (err <= bound).all(), (M, N, K, level, float((err - bound).max()))
+                _assert_product_close(ext.linear_int8(x, q, scales, level), want, scale, dtype, (M, N, K, level))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
