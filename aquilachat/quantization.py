@@ -3,7 +3,8 @@
 swaps them in).
 
 Activations stay in the run dtype (bfloat16 or float32); only the weights are stored in fewer bits
-and expanded inside torch's weight-only kernels.
+and expanded inside the weight-only kernels (ours in :mod:`aquilachat.backends.cpu_kernels`, else
+torch's).
 
 **int8** (``Int8Linear``): per output channel, symmetric, as llama.cpp's ``q8_0`` but with one scale
 per row instead of per 32 weights. For a row ``w [K]``::
@@ -12,10 +13,11 @@ per row instead of per 32 weights. For a row ``w [K]``::
     q_k   = round(w_k / scale)        in [-127, 127], int8
     w_k  ~= q_k * scale               |error| <= scale / 2
 
-Product: our kernel (:func:`aquilachat.backends.cpu_kernels.linear_int8`: fp32 sums, the weight
-read once for up to ``MAX_ROWS`` rows) on the CPU, else (more rows, no compiler,
-``AQUILACHAT_CPU_KERNELS=0``) ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8,
-scales [N])`` with ``scales`` in ``x``'s dtype.
+Product: :func:`aquilachat.backends.cpu_kernels.linear_int8` (our kernel: fp32 sums, the weight
+read once for up to ``MAX_ROWS`` rows; more rows: the weight dequantized in blocks through
+torch's float product), else (no compiler, ``AQUILACHAT_CPU_KERNELS=0``)
+``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, scales [N])`` with ``scales`` in
+``x``'s dtype.
 
 **int4** (``Int4Linear``): groups of ``group_size`` consecutive inputs of one output row,
 asymmetric min/max (the convention of torch's tinygemm kernels and gpt-fast's
@@ -34,11 +36,14 @@ the scale is widened to ``(hi - lo + 2 e) / 16`` so that the rounded ``zero`` st
 element within half a step of the stored scale. A constant group is stored exactly (zero = its
 value, q = 8) up to the dtype's rounding of that value.
 
-Products: ``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q [N, K] int32, 1)`` packs the
-codes into the CPU kernel's layout (``uint8 [N, K/2]``; the byte order depends on the CPU's
-instruction set, so it is never written to disk) and
+Products: with the CPU kernels, :func:`aquilachat.backends.cpu_kernels.linear_int4` on our own
+layout (:class:`Int4Linear`, built at load by :func:`_kernel_nibbles`; up to ``MAX_ROWS`` rows our
+kernel, more rows the weight dequantized in blocks through torch's float product). Without them
+``torch.ops.aten._convert_weight_to_int4pack_for_cpu(q [N, K] int32, 1)`` packs the codes into
+torch's layout (``uint8 [N, K/2]``; the byte order depends on the CPU's instruction set) and
 ``torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group_size, scales_and_zeros
-[K/group_size, N, 2])`` multiplies, ``scales_and_zeros`` in ``x``'s dtype.
+[K/group_size, N, 2])`` multiplies, ``scales_and_zeros`` in ``x``'s dtype. Neither layout is
+written to disk.
 
 Group size: 32 (:data:`DEFAULT_GROUP_SIZE`) or 128 (also 64, 256: the kernel's sizes). Group 32
 stores 5 bits per weight in bfloat16 (4 + a 16-bit scale and zero per 32), group 128 4.25 bits.
@@ -290,8 +295,8 @@ def _check_shape(method: str, out_features: int, in_features: int, group_size: i
                               f"{group_size}; use another --group-size ({', '.join(map(str, GROUP_SIZES))}) "
                               "or --quantization int8")
         if out_features % 16:
-            raise ConfigError(f"{what}out_features {out_features} is not a multiple of 16, which torch's int4 "
-                              "CPU kernel needs; use --quantization int8")
+            raise ConfigError(f"{what}out_features {out_features} is not a multiple of 16, which the int4 CPU "
+                              "kernels need (rows in blocks of 16); use --quantization int8")
 
 
 def quantize_weight(weight: torch.Tensor, method: str, *, group_size: int | None = None,
@@ -454,48 +459,91 @@ class Int8Linear(QuantizedLinear):
 
 class Int4Linear(QuantizedLinear):
     """int4 weight ``[out, in]`` in groups of ``group_size`` inputs with a scale and zero each
-    (module docstring); buffers ``weight`` (uint8 ``[out, in/2]`` in the CPU kernel's layout,
-    which depends on the CPU: rebuilt from the portable codes at load) and ``scales_and_zeros``
-    (``[in/group_size, out, 2]``, the activation dtype)."""
+    (module docstring); buffers ``weight`` (uint8 ``[out, in/2]``, the codes in the kernel's
+    layout, rebuilt from the portable codes at load) and ``scales_and_zeros`` (the activation
+    dtype).
+
+    ``layout`` (default: ``"aquilachat"`` when this machine has the CPU kernels
+    (:func:`aquilachat.backends.cpu_kernels.load`), else ``"torch"``):
+
+    * ``"aquilachat"``: our kernel's layout (``cpu_kernels_int4_body.h``): rows in blocks of 16,
+      for each block and 8 inputs 32 little-endian 16-bit words, word ``2l + t`` holding in its
+      nibble ``p`` the code of row ``16b + l``, input ``8c + 2p + t``; ``scales_and_zeros``
+      ``[out/16, in/group_size, 16, 2]`` (lane ``l``: scale, zero);
+    * ``"torch"``: ``_convert_weight_to_int4pack_for_cpu``'s (it depends on the CPU's instruction
+      set); ``scales_and_zeros`` ``[in/group_size, out, 2]``.
+    """
 
     method = "int4"
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int = DEFAULT_GROUP_SIZE,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
+                 layout: str | None = None) -> None:
         super().__init__(in_features, out_features)
         _check_group_size(group_size)
+        if layout not in (None, "aquilachat", "torch"):
+            raise ValueError(f"Int4Linear: layout must be 'aquilachat' or 'torch', got {layout!r}")
         self.group_size = group_size
+        self.layout = layout or _default_int4_layout()
+        groups = in_features // group_size
+        sz_shape = (out_features // 16, groups, 16, 2) if self.layout == "aquilachat" else (groups, out_features, 2)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("scales_and_zeros", torch.empty(sz_shape, dtype=dtype, device=device))
 
     def scale_tensor(self) -> torch.Tensor:
         return self.scales_and_zeros
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.layout == "aquilachat":
+            from .backends import cpu_kernels  # not at import: the backends import the model
+            return cpu_kernels.linear_int4(x2, self.weight, self.scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
 
     @classmethod
-    def from_tensors(cls, tensors, *, in_features, out_features, dtype) -> "Int4Linear":
+    def from_tensors(cls, tensors, *, in_features, out_features, dtype, layout: str | None = None) -> "Int4Linear":
         """From checkpoint tensors ``weight`` uint8 ``[out, in/2]`` (portable nibbles), ``scales``
-        and ``zeros`` ``[out, in/g]``: the codes are repacked for this CPU's kernel 64 rows at a
-        time (the packing's row block), so the int32 workspace stays small."""
+        and ``zeros`` ``[out, in/g]``: the codes are repacked for the kernel (``layout``, class
+        docstring) :func:`_chunk_rows` rows at a time, so the workspace stays small."""
         scales, zeros = tensors["scales"], tensors["zeros"]
         group_size = in_features // scales.shape[1]
-        m = cls(in_features, out_features, group_size=group_size, dtype=dtype, device="meta")
+        m = cls(in_features, out_features, group_size=group_size, dtype=dtype, device="meta", layout=layout)
         portable = tensors["weight"]
         packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
         rows = _chunk_rows(in_features)
         for start in range(0, out_features, rows):
-            codes = _unpack_nibbles(portable[start:start + rows])
-            packed[start:start + len(codes)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            chunk = portable[start:start + rows]
+            if m.layout == "aquilachat":
+                packed[start:start + len(chunk)] = _kernel_nibbles(chunk)
+            else:
+                packed[start:start + len(chunk)] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    _unpack_nibbles(chunk), 1)
         m.weight = packed
-        # (K/g, N, 2): scale and zero of group j of output n at [j, n]
-        m.scales_and_zeros = torch.stack((scales.to(dtype), zeros.to(dtype)), dim=-1).transpose(0, 1).contiguous()
+        pairs = torch.stack((scales.to(dtype), zeros.to(dtype)), dim=-1)  # (N, K/g, 2)
+        if m.layout == "aquilachat":  # (N/16, K/g, 16, 2)
+            m.scales_and_zeros = pairs.view(out_features // 16, 16, -1, 2).transpose(1, 2).contiguous()
+        else:  # (K/g, N, 2): scale and zero of group j of output n at [j, n]
+            m.scales_and_zeros = pairs.transpose(0, 1).contiguous()
         return m
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout}"
+
+
+def _default_int4_layout() -> str:
+    """``"aquilachat"`` when the CPU kernels are available here, else ``"torch"``."""
+    from .backends import cpu_kernels
+    return "aquilachat" if cpu_kernels.load() is not None else "torch"
+
+
+def _kernel_nibbles(portable: torch.Tensor) -> torch.Tensor:
+    """Portable int4 codes uint8 ``[n, K/2]`` (n a multiple of 16) -> the same codes in the
+    kernel's layout (:class:`Int4Linear`), uint8 ``[n, K/2]``: for row block ``b`` and inputs
+    ``8c .. 8c + 7``, word ``2l + t`` = bytes ``(q[p=0] | q[p=1] << 4, q[p=2] | q[p=3] << 4)``
+    with ``q[p] = code(16b + l, 8c + 2p + t)``."""
+    n, half = portable.shape
+    q = _unpack_nibbles(portable).to(torch.uint8).view(n // 16, 16, half // 4, 4, 2)  # (b, l, c, p, t)
+    byte = q[:, :, :, 0::2] | (q[:, :, :, 1::2] << 4)  # (b, l, c, byte, t): nibbles p = 2 byte, 2 byte + 1
+    return byte.permute(0, 2, 1, 4, 3).reshape(n, half)  # (b, c, l, t, byte)
 
 
 _MODULES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}

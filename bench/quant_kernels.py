@@ -13,8 +13,8 @@ bfloat16:
   on torch's threads: what reading the weight costs here, nothing multiplied);
 * int8 ``torch``: ``torch.ops.aten._weight_int8pack_mm(x, q, scales)``; ``ours``:
   ``ext.linear_int8`` at this CPU's level;
-* int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout (no kernel of
-  ours yet: the "ours" column stays empty).
+* int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout; ``ours``:
+  ``ext.linear_int4`` on ours (``Int4Linear`` layout ``"aquilachat"``: the same bytes).
 
 Interleaved: each round times every option once (a block of calls of at least ~50 ms), and the
 figure is the median over rounds, so a burst of load on this shared machine hits all options alike.
@@ -59,11 +59,15 @@ def int4_options(out_f: int, in_f: int, x: torch.Tensor, ext, level: int) -> tup
     tensors = {"weight": torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, generator=g),
                "scales": torch.rand(out_f, groups, generator=g) * 1e-2,
                "zeros": torch.randn(out_f, groups, generator=g) * 1e-3}
-    m = Int4Linear.from_tensors(tensors, in_features=in_f, out_features=out_f, dtype=x.dtype)
+    m = Int4Linear.from_tensors(tensors, in_features=in_f, out_features=out_f, dtype=x.dtype, layout="torch")
     w, sz = m.weight, m.scales_and_zeros
     nbytes = w.numel() + sz.numel() * sz.element_size()
     opts = {"read": lambda: w.view(torch.float32).sum(),
             "torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32, sz)}
+    if ext is not None:
+        ours = Int4Linear.from_tensors(tensors, in_features=in_f, out_features=out_f, dtype=x.dtype,
+                                       layout="aquilachat")
+        opts["ours"] = lambda: ext.linear_int4(x, ours.weight, ours.scales_and_zeros, level)
     return nbytes, opts
 
 
@@ -86,7 +90,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             out_f, in_f = map(int, shape.split("x"))
             if fmt == "int4" and out_f % 16:
-                continue  # torch's int4 packing needs rows in 16s (lm_head stays int8)
+                continue  # int4 needs rows in 16s (lm_head stays int8)
             for m in map(int, args.rows.split(",")):
                 x = torch.randn(m, in_f).to(torch.bfloat16)
                 nbytes, opts = (int8_options if fmt == "int8" else int4_options)(out_f, in_f, x, ext, level)

@@ -482,17 +482,23 @@ def test_int8_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
 
 
 def test_int8_kernel_wrapper_hands_other_inputs_to_torch(monkeypatch):
-    """More than MAX_ROWS rows, autograd, and kernels switched off: torch's _weight_int8pack_mm;
+    """More than MAX_ROWS rows: a float product of the weight dequantized by the extension
+    (exactly q * scale in fp32); autograd and kernels switched off: torch's _weight_int8pack_mm;
     bad operands: a clear error from the kernel."""
     if cpu_kernels.load() is None:
         pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
     gen = torch.Generator().manual_seed(4)
     x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS + 1, 40, 64, torch.float32, gen)
     torch_op = torch.ops.aten._weight_int8pack_mm
-    assert torch.equal(cpu_kernels.linear_int8(x, q, scales), torch_op(x, q, scales))
+    ext = cpu_kernels.load()
+    assert torch.equal(ext.dequantize_int8(q, scales, 3, 17), q[3:17].float() * scales[3:17, None])
+    bf = scales.to(torch.bfloat16)
+    assert torch.equal(ext.dequantize_int8(q, bf, 0, 40), (q.float() * bf.float()[:, None]).to(torch.bfloat16))
+    want = (x.double() @ q.double().T) * scales.double()
+    _assert_product_close(cpu_kernels.linear_int8(x, q, scales), want,
+                          (x.double().abs() @ q.double().abs().T) * scales.double(), torch.float32, ("rows",))
     xg = x[:2].clone().requires_grad_()
     assert torch.equal(cpu_kernels.linear_int8(xg, q, scales), torch_op(xg, q, scales))
-    ext = cpu_kernels.load()
     with pytest.raises(RuntimeError, match="columns"):
         ext.linear_int8(x[:, :63].contiguous(), q, scales, 2)
     with pytest.raises(RuntimeError, match="scales"):
@@ -502,6 +508,82 @@ def test_int8_kernel_wrapper_hands_other_inputs_to_torch(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
     assert torch.equal(cpu_kernels.linear_int8(x[:2], q, scales), torch_op(x[:2], q, scales))
+
+
+def _int4_operands(M, N, K, group_size, dtype, gen):
+    """x [M, K], portable int4 checkpoint tensors of a random [N, K] weight, and its float64
+    dequantized weight (the reference)."""
+    from aquilachat.quantization import dequantize, quantize_weight
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    tensors = quantize_weight(torch.randn(N, K, generator=gen), "int4", group_size=group_size, dtype=dtype)
+    return x, tensors, dequantize(tensors, "int4").double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int4_kernel_equals_float64_product_at_every_level(dtype):
+    """Our int4 product in its own layout at every instruction level this CPU runs (generic C++,
+    AVX2, AVX-512 fp32 multiply-adds; AVX512_BF16's VDPBF16PS on codes made bfloat16 by 0x4300 | q)
+    against float64 of the same inputs and dequantized weight, for group sizes 32, 64 and 128, one
+    to five rows and a batch of MAX_ROWS. Tolerance as the float kernels': fp32 sums (the codes and
+    bf16 inputs are exact in the sums' products), the bf16 result rounded once. Each row's bits do
+    not depend on the rows beside it."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    from aquilachat.quantization import Int4Linear
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(11)
+    for N, K, group_size in ((48, 64, 32), (64, 256, 64), (32, 384, 128), (208, 192, 32)):
+        x, tensors, w = _int4_operands(cpu_kernels.MAX_ROWS, N, K, group_size, dtype, gen)
+        m = Int4Linear.from_tensors(tensors, in_features=K, out_features=N, dtype=dtype, layout="aquilachat")
+        assert m.scales_and_zeros.shape == (N // 16, K // group_size, 16, 2)
+        for level in levels:
+            alone = torch.cat([ext.linear_int4(x[i:i + 1], m.weight, m.scales_and_zeros, level) for i in range(6)])
+            for M in (1, 2, 3, 4, 5):
+                got = ext.linear_int4(x[:M], m.weight, m.scales_and_zeros, level)
+                _assert_product_close(got, x[:M].double() @ w.T, x[:M].double().abs() @ w.abs().T, dtype,
+                                      (N, K, group_size, level, M))
+                assert torch.equal(got, alone[:M]), (N, K, group_size, level, M)
+            batch = ext.linear_int4(x, m.weight, m.scales_and_zeros, level)
+            assert torch.equal(batch[:6], alone), (N, K, group_size, level)
+            _assert_product_close(batch, x.double() @ w.T, x.double().abs() @ w.abs().T, dtype, (level, "batch"))
+
+
+def test_int4_layouts_and_dequantized_rows_agree():
+    """The kernel's layout against torch's (Int4Linear layout "torch", _weight_int4pack_mm_for_cpu)
+    on the same checkpoint tensors: the extension dequantizes rows to exactly the reference
+    weight (fp32) or its bf16 rounding. Both layouts' products, up to MAX_ROWS rows (our kernel)
+    and beyond (our dequantized blocks through torch's product), equal the float64 product within
+    fp32 summation; in bf16 also within the result's rounding and, past MAX_ROWS, the rounding of
+    each dequantized weight to bf16 (2^-9 relative each: 2^-8 of sum |x||w| bounds it). Bad
+    operands get a clear error."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    from aquilachat.quantization import Int4Linear
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(12)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, tensors, w = _int4_operands(cpu_kernels.MAX_ROWS + 3, 96, 128, 32, dtype, gen)
+        ours = Int4Linear.from_tensors(tensors, in_features=128, out_features=96, dtype=dtype)
+        theirs = Int4Linear.from_tensors(tensors, in_features=128, out_features=96, dtype=dtype, layout="torch")
+        assert ours.layout == "aquilachat" and ours.weight.shape == theirs.weight.shape
+        rows = ext.dequantize_int4(ours.weight, ours.scales_and_zeros, 16, 64)
+        assert torch.equal(rows, w[16:64].to(dtype)), dtype
+        for M in (1, 4, cpu_kernels.MAX_ROWS + 3):
+            want = x[:M].double() @ w.T
+            scale = x[:M].double().abs() @ w.abs().T
+            if dtype == torch.bfloat16 and M > cpu_kernels.MAX_ROWS:
+                scale = scale * (1 + 2.0 ** -8 / 1e-5)
+            for layout, got in (("aquilachat", ours(x[:M])), ("torch", theirs(x[:M]))):
+                _assert_product_close(got, want, scale, dtype, (dtype, M, layout))
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        ext.dequantize_int4(ours.weight, ours.scales_and_zeros, 8, 32)
+    with pytest.raises(RuntimeError, match=r"x \[M, 128\]"):
+        ext.linear_int4(x[:, :64].contiguous(), ours.weight, ours.scales_and_zeros, 3)
+    with pytest.raises(RuntimeError, match="scales_and_zeros"):
+        ext.linear_int4(x, ours.weight, ours.scales_and_zeros[:2], 3)
+    with pytest.raises(RuntimeError, match="N % 16"):
+        ext.linear_int4(x, ours.weight[:40], ours.scales_and_zeros, 3)
 
 
 def test_called_as_is_sees_hooks_and_instance_forward():
@@ -518,7 +600,8 @@ def test_called_as_is_sees_hooks_and_instance_forward():
 def test_int8_bf16_widths_torch_gets_wrong_never_reach_it(monkeypatch, kernels):
     """bfloat16 input whose width is not a multiple of 64 (torch 2.13's _weight_int8pack_mm returns
     NaN or crashes on it): any row count, with or without our kernels, equals the fp32 product of
-    the dequantized weight within the bf16 rounding of the result."""
+    the dequantized weight within the bf16 rounding of the result (and, for more than MAX_ROWS
+    rows with the kernels, of the weight dequantized to bf16)."""
     if not kernels:
         monkeypatch.setattr(cpu_kernels, "_state", {})
         monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
@@ -533,7 +616,11 @@ def test_int8_bf16_widths_torch_gets_wrong_never_reach_it(monkeypatch, kernels):
             ref = (x.double() @ q.double().T) * scales.double()
             y = cpu_kernels.linear_int8(x, q, scales)
             assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-            bound = 2 ** -8 * ref.abs() + 1e-5 * (x.double().abs() @ q.double().abs().T) * scales.double()
+            total = (x.double().abs() @ q.double().abs().T) * scales.double()
+            # past MAX_ROWS the kernels' path multiplies the weight dequantized to bf16 (each
+            # weight rounded, 2^-9 relative)
+            slack = 2 ** -8 if kernels and M > cpu_kernels.MAX_ROWS else 1e-5
+            bound = 2 ** -8 * ref.abs() + slack * total
             assert ((y.double() - ref).abs() <= bound).all(), (K, M)
 
 

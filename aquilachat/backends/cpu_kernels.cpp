@@ -43,6 +43,7 @@ struct QOps {
 };
 #include "cpu_kernels_body.h"
 #include "cpu_kernels_quant_body.h"
+#include "cpu_kernels_int4_body.h"
 }  // namespace generic
 
 #pragma GCC push_options
@@ -107,6 +108,7 @@ struct QOps {
 };
 #include "cpu_kernels_body.h"
 #include "cpu_kernels_quant_body.h"
+#include "cpu_kernels_int4_body.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -154,6 +156,7 @@ struct QOps {
 };
 #include "cpu_kernels_body.h"
 #include "cpu_kernels_quant_body.h"
+#include "cpu_kernels_int4_body.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -173,6 +176,80 @@ template <> struct Ops<bf16> {  // VDPBF16PS: 32 bf16 pairs -> 16 fp32 sums per 
   static inline float sum(__m512 a) { return _mm512_reduce_add_ps(a); }
 };
 #include "cpu_kernels_body.h"
+
+// int4 weights in this extension's layout (cpu_kernels_int4_body.h) times bfloat16 inputs, with
+// VDPBF16PS on codes made bfloat16 by one bitwise op: 0x4300 | q is the bfloat16 128 + q, exact for
+// q in 0..15 (128's exponent leaves a step of 1 in its 7 mantissa bits). So the group sum is
+// D' = sum (128 + q) x = D + 128 X, and y = sum_g scale * (D' - 136 X) + zero * X: the sums of the
+// fp32 body with 32 products per instruction and four bitwise ops per 128 codes. Each lane is one
+// output row (the broadcast input pair meets 16 rows' codes), so no horizontal sums; two
+// accumulators per row split the chain of dependent VDPBF16PS (nibbles 0, 2 and 1, 3).
+template <int R, int MM>
+static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs,
+                                 const float* xo, bf16* y, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b0,
+                                 int64_t m0) {
+  const int64_t C = K / 8;
+  const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const __m512i high16 = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 tot[MM][R];
+  for (int i = 0; i < MM; ++i)
+    for (int r = 0; r < R; ++r) tot[i][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 d0[MM][R], d1[MM][R];
+    for (int i = 0; i < MM; ++i)
+      for (int r = 0; r < R; ++r) d0[i][r] = d1[i][r] = _mm512_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+      for (int r = 0; r < R; ++r) {
+        const __m512i z = _mm512_loadu_si512(w + ((b0 + r) * C + c) * 32);
+        const __m512i w0 = _mm512_ternarylogic_epi32(z, low4, magic, 0xEA);  // (z & 0xF) | 0x4300
+        const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 4), low4, magic, 0xEA);
+        const __m512i w2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 8), low4, magic, 0xEA);
+        const __m512i w3 = _mm512_or_si512(_mm512_srli_epi16(z, 12), magic);
+        for (int i = 0; i < MM; ++i) {
+          const int32_t* xp = reinterpret_cast<const int32_t*>(x + (m0 + i) * K + c * 8);  // 4 input pairs
+          d0[i][r] = _mm512_dpbf16_ps(d0[i][r], (__m512bh)_mm512_set1_epi32(xp[0]), (__m512bh)w0);
+          d1[i][r] = _mm512_dpbf16_ps(d1[i][r], (__m512bh)_mm512_set1_epi32(xp[1]), (__m512bh)w1);
+          d0[i][r] = _mm512_dpbf16_ps(d0[i][r], (__m512bh)_mm512_set1_epi32(xp[2]), (__m512bh)w2);
+          d1[i][r] = _mm512_dpbf16_ps(d1[i][r], (__m512bh)_mm512_set1_epi32(xp[3]), (__m512bh)w3);
+        }
+      }
+    for (int r = 0; r < R; ++r) {
+      const __m512i s2 = _mm512_loadu_si512(sz + ((b0 + r) * G + g) * 16);  // lane l: scale | zero << 16
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(s2, 16));
+      const __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(s2, high16));
+      for (int i = 0; i < MM; ++i) {
+        const __m512 t = _mm512_sub_ps(_mm512_add_ps(d0[i][r], d1[i][r]), _mm512_set1_ps(xo[(m0 + i) * G + g]));
+        tot[i][r] = _mm512_fmadd_ps(t, sc, tot[i][r]);
+        tot[i][r] = _mm512_fmadd_ps(zr, _mm512_set1_ps(xs[(m0 + i) * G + g]), tot[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MM; ++i)
+    for (int r = 0; r < R; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m0 + i) * N + (b0 + r) * 16),
+                          (__m256i)_mm512_cvtneps_pbh(tot[i][r]));
+}
+
+template <int R>
+static inline void q4_bf16_rows(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, const float* xo,
+                                bf16* y, int64_t M, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) q4_bf16_block<R, 4>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m);
+  switch (M - m) {
+    case 1: q4_bf16_block<R, 1>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
+    case 2: q4_bf16_block<R, 2>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
+    case 3: q4_bf16_block<R, 3>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
+    default: break;
+  }
+}
+
+void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, const float* xo, bf16* y,
+                 int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
+  const int64_t cpg = K / G / 8;
+  int64_t b = b0;
+  for (; b + 2 <= b1; b += 2) q4_bf16_rows<2>(x, w, sz, xs, xo, y, M, K, N, G, cpg, b);
+  for (; b < b1; ++b) q4_bf16_rows<1>(x, w, sz, xs, xo, y, M, K, N, G, cpg, b);
+}
 }  // namespace avx512bf16
 #pragma GCC pop_options
 
@@ -282,6 +359,149 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   return y;
 }
 
+
+template <typename T, typename S>
+void dispatch_q4(int64_t level, const float* x, const uint16_t* w, const S* sz, const float* xs, T* y, int64_t M,
+                 int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
+  if (level >= 2) return avx512::q4_run<T, S>(x, w, sz, xs, y, M, K, N, G, b0, b1);
+  if (level >= 1) return avx2::q4_run<T, S>(x, w, sz, xs, y, M, K, N, G, b0, b1);
+  generic::q4_run<T, S>(x, w, sz, xs, y, M, K, N, G, b0, b1);
+}
+
+void check_q4(const char* what, const at::Tensor& w, const at::Tensor& sz) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), what,
+              ": contiguous uint8 codes [N, K/2] expected, got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(w.size(0) % 16 == 0 && w.size(1) % 4 == 0, what, ": codes [N, K/2] need N % 16 == 0 and K % 8 == 0, got ",
+              w.sizes());
+  TORCH_CHECK(sz.dim() == 4 && sz.size(0) * 16 == w.size(0) && sz.size(2) == 16 && sz.size(3) == 2 && sz.is_contiguous(),
+              what, ": scales_and_zeros [N/16, G, 16, 2] expected for ", w.size(0), " rows, got ", sz.sizes());
+  TORCH_CHECK(sz.scalar_type() == at::kFloat || sz.scalar_type() == at::kBFloat16, what,
+              ": float32 or bfloat16 scales expected, got ", sz.scalar_type());
+  const int64_t K = w.size(1) * 2, G = sz.size(1);
+  TORCH_CHECK(G > 0 && K % G == 0 && (K / G) % 8 == 0, what, ": ", G, " groups do not divide ", K,
+              " inputs into multiples of 8");
+  TORCH_CHECK(w.device().is_cpu() && sz.device().is_cpu(), what, ": CPU tensors expected");
+}
+
+// y[M, N] = x[M, K] @ W^T for int4 W in this extension's layout (cpu_kernels_int4_body.h): codes
+// w uint8 [N, K/2] (the 16-bit words of the layout), scales and zeros sz [N/16, G, 16, 2] in x's
+// dtype. fp32 sums, y rounded to x's dtype once.
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t level) {
+  check_q4("linear_int4", w, sz);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.size(1) * 2, "linear_int4: x [M, ", w.size(1) * 2, "] expected, got ",
+              x.sizes());
+  TORCH_CHECK(x.scalar_type() == sz.scalar_type(), "linear_int4: x is ", x.scalar_type(), ", the scales are ",
+              sz.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), "linear_int4: CPU tensors expected");
+  level = std::min(level, cpu_level());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = sz.size(1), gs = K / G;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  // the group sums X[m, g] of the inputs, in fp32 (the same order for every row)
+  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kFloat));
+  at::Tensor xo = at::empty({M, G}, x.options().dtype(at::kFloat));
+  at::Tensor xf = xc.to(at::kFloat).contiguous();
+  {
+    const float* xp = xf.data_ptr<float>();
+    float *sp = xs.data_ptr<float>(), *op = xo.data_ptr<float>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float s = 0.f;
+      for (int64_t k = 0; k < gs; ++k) s += xp[i * gs + k];
+      sp[i] = s;
+      op[i] = 136.f * s;
+    }
+  }
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+  const float* xsp = xs.data_ptr<float>();
+  const int64_t blocks = N / 16;
+  // row blocks per task: at least ~64 KiB of codes
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 8 * K));
+  if (x.scalar_type() == at::kBFloat16) {
+    bf16* yp = y.data_ptr<bf16>();
+    if (level >= 3) {
+      const bf16* xp = xc.data_ptr<bf16>();
+      const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<bf16>());
+      const float* xop = xo.data_ptr<float>();
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        avx512bf16::q4_bf16_run(xp, wp, sp, xsp, xop, yp, M, K, N, G, b0, b1);
+      });
+    } else {
+      const float* xp = xf.data_ptr<float>();
+      const bf16* sp = sz.data_ptr<bf16>();
+      at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+        dispatch_q4<bf16, bf16>(level, xp, wp, sp, xsp, yp, M, K, N, G, b0, b1);
+      });
+    }
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "linear_int4: float32 or bfloat16 expected, got ", x.scalar_type());
+    float* yp = y.data_ptr<float>();
+    const float* xp = xf.data_ptr<float>();
+    const float* sp = sz.data_ptr<float>();
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      dispatch_q4<float, float>(level, xp, wp, sp, xsp, yp, M, K, N, G, b0, b1);
+    });
+  }
+  return y;
+}
+
+// Rows [n0, n1) (multiples of 16) of the int4 weight in this extension's layout as [n1 - n0, K] in
+// the scales' dtype: (q - 8) * scale + zero in fp32, rounded once.
+at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t n0, int64_t n1) {
+  check_q4("dequantize_int4", w, sz);
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= w.size(0) && n0 % 16 == 0 && n1 % 16 == 0,
+              "dequantize_int4: rows [", n0, ", ", n1, ") are not multiples of 16 within ", w.size(0));
+  const int64_t K = w.size(1) * 2, G = sz.size(1);
+  at::Tensor out = at::empty({n1 - n0, K}, sz.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 8 * K));
+  if (sz.scalar_type() == at::kBFloat16) {
+    const bf16* sp = sz.data_ptr<bf16>();
+    bf16* op = out.data_ptr<bf16>();
+    at::parallel_for(n0 / 16, n1 / 16, grain, [&](int64_t b0, int64_t b1) {
+      generic::q4_dequantize<bf16, bf16>(wp, sp, op + (b0 * 16 - n0) * K, K, G, b0, b1);
+    });
+  } else {
+    const float* sp = sz.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(n0 / 16, n1 / 16, grain, [&](int64_t b0, int64_t b1) {
+      generic::q4_dequantize<float, float>(wp, sp, op + (b0 * 16 - n0) * K, K, G, b0, b1);
+    });
+  }
+  return out;
+}
+
+// Rows [n0, n1) of an int8 weight as [n1 - n0, K] in the scales' dtype: q * scale in fp32, rounded
+// once (for products of many rows, which go to torch's blocked matmul).
+at::Tensor dequantize_int8(const at::Tensor& q, const at::Tensor& scales, int64_t n0, int64_t n1) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous() && q.device().is_cpu(),
+              "dequantize_int8: contiguous int8 CPU codes [N, K] expected, got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == q.size(0), "dequantize_int8: ", q.size(0),
+              " scales expected, got ", scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16,
+              "dequantize_int8: float32 or bfloat16 scales expected, got ", scales.scalar_type());
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= q.size(0), "dequantize_int8: rows [", n0, ", ", n1, ") outside ", q.size(0));
+  const int64_t K = q.size(1);
+  const at::Tensor sf = scales.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({n1 - n0, K}, scales.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K));
+  auto body = [&](auto* op) {
+    using T = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(n0, n1, grain, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) {
+        const float s = sp[n];
+        const int8_t* row = qp + n * K;
+        T* o = op + (n - n0) * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = T(static_cast<float>(row[k]) * s);
+      }
+    });
+  };
+  if (scales.scalar_type() == at::kBFloat16) body(out.data_ptr<bf16>());
+  else body(out.data_ptr<float>());
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fused decode-step ops (the same plain C++ at every instruction level: they are small next to
@@ -478,6 +698,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8,
         "y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N], int8 q, x float32 / bfloat16 (fp32 accumulation)",
         pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("level"));
+  m.def("linear_int4", &linear_int4,
+        "y[M, N] = x[M, K] @ W^T for int4 W in this extension's layout: codes w uint8 [N, K/2], scales_and_zeros "
+        "[N/16, G, 16, 2] in x's dtype (fp32 accumulation)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scales_and_zeros"), pybind11::arg("level"));
+  m.def("dequantize_int4", &dequantize_int4,
+        "rows [n0, n1) of an int4 weight in this extension's layout as [n1 - n0, K] in the scales' dtype",
+        pybind11::arg("w"), pybind11::arg("scales_and_zeros"), pybind11::arg("n0"), pybind11::arg("n1"));
+  m.def("dequantize_int8", &dequantize_int8, "rows [n0, n1) of an int8 weight as q * scale in the scales' dtype",
+        pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("n0"), pybind11::arg("n1"));
   m.def("rms_norm", &rms_norm, "model.rms_norm for x [N, C] and w [C] of one dtype (fp32 statistics)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("eps"));
   m.def("rotate", &rotate, "model.rotate for x [N, heads, D] and tables [N, D] of one dtype",

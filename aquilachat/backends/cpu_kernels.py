@@ -15,7 +15,13 @@ block of weight rows once for all input rows, accumulating in fp32:
   save torch's per-op dispatch, which dominates a small model's decode step);
 * int8 weights with one scale per output row (:func:`linear_int8`, for
   :class:`aquilachat.quantization.Int8Linear`): codes widened to fp32 in registers, inputs to fp32
-  once per call, AVX-512 / AVX2 FMA / generic.
+  once per call, AVX-512 / AVX2 FMA / generic;
+* int4 weights in groups, in the kernel's own layout (:func:`linear_int4`, for
+  :class:`aquilachat.quantization.Int4Linear`): one output row per vector lane; with AVX512_BF16
+  and bfloat16 input the codes become bfloat16 by one bitwise op (``0x4300 | q`` = 128 + q) for
+  ``VDPBF16PS``, else fp32 multiply-adds (AVX-512 / AVX2 / generic);
+* for more rows than :data:`MAX_ROWS` (a prompt), the quantized weights dequantized in blocks
+  (:func:`dequantized_product`) for torch's blocked float product.
 
 The instruction level follows torch's own dispatch (``torch.backends.cpu.get_cpu_capability()``,
 which ``ATEN_CPU_CAPABILITY`` lowers), capped by what the CPU has. Threads: torch's intra-op pool
@@ -37,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "decode_attend", "linear", "linear_int8", "load", "load_error", "level", "rms_norm", "rotate"]
+__all__ = ["DEQUANT_ROWS", "MAX_ROWS", "decode_attend", "dequantized_product", "linear", "linear_int4", "linear_int8", "load", "load_error", "level", "rms_norm", "rotate"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_NAME = "aquilachat_cpu_kernels_v3"
+_NAME = "aquilachat_cpu_kernels_v4"
 _state: dict = {}
 
 #: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,
@@ -92,7 +98,9 @@ def _build():
                         "cores; cached in %s; AQUILACHAT_CPU_KERNELS=0 skips them)", build_dir)
         # -fopenmp: at::parallel_for is a header template whose OpenMP body is a serial loop
         # without it (the products would run on one thread whatever torch.get_num_threads() says)
-        ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        # -ffp-contract=off: the plain C++ bodies fuse multiply-adds only where written (std::fma), so
+        # every instantiation of a body rounds alike (a row's bits do not depend on the batch)
+        ext = load_extension(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: torch's products still work
         first = str(exc).strip().splitlines()
@@ -121,45 +129,73 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     """``(x [M, in] @ q.T) * scales`` -> ``[M, out]`` in ``x``'s dtype, for int8 codes ``q [out, in]``
     and ``scales [out]`` (the weight-only int8 format of :mod:`aquilachat.quantization`).
 
-    Takes the kernel for float32 / bfloat16 CPU input with at most :data:`MAX_ROWS` rows, a
-    contiguous ``q`` and no autograd; anything else (and a machine without the kernel) goes to
+    With the kernel (float32 / bfloat16 CPU input, a contiguous ``q``, no autograd): up to
+    :data:`MAX_ROWS` rows our kernel (fp32 sums over the inputs in a fixed order, times the row's
+    scale once: each row's result is the same whatever the other rows); more rows (a prompt) a
+    blocked float product of the weight dequantized :data:`DEQUANT_ROWS` rows at a time by the
+    extension (:func:`dequantized_product`). Without the kernel:
     ``torch.ops.aten._weight_int8pack_mm`` (which wants ``scales`` in ``x``'s dtype and 64-byte
     aligned operands: the module's business), except bfloat16 input of a width that is not a
-    multiple of 64, which torch's kernel gets wrong (NaN, or a crash): that takes our kernel at
-    any row count, or without it a float product of the dequantized weight, 1024 rows at a time. The kernel sums in fp32 over the inputs in a fixed
-    order and multiplies by the row's scale once: the fp32 product of ``x`` and the dequantized
-    weight up to summation order and the final rounding to ``x``'s dtype. Each row's result is
-    the same whatever the other rows, up to :data:`MAX_ROWS` rows.
+    multiple of 64, which torch's kernel gets wrong (NaN, or a crash): that takes a float product
+    of the dequantized weight.
     """
     ext = load()
     usable = (ext is not None and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
               and q.dtype == torch.int8 and q.is_contiguous() and x.device.type == "cpu"
               and q.device.type == "cpu" and scales.device.type == "cpu"
               and not (torch.is_grad_enabled() and x.requires_grad))
+    if usable:
+        if x.shape[0] <= MAX_ROWS:
+            return ext.linear_int8(x.contiguous(), q, scales, level())
+        return dequantized_product(x, q.shape[0], lambda n0, n1: ext.dequantize_int8(q, scales.to(x.dtype), n0, n1))
     # torch 2.13's bfloat16 _weight_int8pack_mm reads rows with aligned vector loads: with an input
     # width that is not a multiple of 64 its later rows are misaligned and it returns NaN or
     # crashes (SIGSEGV); those shapes never go to it
-    torch_safe = not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[-1] % 64)
-    if usable and (x.shape[0] <= MAX_ROWS or not torch_safe):
-        return ext.linear_int8(x.contiguous(), q, scales, level())
-    if torch_safe:
+    if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[-1] % 64):
         return torch.ops.aten._weight_int8pack_mm(x, q, scales)
-    return _dequantized_product(x, q, scales)
+    return dequantized_product(x, q.shape[0], lambda n0, n1: (q[n0:n1].float() * scales[n0:n1, None].float()))
 
 
-def _dequantized_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``(x [M, in] @ q.T) * scales`` in fp32 over :data:`_DEQUANT_ROWS` rows of ``q`` at a time
-    (bounded workspace), rounded to ``x``'s dtype: for what neither kernel takes."""
-    xf = x.float()
-    out = torch.empty(*x.shape[:-1], q.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, q.shape[0], _DEQUANT_ROWS):
-        rows = slice(start, start + _DEQUANT_ROWS)
-        out[..., rows] = (F.linear(xf, q[rows].float()) * scales[rows].float()).to(x.dtype)
+def linear_int4(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """``x [M, in] @ W.T`` -> ``[M, out]`` in ``x``'s dtype for an int4 weight in the kernel's layout
+    (:class:`aquilachat.quantization.Int4Linear`, layout ``"aquilachat"``): codes ``w`` uint8
+    ``[out, in/2]``, ``scales_and_zeros [out/16, in/group, 16, 2]`` in ``x``'s dtype.
+
+    Up to :data:`MAX_ROWS` rows our kernel (bfloat16 input with AVX512_BF16: ``VDPBF16PS`` on codes
+    made bfloat16 by one bitwise op; else fp32 multiply-adds; fp32 sums, one rounding; each row's
+    result the same whatever the other rows); more rows a blocked float product of the weight
+    dequantized :data:`DEQUANT_ROWS` rows at a time (:func:`dequantized_product`).
+
+    Raises:
+        RuntimeError: no kernel here (the layout is only built when there is one), or shapes that
+            do not match.
+    """
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"linear_int4: the CPU kernels are not available ({load_error()}); "
+                           "an Int4Linear built here uses torch's layout")
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+        return ext.linear_int4(x.contiguous(), w, scales_and_zeros, level())
+    return dequantized_product(x, w.shape[0], lambda n0, n1: ext.dequantize_int4(w, scales_and_zeros, n0, n1))
+
+
+def dequantized_product(x: torch.Tensor, out_features: int, rows) -> torch.Tensor:
+    """``x [M, in] @ W.T`` -> ``[M, out]`` in ``x``'s dtype, with ``rows(n0, n1)`` giving rows
+    ``n0 .. n1 - 1`` of ``W`` as floats: :data:`DEQUANT_ROWS` rows at a time (a bounded workspace),
+    each block multiplied by torch's blocked product (oneDNN, AMX where the CPU has it) in the
+    dequantized block's dtype. For products of many rows (a prompt), where the weight is reused
+    across rows and the float product's speed, not the weight's bytes, sets the pace."""
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, out_features, DEQUANT_ROWS):
+        end = min(start + DEQUANT_ROWS, out_features)
+        block = rows(start, end)
+        out[..., start:end] = F.linear(x.to(block.dtype), block).to(x.dtype)
     return out
 
 
-#: Weight rows dequantized at a time by :func:`_dequantized_product`.
-_DEQUANT_ROWS = 1024
+#: Weight rows dequantized at a time by :func:`dequantized_product` (a multiple of 16: int4's row
+#: block); 1024 rows of a 4096-wide bfloat16 weight are 8 MiB of workspace.
+DEQUANT_ROWS = 1024
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
