@@ -173,20 +173,35 @@ def prepare_7b(cache: Path, llama_python: str, gguf_types: set[str], *,
 def run_engine(engine: str, precision: str, model: Path, prompts: dict, *, python: str, new_tokens: int,
                threads: int, timeout: float) -> dict:
     """One engine in its own process (``bench/decode_engines.py``); its result dict, with
-    ``peak_rss`` and the copy bandwidth / load average measured just before it, or ``skipped``."""
+    ``peak_rss`` and the copy bandwidth / load average measured just before it, or ``skipped``.
+
+    llama.cpp runs with its defaults first. When that process dies of a signal (llama.cpp 0.3.36's
+    AMX weight repacking crashed with SIGSEGV on the first decode of q4_0 / q8_0 on a Sapphire
+    Rapids-class CPU here), it runs once more with ``use_extra_bufts = false`` (no repacking), and
+    the result's notes say so."""
     max_model_len = -(-max(len(prompts["pp"]) + 1, ROW_TOKENS + new_tokens + 1) // 32) * 32
     spec = dict(engine=engine, precision=precision, model=str(model), prompts=prompts, new_tokens=new_tokens,
                 threads=threads, max_model_len=max_model_len)
-    bandwidth, load = copy_bandwidth(), os.getloadavg()[0]
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        json.dump(spec, f)
-        f.flush()
-        rc, out, _, rss = run_child([python, "bench/decode_engines.py", f.name], timeout)
-    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    retry_note = None
+    while True:
+        bandwidth, load = copy_bandwidth(), os.getloadavg()[0]
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(spec, f)
+            f.flush()
+            rc, out, _, rss = run_child([python, "bench/decode_engines.py", f.name], timeout)
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        if engine == "llama.cpp" and rc < 0 and "extra_bufts" not in spec:
+            retry_note = f"defaults died of signal {-rc}; run with use_extra_bufts=false (no weight repacking)"
+            print(f"llama.cpp {precision}: {retry_note}", flush=True)
+            spec["extra_bufts"] = False
+            continue
+        break
     if rc != 0 or line is None:
         return {"skipped": f"failed (exit code {rc}; see its stderr above)"}
     result = json.loads(line.removeprefix("RESULT "))
     result.update(peak_rss=rss, bandwidth=bandwidth, loadavg=load)
+    if retry_note:
+        result["notes"] = result.get("notes", []) + [retry_note]
     return result
 
 
@@ -264,6 +279,10 @@ def run_preset(args: argparse.Namespace) -> None:
         print(f"made {step}")
     print()
     print(format_preset_table(rows))
+    for engine, precision in wanted:  # what each engine said about itself (first round that ran)
+        notes = next((r["notes"] for r in runs[(engine, precision)] if r.get("notes")), [])
+        if notes:
+            print(f"{engine} {precision}: {'; '.join(notes)}")
 
 
 def main() -> None:

@@ -178,6 +178,8 @@ class LlamaCppRunner(Runner):
         self._log = lc.llama_log_callback(lambda level, text, user_data: None)  # kept: C holds it
         lc.llama_log_set(self._log, None)  # llama.cpp's load and context logs: not wanted here
         mparams = lc.llama_model_default_params()
+        if not spec.get("extra_bufts", True):  # bench/decode.py's retry after a crash in the repacking
+            mparams.use_extra_bufts = False
         self.model = lc.llama_model_load_from_file(spec["model"].encode(), mparams)
         if not self.model:
             raise RuntimeError(f"{spec['model']}: llama.cpp could not load it")
