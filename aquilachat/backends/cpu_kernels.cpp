@@ -185,8 +185,7 @@ template <> struct Ops<bf16> {  // VDPBF16PS: 32 bf16 pairs -> 16 fp32 sums per 
 // output row (the broadcast input pair meets 16 rows' codes), so no horizontal sums; two
 // accumulators per row split the chain of dependent VDPBF16PS (nibbles 0, 2 and 1, 3).
 template <int R, int MM>
-static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs,
-                                 const float* xo, bf16* y, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b0,
+static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b0,
                                  int64_t m0) {
   const int64_t C = K / 8;
   const __m512i low4 = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
@@ -218,7 +217,7 @@ static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_
       const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(s2, 16));
       const __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(s2, high16));
       for (int i = 0; i < MM; ++i) {
-        const __m512 t = _mm512_sub_ps(_mm512_add_ps(d0[i][r], d1[i][r]), _mm512_set1_ps(xo[(m0 + i) * G + g]));
+        const __m512 t = _mm512_sub_ps(_mm512_add_ps(d0[i][r], d1[i][r]), _mm512_set1_ps(136.f * xs[(m0 + i) * G + g]));
         tot[i][r] = _mm512_fmadd_ps(t, sc, tot[i][r]);
         tot[i][r] = _mm512_fmadd_ps(zr, _mm512_set1_ps(xs[(m0 + i) * G + g]), tot[i][r]);
       }
@@ -231,24 +230,23 @@ static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_
 }
 
 template <int R>
-static inline void q4_bf16_rows(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, const float* xo,
-                                bf16* y, int64_t M, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b) {
+static inline void q4_bf16_rows(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y, int64_t M, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) q4_bf16_block<R, 4>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m);
+  for (; m + 4 <= M; m += 4) q4_bf16_block<R, 4>(x, w, sz, xs, y, K, N, G, cpg, b, m);
   switch (M - m) {
-    case 1: q4_bf16_block<R, 1>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
-    case 2: q4_bf16_block<R, 2>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
-    case 3: q4_bf16_block<R, 3>(x, w, sz, xs, xo, y, K, N, G, cpg, b, m); break;
+    case 1: q4_bf16_block<R, 1>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
+    case 2: q4_bf16_block<R, 2>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
+    case 3: q4_bf16_block<R, 3>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
     default: break;
   }
 }
 
-void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, const float* xo, bf16* y,
+void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
                  int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
   const int64_t cpg = K / G / 8;
   int64_t b = b0;
-  for (; b + 2 <= b1; b += 2) q4_bf16_rows<2>(x, w, sz, xs, xo, y, M, K, N, G, cpg, b);
-  for (; b < b1; ++b) q4_bf16_rows<1>(x, w, sz, xs, xo, y, M, K, N, G, cpg, b);
+  for (; b + 2 <= b1; b += 2) q4_bf16_rows<2>(x, w, sz, xs, y, M, K, N, G, cpg, b);
+  for (; b < b1; ++b) q4_bf16_rows<1>(x, w, sz, xs, y, M, K, N, G, cpg, b);
 }
 }  // namespace avx512bf16
 #pragma GCC pop_options
@@ -400,16 +398,14 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor xc = x.contiguous();
   // the group sums X[m, g] of the inputs, in fp32 (the same order for every row)
   at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kFloat));
-  at::Tensor xo = at::empty({M, G}, x.options().dtype(at::kFloat));
   at::Tensor xf = xc.to(at::kFloat).contiguous();
   {
     const float* xp = xf.data_ptr<float>();
-    float *sp = xs.data_ptr<float>(), *op = xo.data_ptr<float>();
+    float* sp = xs.data_ptr<float>();
     for (int64_t i = 0; i < M * G; ++i) {
       float s = 0.f;
       for (int64_t k = 0; k < gs; ++k) s += xp[i * gs + k];
       sp[i] = s;
-      op[i] = 136.f * s;
     }
   }
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
@@ -422,9 +418,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     if (level >= 3) {
       const bf16* xp = xc.data_ptr<bf16>();
       const uint32_t* sp = reinterpret_cast<const uint32_t*>(sz.data_ptr<bf16>());
-      const float* xop = xo.data_ptr<float>();
       at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-        avx512bf16::q4_bf16_run(xp, wp, sp, xsp, xop, yp, M, K, N, G, b0, b1);
+        avx512bf16::q4_bf16_run(xp, wp, sp, xsp, yp, M, K, N, G, b0, b1);
       });
     } else {
       const float* xp = xf.data_ptr<float>();
