@@ -13,9 +13,14 @@ per row instead of per 32 weights. For a row ``w [K]``::
     q_k   = round(w_k / scale)        in [-127, 127], int8
     w_k  ~= q_k * scale               |error| <= scale / 2
 
-Product: :func:`aquilachat.backends.cpu_kernels.linear_int8` (our kernel: fp32 sums, the weight
-read once for up to ``MAX_ROWS`` rows; more rows: the weight dequantized in blocks through
-torch's float product), else (no compiler, ``AQUILACHAT_CPU_KERNELS=0``)
+Products (:class:`Int8Linear`'s ``layout``, chosen at load): with AVX512_BF16 and bfloat16
+activations, :func:`aquilachat.backends.cpu_kernels.linear_int8_blocked` on the codes repacked
+into our kernel's blocked layout (each code's two nibbles made exact bfloat16 values by one
+shift and one bitwise op, both products added by one ``VDPBF16PS``: on this project's Zen 4,
+1.2-1.5x the fp32 kernel at one row, 0.8-0.95x at four: docs/generation.md); otherwise
+:func:`aquilachat.backends.cpu_kernels.linear_int8` on the plain codes (fp32 sums). Both read
+the weight once for up to ``MAX_ROWS`` rows; more rows: the weight dequantized in blocks through
+torch's float product. Without the CPU kernels (no compiler, ``AQUILACHAT_CPU_KERNELS=0``):
 ``torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K] int8, scales [N])`` with ``scales`` in
 ``x``'s dtype.
 
@@ -361,16 +366,18 @@ def dequantize(tensors: dict[str, torch.Tensor], method: str) -> torch.Tensor:
 def weight_bytes(out_features: int, in_features: int, method: str, *, group_size: int | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes one ``[out, in]`` linear weight takes in memory with ``method``: the codes (1 or 1/2
-    byte per weight) plus the scales (and int4's zeros) in ``dtype``, i.e. the tensors of
-    :class:`Int8Linear` / :class:`Int4Linear`.
+    byte per weight; int8's blocked layout, where this machine uses it, pads ``out`` to a multiple
+    of 16) plus the scales (and int4's zeros) in ``dtype``, i.e. the tensors of
+    :class:`Int8Linear` / :class:`Int4Linear` as built here.
 
     Raises:
         ConfigError: an unknown method or group size.
     """
     _check_method(method)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if method == "int8":
-        return out_features * in_features + out_features * itemsize
+    if method == "int8":  # the blocked layout pads the rows to a multiple of 16
+        rows = -(-out_features // 16) * 16 if _default_int8_layout(dtype, in_features) == "aquilachat" else out_features
+        return rows * in_features + out_features * itemsize
     group_size = group_size or DEFAULT_GROUP_SIZE
     _check_group_size(group_size)
     return out_features * in_features // 2 + 2 * out_features * (in_features // group_size) * itemsize
@@ -430,14 +437,38 @@ class QuantizedLinear(nn.Module):
 
 class Int8Linear(QuantizedLinear):
     """int8 weight ``[out, in]`` with one scale per output channel (module docstring); buffers
-    ``weight`` (int8) and ``scales`` (``[out]``, the activation dtype)."""
+    ``weight`` (uint8 or int8 codes in the kernel's ``layout``) and ``scales`` (``[out]``, the
+    activation dtype).
+
+    ``layout`` (default: ``"aquilachat"`` where it runs, :func:`_default_int8_layout`, else
+    ``"plain"``):
+
+    * ``"plain"``: the checkpoint's int8 ``[out, in]`` as it is (our fp32 kernel, or torch's
+      ``_weight_int8pack_mm`` without the CPU kernels);
+    * ``"aquilachat"``: the blocked layout of our AVX512_BF16 kernel (``cpu_kernels.cpp``,
+      ``q8_bf16_block``), uint8 ``[out rounded up to 16, in]``: codes ``u = q + 128`` split into
+      nibbles; rows in blocks of 16; for block ``b`` and inputs ``4c .. 4c + 3``, 16 little-endian
+      32-bit lanes, lane ``l`` holding the low nibbles of row ``16b + l`` in its low 16-bit word
+      and the high nibbles in its high word, input ``4c + p`` in nibble ``p`` of each. Rows past
+      ``out`` are padding (``q = 0``). Needs bfloat16, ``in % 32 == 0`` and a CPU with AVX512_BF16.
+    """
 
     method = "int8"
 
     def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, layout: str | None = None) -> None:
         super().__init__(in_features, out_features)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        if layout not in (None, "aquilachat", "plain"):
+            raise ValueError(f"Int8Linear: layout must be 'aquilachat' or 'plain', got {layout!r}")
+        self.layout = layout or _default_int8_layout(dtype, in_features)
+        if self.layout == "aquilachat":
+            if dtype != torch.bfloat16 or in_features % 32:
+                raise ValueError(f"Int8Linear: layout 'aquilachat' needs bfloat16 and in_features % 32 == 0, "
+                                 f"got {dtype} and {in_features}")
+            rows = -(-out_features // 16) * 16
+            self.register_buffer("weight", torch.empty(rows, in_features, dtype=torch.uint8, device=device))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
     def scale_tensor(self) -> torch.Tensor:
@@ -445,16 +476,54 @@ class Int8Linear(QuantizedLinear):
 
     def _product(self, x2: torch.Tensor) -> torch.Tensor:
         from .backends import cpu_kernels  # not at import: the backends import the model
+        if self.layout == "aquilachat":
+            return cpu_kernels.linear_int8_blocked(x2, self.weight, self.scales)
         return cpu_kernels.linear_int8(x2, self.weight, self.scales)
 
     @classmethod
-    def from_tensors(cls, tensors, *, in_features, out_features, dtype) -> "Int8Linear":
-        """From checkpoint tensors ``weight`` int8 ``[out, in]`` and ``scales`` ``[out]`` (used as
-        they are when already int8 / ``dtype`` and aligned: :data:`ALIGNMENT`)."""
-        m = cls(in_features, out_features, dtype=dtype, device="meta")
-        m.weight = _aligned(tensors["weight"].contiguous())
+    def from_tensors(cls, tensors, *, in_features, out_features, dtype, layout: str | None = None) -> "Int8Linear":
+        """From checkpoint tensors ``weight`` int8 ``[out, in]`` and ``scales`` ``[out]``: layout
+        ``"plain"`` uses them as they are when already int8 / ``dtype`` and aligned
+        (:data:`ALIGNMENT`); ``"aquilachat"`` repacks the codes :func:`_chunk_rows` rows at a time
+        (a small workspace)."""
+        m = cls(in_features, out_features, dtype=dtype, device="meta", layout=layout)
         m.scales = _aligned(tensors["scales"].to(dtype).contiguous())
+        q = tensors["weight"]
+        if m.layout == "plain":
+            m.weight = _aligned(q.contiguous())
+            return m
+        packed = torch.empty(m.weight.shape, dtype=torch.uint8)
+        rows = _chunk_rows(in_features)  # a multiple of 16
+        for start in range(0, packed.shape[0], rows):
+            packed[start:start + rows] = _blocked_int8_codes(q[start:start + rows], min(rows, len(packed) - start))
+        m.weight = packed
         return m
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", layout={self.layout}"
+
+
+def _default_int8_layout(dtype: torch.dtype, in_features: int) -> str:
+    """``"aquilachat"`` where its kernel runs (the CPU kernels built, AVX512_BF16 at the kernels'
+    level, bfloat16, ``in_features % 32 == 0``), else ``"plain"``."""
+    if dtype != torch.bfloat16 or in_features % 32:
+        return "plain"
+    from .backends import cpu_kernels
+    return "aquilachat" if cpu_kernels.load() is not None and cpu_kernels.level() >= 3 else "plain"
+
+
+def _blocked_int8_codes(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """int8 codes ``q [n, K]`` (``n <= rows``, ``rows`` a multiple of 16; missing rows are padded
+    with ``q = 0``) -> uint8 ``[rows, K]`` in :class:`Int8Linear`'s ``"aquilachat"`` layout: for
+    row block ``b``, inputs ``4c .. 4c + 3`` and lane ``l``, the 4 bytes ``(lo[0] | lo[1] << 4,
+    lo[2] | lo[3] << 4, hi[0] | hi[1] << 4, hi[2] | hi[3] << 4)`` with ``lo[p] | hi[p] << 4 =
+    q[16b + l, 4c + p] + 128``."""
+    n, K = q.shape
+    u = torch.full((rows, K), 128, dtype=torch.uint8)
+    u[:n] = (q.to(torch.int16) + 128).to(torch.uint8)
+    nib = torch.stack((u & 15, u >> 4), dim=-1).view(rows // 16, 16, K // 4, 4, 2)  # (b, l, c, p, half)
+    byte = nib[:, :, :, 0::2] | (nib[:, :, :, 1::2] << 4)  # (b, l, c, j, half): nibbles p = 2j, 2j + 1
+    return byte.permute(0, 2, 1, 4, 3).reshape(rows, K)  # (b, c, l, half, j)
 
 
 class Int4Linear(QuantizedLinear):

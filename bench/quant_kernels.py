@@ -11,8 +11,9 @@ bfloat16:
 
 * ``read``: ``torch.sum`` of the codes viewed as float32 (one vectorized pass over the same bytes
   on torch's threads: what reading the weight costs here, nothing multiplied);
-* int8 ``torch``: ``torch.ops.aten._weight_int8pack_mm(x, q, scales)``; ``ours``:
-  ``ext.linear_int8`` at this CPU's level;
+* int8 ``torch``: ``torch.ops.aten._weight_int8pack_mm(x, q, scales)``; ``plain``:
+  ``ext.linear_int8`` on the same plain codes (fp32 multiply-adds); ``ours``: what ``Int8Linear``
+  uses here (with AVX512_BF16: ``ext.linear_int8_blocked`` on its blocked layout, else ``plain``);
 * int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout; ``ours``:
   ``ext.linear_int4`` on ours (``Int4Linear`` layout ``"aquilachat"``: the same bytes).
 
@@ -49,7 +50,13 @@ def int8_options(out_f: int, in_f: int, x: torch.Tensor, ext, level: int) -> tup
     opts = {"read": lambda: q.view(torch.float32).sum(),
             "torch": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s)}
     if ext is not None:
-        opts["ours"] = lambda: ext.linear_int8(x, q, s, level)
+        opts["plain"] = lambda: ext.linear_int8(x, q, s, level)
+        if level >= 3 and x.dtype == torch.bfloat16 and in_f % 32 == 0:
+            blocked = Int8Linear.from_tensors({"weight": q, "scales": s}, in_features=in_f, out_features=out_f,
+                                              dtype=x.dtype, layout="aquilachat")
+            opts["ours"] = lambda: ext.linear_int8_blocked(x, blocked.weight, blocked.scales, level)
+        else:
+            opts["ours"] = opts["plain"]
     return nbytes, opts
 
 
@@ -108,11 +115,13 @@ def main() -> None:
                 print(f"{fmt} {shape} M={m}: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in gbs.items()), flush=True)
                 del opts
     print(f"\nloadavg after: {Path('/proc/loadavg').read_text().split()[:3]}\n")
-    print("| format | weight (out x in) | M | MB read | read GB/s | torch GB/s | ours GB/s | ours / torch | ours / read |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| format | weight (out x in) | M | MB read | read GB/s | torch GB/s | plain GB/s | ours GB/s | ours / torch "
+          "| ours / read |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for fmt, shape, m, nbytes, g in table:
         ours = g.get("ours", float("nan"))  # nan: no kernel of ours for this format
-        print(f"| {fmt} | {shape} | {m} | {nbytes / 1e6:.0f} | {g['read']:.1f} | {g['torch']:.1f} | {ours:.1f} | "
+        plain = f"{g['plain']:.1f}" if "plain" in g else "-"
+        print(f"| {fmt} | {shape} | {m} | {nbytes / 1e6:.0f} | {g['read']:.1f} | {g['torch']:.1f} | {plain} | {ours:.1f} | "
               f"{ours / g['torch']:.2f}x | {ours / g['read']:.0%} |")
 
 

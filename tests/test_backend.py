@@ -586,6 +586,100 @@ def test_int4_layouts_and_dequantized_rows_agree():
         ext.linear_int4(x, ours.weight[:40], ours.scales_and_zeros, 3)
 
 
+def test_int8_blocked_layout_holds_each_code_where_documented():
+    """Int8Linear's "aquilachat" layout (pure torch, any CPU), decoded byte by byte from its
+    documented description: for row block b, inputs 4c .. 4c + 3 and lane l, the 4 bytes at
+    ((b * K/4 + c) * 16 + l) * 4 hold lo nibbles in bytes 0-1 and hi nibbles in bytes 2-3, input
+    4c + p in nibble p; lo | hi << 4 = q + 128; rows past N are q = 0."""
+    from aquilachat.quantization import _blocked_int8_codes
+    gen = torch.Generator().manual_seed(4)
+    N, K = 37, 64
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+    packed = _blocked_int8_codes(q, 48)
+    assert packed.shape == (48, K) and packed.dtype == torch.uint8
+    flat = packed.flatten().tolist()
+    for n in range(48):
+        for k in range(K):
+            b, l, c, p = n // 16, n % 16, k // 4, k % 4
+            lane = flat[((b * (K // 4) + c) * 16 + l) * 4:][:4]
+            lo = (lane[p // 2] >> (4 * (p % 2))) & 15
+            hi = (lane[2 + p // 2] >> (4 * (p % 2))) & 15
+            assert (lo | hi << 4) - 128 == (int(q[n, k]) if n < N else 0), (n, k)
+
+
+def test_int8_blocked_kernel_equals_float64_product():
+    """The AVX512_BF16 int8 product in the blocked layout (VDPBF16PS on (16 + lo, 256 + 16 hi) per
+    code, the offset 400 X removed per group of 32 inputs) against float64 of the same values, for
+    row counts 1-5, 9 and MAX_ROWS, row counts N with and without a partial last block of 16, and
+    widths 32 to 4096; each row's bits alone equal its bits in any batch; dequantized rows equal
+    q * scale rounded to bf16 once. Tolerance: the sums' terms are (400 + q) x, exact products,
+    summed in fp32 per group of 32 and then across groups: within 1e-5 of sum (400 + |q|) |x| scale,
+    plus the bf16 rounding of the result (2^-8 relative). The dequantization runs on any CPU."""
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    from aquilachat.quantization import Int8Linear
+    gen = torch.Generator().manual_seed(6)
+    for N, K in ((40, 64), (16, 32), (100, 4096), (37, 96), (300, 224)):
+        x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS, N, K, torch.bfloat16, gen)
+        m = Int8Linear.from_tensors({"weight": q, "scales": scales}, in_features=K, out_features=N,
+                                    dtype=torch.bfloat16, layout="aquilachat")
+        assert m.weight.shape == (-(-N // 16) * 16, K)
+        rows = ext.dequantize_int8_blocked(m.weight, scales, 16, N)
+        assert torch.equal(rows, (q[16:].float() * scales[16:].float()[:, None]).bfloat16()), (N, K)
+        if ext.cpu_level() < 3:
+            continue
+        want = (x.double() @ q.double().T) * scales.double()
+        terms = (x.double().abs() @ (400 + q.double().abs()).T) * scales.double()
+        alone = torch.cat([ext.linear_int8_blocked(x[i:i + 1], m.weight, scales, 3) for i in range(10)])
+        for M in (1, 2, 3, 4, 5, 9):
+            got = ext.linear_int8_blocked(x[:M], m.weight, scales, 3)
+            _assert_product_close(got, want[:M], terms[:M], torch.bfloat16, (N, K, M))
+            assert torch.equal(got, alone[:M]), (N, K, M)
+        batch = ext.linear_int8_blocked(x, m.weight, scales, 3)
+        assert torch.equal(batch[:10], alone), (N, K)
+        _assert_product_close(batch, want, terms, torch.bfloat16, (N, K, "batch"))
+
+
+def test_int8_layouts_agree_and_bad_operands_get_clear_errors():
+    """Int8Linear in the blocked layout against the plain one on the same checkpoint tensors, up
+    to MAX_ROWS rows (the two kernels) and beyond (the dequantized blocks through torch's
+    product): both within their bounds of the float64 product (fp32 sums, the bf16 result and,
+    past MAX_ROWS, the weight's bf16 rounding: 2^-8 of sum |x||w|). The default layout is the
+    blocked one exactly where its kernel runs. Bad operands get a clear error."""
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    from aquilachat.quantization import Int8Linear
+    gen = torch.Generator().manual_seed(8)
+    x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS + 3, 40, 128, torch.bfloat16, gen)
+    tensors = {"weight": q, "scales": scales}
+    plain = Int8Linear.from_tensors(tensors, in_features=128, out_features=40, dtype=torch.bfloat16, layout="plain")
+    default = Int8Linear.from_tensors(tensors, in_features=128, out_features=40, dtype=torch.bfloat16)
+    assert default.layout == ("aquilachat" if cpu_kernels.level() >= 3 else "plain")
+    assert Int8Linear(128, 40, dtype=torch.float32, device="meta").layout == "plain"
+    assert Int8Linear(120, 40, dtype=torch.bfloat16, device="meta").layout == "plain"  # 120 % 32
+    want = (x.double() @ q.double().T) * scales.double()
+    total = (x.double().abs() @ q.double().abs().T) * scales.double()
+    for M in (1, 4, cpu_kernels.MAX_ROWS + 3):
+        slack = 2 ** -8 if M > cpu_kernels.MAX_ROWS else 1e-5 * 8  # (400 + |q|) / |q| ~ 8 for uniform codes
+        for module in (plain, default):
+            err = (module(x[:M]).double() - want[:M]).abs()
+            assert (err <= 2 ** -8 * want[:M].abs() + slack * total[:M]).all(), (module.layout, M)
+    with pytest.raises(ValueError, match="bfloat16 and in_features % 32"):
+        Int8Linear(120, 40, dtype=torch.bfloat16, device="meta", layout="aquilachat")
+    blocked = Int8Linear.from_tensors(tensors, in_features=128, out_features=40, dtype=torch.bfloat16,
+                                      layout="aquilachat")
+    with pytest.raises(RuntimeError, match="pad 41 scales"):
+        ext.linear_int8_blocked(x, blocked.weight[:32], torch.cat([scales, scales[:1]]), 3)
+    with pytest.raises(RuntimeError, match="bfloat16 CPU x"):
+        ext.linear_int8_blocked(x.float(), blocked.weight, scales, 3)
+    with pytest.raises(RuntimeError, match="level 2 here"):
+        ext.linear_int8_blocked(x, blocked.weight, scales, 2)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.dequantize_int8_blocked(blocked.weight, scales, 8, 40)
+
+
 def test_called_as_is_sees_hooks_and_instance_forward():
     lin = nn.Linear(4, 4, bias=False)
     assert _called_as_is(lin, nn.Linear)

@@ -128,19 +128,20 @@ def test_module_forward_bf16(cls, kw):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_int8_module_rows_alone_equal_rows_batched_and_torchs_product(monkeypatch, dtype):
-    """Int8Linear (our CPU kernel when built): each row's output has the same bits alone and in a
+    """Int8Linear (our CPU kernel when built, in this CPU's default layout): each row's output has the same bits alone and in a
     batch (what keeps a sequence's tokens independent of the rest of the engine's step), and
     equals torch's _weight_int8pack_mm (AQUILACHAT_CPU_KERNELS=0) up to fp32 summation order and
     the output's rounding: 1e-5 relative to the row's largest output in fp32, two bf16 steps
     (2^-7) in bf16."""
     from aquilachat.backends import cpu_kernels
-    module = Int8Linear.from_float(_weights(96, 192, seed=5), dtype=dtype)  # torch's bf16 op: rows of 64 bytes
+    tensors = quantize_weight(_weights(96, 192, seed=5), "int8", dtype=dtype)  # torch's bf16 op: rows of 64 bytes
+    module = Int8Linear.from_tensors(tensors, in_features=192, out_features=96, dtype=dtype)  # this CPU's layout
     x = torch.randn(9, 192).to(dtype)
     batched = module(x)
     assert torch.equal(torch.cat([module(x[i:i + 1]) for i in range(9)]), batched)
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("AQUILACHAT_CPU_KERNELS", "0")
-    torchs = module(x)
+    torchs = Int8Linear.from_tensors(tensors, in_features=192, out_features=96, dtype=dtype, layout="plain")(x)
     tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
     err = (batched.float() - torchs.float()).abs()
     assert (err <= tol * torchs.float().abs().amax(dim=1, keepdim=True) + tol * torchs.float().abs()).all()
@@ -274,7 +275,10 @@ def test_memory_plan_of_a_7b_shape():
     emb, norms = 100008 * 4096, 65 * 4096
     rows = 32 * (5 * 4096 + 2 * 11008)  # output channels of the decoder's linears
     assert weight_bytes(cfg, torch.bfloat16) == 2 * (2 * emb + norms + linear)
-    head_int8 = emb + 2 * 100008  # lm_head: int8 codes + one bf16 scale per row
+    from aquilachat.quantization import _default_int8_layout
+    # lm_head: int8 codes (rows padded to 16 in the blocked layout, where this CPU uses it) + a bf16 scale per row
+    head_rows = 100016 if _default_int8_layout(torch.bfloat16, 4096) == "aquilachat" else 100008
+    head_int8 = head_rows * 4096 + 2 * 100008
     assert weight_bytes(cfg, torch.bfloat16, "int8") == 2 * (emb + norms) + linear + 2 * rows + head_int8
     assert weight_bytes(cfg, torch.bfloat16, "int4") == 2 * (emb + norms) + linear // 2 + linear // 32 * 4 + head_int8
     assert weight_bytes(cfg, torch.bfloat16, "int4", group_size=128) < weight_bytes(cfg, torch.bfloat16, "int4")

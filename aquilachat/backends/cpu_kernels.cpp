@@ -241,6 +241,92 @@ static inline void q4_bf16_rows(const bf16* x, const uint16_t* w, const uint32_t
   }
 }
 
+// int8 weights in this extension's blocked layout (Int8Linear layout "aquilachat") times bfloat16
+// inputs, with VDPBF16PS. Each code u = q + 128 (0..255) is split into nibbles, lo = u & 15 and
+// hi = u >> 4. Layout: output rows in blocks of 16; for block b and inputs 4c .. 4c + 3, 16 lanes of
+// 32 bits (64 bytes), lane l holding in its low 16-bit word the lo nibbles and in its high word the hi
+// nibbles of row 16b + l, input 4c + p in nibble p of each word. One shift and one bitwise op put
+// nibble p at bits 3..6 of both words and OR in 0x4180 (low word: bfloat16 16 + lo, exact: 16's
+// exponent leaves a step of 1 to the top four mantissa bits) and 0x4380 (high word: 256 + 16 hi,
+// exact). VDPBF16PS against the input pair (x[k], x[k]) adds (16 + lo) x + (256 + 16 hi) x =
+// (400 + q) x to lane l: a whole code per lane and instruction, 16 products of 8-bit codes per
+// VDPBF16PS, no widening. Per group of 32 inputs the offset is removed, tot += D' - 400 X_g (X_g the
+// group's input sum, fp32), which keeps the partial sums near the size of sum q x; y = scale * tot,
+// rounded to bfloat16 once. Each row's sums run in the same order whatever M and its position, so a
+// row gets the same bits alone or in a batch. Rows past N (the last block's padding) are not stored.
+constexpr int Q8G = 32;  // inputs per offset-removal group
+
+template <int R, int MM>
+static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y,
+                                 int64_t K, int64_t N, int64_t b0, int64_t m0) {
+  // independent VDPBF16PS chains per row and lane (one per nibble position, so one input row has
+  // enough to hide the latency); the same for every MM, so a row's sums do not depend on the batch
+  constexpr int NA = 4;
+  const int64_t C = K / 4, G = K / Q8G;
+  const __m512i mask = _mm512_set1_epi32(0x00780078), magic = _mm512_set1_epi32(0x43804180);
+  __m512 tot[MM][R];
+  for (int i = 0; i < MM; ++i)
+    for (int r = 0; r < R; ++r) tot[i][r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 d[MM][R][NA];
+    for (int i = 0; i < MM; ++i)
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < NA; ++a) d[i][r][a] = _mm512_setzero_ps();
+    for (int64_t c = g * (Q8G / 4); c < (g + 1) * (Q8G / 4); ++c)
+      for (int r = 0; r < R; ++r) {
+        const __m512i z = _mm512_loadu_si512(w + ((b0 + r) * C + c) * 16);
+        __m512i wv[4];
+        wv[0] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(z, 3), mask, magic, 0xEA);  // (a & b) | c
+        wv[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(z, 1), mask, magic, 0xEA);
+        wv[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(z, 5), mask, magic, 0xEA);
+        wv[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(z, 9), mask, magic, 0xEA);
+        for (int i = 0; i < MM; ++i) {
+          const uint32_t* xp = xd + (m0 + i) * K + c * 4;  // (x[k], x[k]) for k = 4c .. 4c + 3
+          for (int p = 0; p < 4; ++p)
+            d[i][r][p % NA] = _mm512_dpbf16_ps(d[i][r][p % NA], (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[p])),
+                                               (__m512bh)wv[p]);
+        }
+      }
+    for (int i = 0; i < MM; ++i) {
+      const __m512 off = _mm512_set1_ps(400.f * xs[(m0 + i) * G + g]);
+      for (int r = 0; r < R; ++r) {
+        __m512 sum = d[i][r][0];
+        for (int a = 1; a < NA; ++a) sum = _mm512_add_ps(sum, d[i][r][a]);
+        tot[i][r] = _mm512_add_ps(tot[i][r], _mm512_sub_ps(sum, off));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = (b0 + r) * 16;
+    const int rows = static_cast<int>(std::min<int64_t>(16, N - n));
+    const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
+    const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, s + n)), 16));  // scales of rows n .. n + 15, fp32
+    for (int i = 0; i < MM; ++i)
+      _mm256_mask_storeu_epi16(y + (m0 + i) * N + n, keep, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(tot[i][r], sc)));
+  }
+}
+
+// Row blocks [b0, b1) of y[M, N]: two row blocks at a time for up to 2 input rows, one for more
+// (the accumulators, 4 per row block and input row, must stay in registers).
+void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y, int64_t M,
+                 int64_t K, int64_t N, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; b += 2) {
+    const bool pair = b + 2 <= b1;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      for (int64_t r = b; r < (pair ? b + 2 : b + 1); ++r) q8_bf16_block<1, 4>(xd, w, s, xs, y, K, N, r, m);
+    switch (M - m) {
+      case 1: pair ? q8_bf16_block<2, 1>(xd, w, s, xs, y, K, N, b, m) : q8_bf16_block<1, 1>(xd, w, s, xs, y, K, N, b, m); break;
+      case 2: pair ? q8_bf16_block<2, 2>(xd, w, s, xs, y, K, N, b, m) : q8_bf16_block<1, 2>(xd, w, s, xs, y, K, N, b, m); break;
+      case 3:
+        for (int64_t r = b; r < (pair ? b + 2 : b + 1); ++r) q8_bf16_block<1, 3>(xd, w, s, xs, y, K, N, r, m);
+        break;
+      default: break;
+    }
+  }
+}
+
 void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
                  int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
   const int64_t cpg = K / G / 8;
@@ -463,6 +549,89 @@ at::Tensor dequantize_int4(const at::Tensor& w, const at::Tensor& sz, int64_t n0
       generic::q4_dequantize<float, float>(wp, sp, op + (b0 * 16 - n0) * K, K, G, b0, b1);
     });
   }
+  return out;
+}
+
+void check_q8_blocked(const char* what, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu(), what,
+              ": contiguous uint8 CPU codes [N padded to 16, K] in the blocked layout expected, got ", w.scalar_type(),
+              " ", w.sizes());
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous() &&
+              scales.device().is_cpu(), what, ": contiguous bfloat16 CPU scales [N] expected, got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const int64_t N = scales.size(0);
+  TORCH_CHECK(w.size(0) % 16 == 0 && w.size(0) >= N && w.size(0) < N + 16, what, ": ", w.size(0),
+              " code rows do not pad ", N, " scales to a multiple of 16");
+  TORCH_CHECK(w.size(1) % avx512bf16::Q8G == 0, what, ": the blocked layout needs K % ", avx512bf16::Q8G, " == 0, got K = ", w.size(1));
+}
+
+// y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N] for int8 q in the blocked layout (Int8Linear layout
+// "aquilachat", q8_bf16_block): bfloat16 x and scales, AVX512_BF16 only (level 3).
+at::Tensor linear_int8_blocked(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t level) {
+  check_q8_blocked("linear_int8_blocked", w, scales);
+  const int64_t K = w.size(1), N = scales.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16 && x.device().is_cpu(),
+              "linear_int8_blocked: bfloat16 CPU x [M, ", K, "] expected, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(std::min(level, cpu_level()) >= 3, "linear_int8_blocked: needs AVX512_BF16 (level 3); level ",
+              std::min(level, cpu_level()), " here");
+  const int64_t M = x.size(0), G = K / avx512bf16::Q8G;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  // (x[k], x[k]) as one 32-bit word per input, and the group sums X[m, g] in fp32
+  at::Tensor xd = at::empty({M, K}, x.options().dtype(at::kInt));
+  at::Tensor xs = at::empty({M, G}, x.options().dtype(at::kFloat));
+  {
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<bf16>());
+    uint32_t* dp = reinterpret_cast<uint32_t*>(xd.data_ptr<int32_t>());
+    float* sp = xs.data_ptr<float>();
+    for (int64_t i = 0; i < M * K; ++i) dp[i] = static_cast<uint32_t>(xp[i]) * 0x10001u;
+    const bf16* xb = xc.data_ptr<bf16>();
+    for (int64_t i = 0; i < M * G; ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < avx512bf16::Q8G; ++k) acc += static_cast<float>(xb[i * avx512bf16::Q8G + k]);
+      sp[i] = acc;
+    }
+  }
+  const uint32_t* wp = reinterpret_cast<const uint32_t*>(w.data_ptr<uint8_t>());
+  const uint32_t* xdp = reinterpret_cast<const uint32_t*>(xd.data_ptr<int32_t>());
+  const float* xsp = xs.data_ptr<float>();
+  const bf16* sp = scales.data_ptr<bf16>();
+  bf16* yp = y.data_ptr<bf16>();
+  // row blocks per task: at least ~64 KiB of codes
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 16 * K));
+  at::parallel_for(0, (N + 15) / 16, grain, [&](int64_t b0, int64_t b1) {
+    avx512bf16::q8_bf16_run(xdp, wp, sp, xsp, yp, M, K, N, b0, b1);
+  });
+  return y;
+}
+
+// Rows [n0, n1) of an int8 weight in the blocked layout as [n1 - n0, K] bfloat16: q * scale in fp32,
+// rounded once (for products of many rows, which go to torch's blocked matmul).
+at::Tensor dequantize_int8_blocked(const at::Tensor& w, const at::Tensor& scales, int64_t n0, int64_t n1) {
+  check_q8_blocked("dequantize_int8_blocked", w, scales);
+  const int64_t K = w.size(1), N = scales.size(0), C = K / 4;
+  TORCH_CHECK(0 <= n0 && n0 <= n1 && n1 <= N && n0 % 16 == 0, "dequantize_int8_blocked: rows [", n0, ", ", n1,
+              ") do not start at a multiple of 16 within ", N);
+  at::Tensor out = at::empty({n1 - n0, K}, scales.options());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<uint8_t>());
+  const bf16* sp = scales.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 16 * K));
+  at::parallel_for(n0 / 16, (n1 + 15) / 16, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int l = 0; l < 16 && b * 16 + l < n1; ++l) {
+        const float sc = static_cast<float>(sp[b * 16 + l]);
+        bf16* row = op + (b * 16 + l - n0) * K;
+        for (int64_t c = 0; c < C; ++c) {
+          const uint16_t lo = wp[(b * C + c) * 32 + 2 * l], hi = wp[(b * C + c) * 32 + 2 * l + 1];
+          for (int p = 0; p < 4; ++p) {
+            const int u = ((lo >> (4 * p)) & 15) | (((hi >> (4 * p)) & 15) << 4);
+            row[c * 4 + p] = bf16(static_cast<float>(u - 128) * sc);
+          }
+        }
+      }
+  });
   return out;
 }
 
@@ -702,6 +871,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("w"), pybind11::arg("scales_and_zeros"), pybind11::arg("n0"), pybind11::arg("n1"));
   m.def("dequantize_int8", &dequantize_int8, "rows [n0, n1) of an int8 weight as q * scale in the scales' dtype",
         pybind11::arg("q"), pybind11::arg("scales"), pybind11::arg("n0"), pybind11::arg("n1"));
+  m.def("linear_int8_blocked", &linear_int8_blocked,
+        "y[M, N] = (x[M, K] @ q[N, K]^T) * scales[N] for int8 q in this extension's blocked layout (uint8 [N padded "
+        "to 16, K]), bfloat16 x and scales, AVX512_BF16 (fp32 accumulation)",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scales"), pybind11::arg("level"));
+  m.def("dequantize_int8_blocked", &dequantize_int8_blocked,
+        "rows [n0, n1) of an int8 weight in this extension's blocked layout as q * scale, bfloat16",
+        pybind11::arg("w"), pybind11::arg("scales"), pybind11::arg("n0"), pybind11::arg("n1"));
   m.def("rms_norm", &rms_norm, "model.rms_norm for x [N, C] and w [C] of one dtype (fp32 statistics)",
         pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("eps"));
   m.def("rotate", &rotate, "model.rotate for x [N, heads, D] and tables [N, D] of one dtype",

@@ -13,9 +13,12 @@ block of weight rows once for all input rows, accumulating in fp32:
 * fused decode-step ops that replace several of torch's small ops each (:func:`rms_norm`,
   :func:`rotate`, :func:`decode_attend`: plain C++, the same at every instruction level; they
   save torch's per-op dispatch, which dominates a small model's decode step);
-* int8 weights with one scale per output row (:func:`linear_int8`, for
-  :class:`aquilachat.quantization.Int8Linear`): codes widened to fp32 in registers, inputs to fp32
-  once per call, AVX-512 / AVX2 FMA / generic;
+* int8 weights with one scale per output row (for :class:`aquilachat.quantization.Int8Linear`):
+  with AVX512_BF16 and bfloat16 input, in the kernel's own blocked layout
+  (:func:`linear_int8_blocked`): each code's two nibbles become two exact bfloat16 values by a
+  shift and one bitwise op (16 + lo and 256 + 16 hi) and ``VDPBF16PS`` adds both products at once;
+  otherwise (:func:`linear_int8`, the plain ``[out, in]`` codes) codes widened to fp32 in
+  registers, inputs to fp32 once per call, AVX-512 / AVX2 FMA / generic;
 * int4 weights in groups, in the kernel's own layout (:func:`linear_int4`, for
   :class:`aquilachat.quantization.Int4Linear`): one output row per vector lane; with AVX512_BF16
   and bfloat16 input the codes become bfloat16 by one bitwise op (``0x4300 | q`` = 128 + q) for
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEQUANT_ROWS", "MAX_ROWS", "decode_attend", "dequantized_product", "linear", "linear_int4", "linear_int8", "load", "load_error", "level", "rms_norm", "rotate"]
+__all__ = ["DEQUANT_ROWS", "MAX_ROWS", "decode_attend", "dequantized_product", "linear", "linear_int4", "linear_int8", "linear_int8_blocked", "load", "load_error", "level", "rms_norm", "rotate"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_NAME = "aquilachat_cpu_kernels_v4"
+_NAME = "aquilachat_cpu_kernels_v5"
 _state: dict = {}
 
 #: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,
@@ -154,6 +157,29 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     if not (x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[-1] % 64):
         return torch.ops.aten._weight_int8pack_mm(x, q, scales)
     return dequantized_product(x, q.shape[0], lambda n0, n1: (q[n0:n1].float() * scales[n0:n1, None].float()))
+
+
+def linear_int8_blocked(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(x [M, in] @ q.T) * scales`` -> ``[M, out]`` bfloat16 for int8 codes in the kernel's blocked
+    layout (:class:`aquilachat.quantization.Int8Linear`, layout ``"aquilachat"``): ``w`` uint8
+    ``[out rounded up to 16, in]``, ``scales [out]`` bfloat16.
+
+    Up to :data:`MAX_ROWS` rows our AVX512_BF16 kernel (``VDPBF16PS`` on codes made bfloat16 by
+    one shift and one bitwise op per 16 codes; fp32 sums; each row's result the same whatever the
+    other rows); more rows a blocked float product of the weight dequantized :data:`DEQUANT_ROWS`
+    rows at a time (:func:`dequantized_product`).
+
+    Raises:
+        RuntimeError: no kernel here or no AVX512_BF16 at the kernels' level (the layout is only
+            built where it runs), shapes or dtypes that do not match.
+    """
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"linear_int8_blocked: the CPU kernels are not available ({load_error()}); "
+                           "an Int8Linear built here uses the plain layout")
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
+        return ext.linear_int8_blocked(x.contiguous(), w, scales, level())
+    return dequantized_product(x, scales.shape[0], lambda n0, n1: ext.dequantize_int8_blocked(w, scales, n0, n1))
 
 
 def linear_int4(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
