@@ -259,9 +259,9 @@ constexpr int Q8G = 32;  // inputs per offset-removal group
 template <int R, int MM>
 static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y,
                                  int64_t K, int64_t N, int64_t b0, int64_t m0) {
-  // independent VDPBF16PS chains per row and lane (one per nibble position, so one input row has
-  // enough to hide the latency); the same for every MM, so a row's sums do not depend on the batch
-  constexpr int NA = 4;
+  // independent VDPBF16PS chains per row block and input row (the same for every MM, so a row's
+  // sums do not depend on the batch); R * MM * NA chains in all hide the instruction's latency
+  constexpr int NA = 2;
   const int64_t C = K / 4, G = K / Q8G;
   const __m512i mask = _mm512_set1_epi32(0x00780078), magic = _mm512_set1_epi32(0x43804180);
   __m512 tot[MM][R];
@@ -307,21 +307,26 @@ static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf
   }
 }
 
-// Row blocks [b0, b1) of y[M, N]: two row blocks at a time for up to 2 input rows, one for more
-// (the accumulators, 4 per row block and input row, must stay in registers).
+// Row blocks [b0, b1) of y[M, N]: up to four row blocks at a time for one input row, two for more
+// (the accumulators, R * MM * NA, stay in registers, and each broadcast input serves R blocks).
+template <int R, int MM>
+static inline void q8_bf16_blocks(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y,
+                                  int64_t K, int64_t N, int64_t b, int64_t nb, int64_t m) {
+  int64_t r = b;
+  for (; r + R <= b + nb; r += R) q8_bf16_block<R, MM>(xd, w, s, xs, y, K, N, r, m);
+  for (; r < b + nb; ++r) q8_bf16_block<1, MM>(xd, w, s, xs, y, K, N, r, m);
+}
+
 void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y, int64_t M,
                  int64_t K, int64_t N, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; b += 2) {
-    const bool pair = b + 2 <= b1;
+  for (int64_t b = b0; b < b1; b += 4) {
+    const int64_t nb = std::min<int64_t>(4, b1 - b);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      for (int64_t r = b; r < (pair ? b + 2 : b + 1); ++r) q8_bf16_block<1, 4>(xd, w, s, xs, y, K, N, r, m);
+    for (; m + 4 <= M; m += 4) q8_bf16_blocks<2, 4>(xd, w, s, xs, y, K, N, b, nb, m);
     switch (M - m) {
-      case 1: pair ? q8_bf16_block<2, 1>(xd, w, s, xs, y, K, N, b, m) : q8_bf16_block<1, 1>(xd, w, s, xs, y, K, N, b, m); break;
-      case 2: pair ? q8_bf16_block<2, 2>(xd, w, s, xs, y, K, N, b, m) : q8_bf16_block<1, 2>(xd, w, s, xs, y, K, N, b, m); break;
-      case 3:
-        for (int64_t r = b; r < (pair ? b + 2 : b + 1); ++r) q8_bf16_block<1, 3>(xd, w, s, xs, y, K, N, r, m);
-        break;
+      case 1: q8_bf16_blocks<4, 1>(xd, w, s, xs, y, K, N, b, nb, m); break;
+      case 2: q8_bf16_blocks<2, 2>(xd, w, s, xs, y, K, N, b, nb, m); break;
+      case 3: q8_bf16_blocks<2, 3>(xd, w, s, xs, y, K, N, b, nb, m); break;
       default: break;
     }
   }
