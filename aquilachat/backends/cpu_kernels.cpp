@@ -229,18 +229,6 @@ static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_
                           (__m256i)_mm512_cvtneps_pbh(tot[i][r]));
 }
 
-template <int R>
-static inline void q4_bf16_rows(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y, int64_t M, int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) q4_bf16_block<R, 4>(x, w, sz, xs, y, K, N, G, cpg, b, m);
-  switch (M - m) {
-    case 1: q4_bf16_block<R, 1>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
-    case 2: q4_bf16_block<R, 2>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
-    case 3: q4_bf16_block<R, 3>(x, w, sz, xs, y, K, N, G, cpg, b, m); break;
-    default: break;
-  }
-}
-
 // int8 weights in this extension's blocked layout (Int8Linear layout "aquilachat") times bfloat16
 // inputs, with VDPBF16PS. Each code u = q + 128 (0..255) is split into nibbles, lo = u & 15 and
 // hi = u >> 4. Layout: output rows in blocks of 16; for block b and inputs 4c .. 4c + 3, 16 lanes of
@@ -332,12 +320,30 @@ void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const flo
   }
 }
 
+// Row blocks [b0, b1) of y[M, N]: up to four row blocks at a time for one input row (enough
+// independent VDPBF16PS chains to hide its latency), two for more (the accumulators stay in registers).
+template <int R, int MM>
+static inline void q4_bf16_blocks(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
+                                  int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b, int64_t nb, int64_t m) {
+  int64_t r = b;
+  for (; r + R <= b + nb; r += R) q4_bf16_block<R, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m);
+  for (; r < b + nb; ++r) q4_bf16_block<1, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m);
+}
+
 void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
                  int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
   const int64_t cpg = K / G / 8;
-  int64_t b = b0;
-  for (; b + 2 <= b1; b += 2) q4_bf16_rows<2>(x, w, sz, xs, y, M, K, N, G, cpg, b);
-  for (; b < b1; ++b) q4_bf16_rows<1>(x, w, sz, xs, y, M, K, N, G, cpg, b);
+  for (int64_t b = b0; b < b1; b += 4) {
+    const int64_t nb = std::min<int64_t>(4, b1 - b);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) q4_bf16_blocks<2, 4>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m);
+    switch (M - m) {
+      case 1: q4_bf16_blocks<4, 1>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
+      case 2: q4_bf16_blocks<2, 2>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
+      case 3: q4_bf16_blocks<2, 3>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
+      default: break;
+    }
+  }
 }
 }  // namespace avx512bf16
 #pragma GCC pop_options
