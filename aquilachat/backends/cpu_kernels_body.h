@@ -5,7 +5,8 @@
 //
 // Each thread takes a contiguous range of output rows, so it streams a contiguous part of the
 // row-major weight exactly once whatever M is: R output rows at a time (R independent weight
-// streams and accumulator chains), and for those rows up to MMAX input rows at a time (the
+// streams and accumulator chains; 8 for one input row, where more streams in flight read a few
+// per cent faster from DRAM on the Zen 4, else 4), and for those rows up to MMAX input rows at a time (the
 // weight block stays in L1/L2 while further input rows reuse it).
 
 template <typename T, int R, int MM>
@@ -51,6 +52,8 @@ static inline void rows(const T* x, const T* w, T* y, int64_t M, int64_t K, int6
 template <typename T>
 void run(const T* x, const T* w, T* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (M == 1)
+    for (; n + 8 <= n1; n += 8) rows<T, 8>(x, w, y, M, K, N, n);
   for (; n + 4 <= n1; n += 4) rows<T, 4>(x, w, y, M, K, N, n);
   for (; n < n1; ++n) rows<T, 1>(x, w, y, M, K, N, n);
 }
