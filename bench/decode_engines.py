@@ -112,7 +112,7 @@ class OursRunner(Runner):
         if spec["precision"] != "bf16":
             if "quantization" not in inspect.signature(LLM).parameters:
                 raise Skip("LLM has no quantization parameter on this branch")
-            kwargs["quantization"] = spec["precision"]
+            kwargs["quantization"] = spec["precision"].split("-")[0]  # "int4-g128": a checkpoint quantized so
         self.llm = LLM(spec["model"], **kwargs)
         self.engine = self.llm.engine
         self.params = SamplingParams(temperature=0, ignore_eos=True)
