@@ -10,12 +10,11 @@
 // row's sum runs over k in the same order whatever M and its position, so every row gets the
 // same bits alone or in a batch.
 //
-// Tried and dropped (bench/quant_kernels.py, docs/generation.md): bf16 inputs kept as they are and
-// multiplied with VDPBF16PS (32 products per instruction) on codes made bf16 (exact, |q| <= 127),
-// by int8 -> int32 -> fp32 -> bf16 conversion or by VPERMI2B table look-ups of bf16(|q|). It
-// halves the multiply instructions at 4 rows, but one row, the batch-1 decode step, ran slower:
-// the conversion costs more than the fp32 multiplies it saves. One path has to serve every M
-// (a row must get the same bits whatever the batch), so the fp32 one stays.
+// This body serves the plain [N, K] codes (Int8Linear layout "plain": fp32 activations, CPUs
+// without AVX512_BF16). With AVX512_BF16 and bf16 activations Int8Linear uses the blocked layout
+// and q8_bf16_block (cpu_kernels.cpp), whose nibble-split codes become bf16 with one bitwise op.
+// Tried and dropped before that: VDPBF16PS on codes made bf16 by int8 -> int32 -> fp32 -> bf16
+// conversion or by VPERMI2B table look-ups; the conversion cost more than the multiplies it saved.
 
 template <typename T, int R, int MM>
 static inline void q8_block(const float* x, const int8_t* q, const float* s, T* y, int64_t K, int64_t N,
