@@ -45,7 +45,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .memory import DTYPES, MemoryPlan, empty_huge, plan_memory
+from .memory import DTYPES, MemoryPlan, plan_memory
 from .model import AquilaForCausalLM
 from .quantization import QuantizationConfig, QuantizedLoader, is_quantized, quantize_plan, quantize_weight
 
@@ -519,10 +519,7 @@ class Checkpoint:
                     pages.advise(src, _MADV_DONTNEED)
                 del t, src
                 continue
-            if torch.device(device).type == "cpu" and (t.dtype != dtype or t.device.type != "cpu"):
-                out = empty_huge(t.shape, dtype).copy_(t)  # converted into huge pages where the OS gives them
-            else:
-                out = t.to(device=device, dtype=dtype)
+            out = t.to(device=device, dtype=dtype)
             if out is src:  # used as it lies in the file: read it in now
                 if populate:
                     pages.populate(src)

@@ -38,12 +38,10 @@ reference loops).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,7 +50,7 @@ import torch
 from .config import ModelConfig
 from .errors import AquilaChatError, ConfigError
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "plan_memory", "choose_dtype", "available_memory", "empty_huge",
+__all__ = ["MemoryPlan", "MemoryPlanError", "plan_memory", "choose_dtype", "available_memory",
            "weight_bytes", "kv_bytes_per_token", "workspace_bytes", "parse_kv_cache_memory",
            "cpu_has_native_bf16", "format_bytes", "DTYPES"]
 
@@ -82,37 +80,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
 class MemoryPlanError(AquilaChatError, MemoryError):
     """The model, its KV cache and workspace do not fit in the available memory (the message has
     the numbers and the options that would fit)."""
-
-
-#: Linux ``madvise`` advice asking for transparent huge pages, and their size.
-_MADV_HUGEPAGE, _HUGE_PAGE = 14, 2 << 20
-_libc = None
-
-
-def empty_huge(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, with the 2 MiB-aligned interior of its memory
-    advised ``MADV_HUGEPAGE`` before anything touches it, so that Linux backs it with transparent
-    huge pages where it can (the system's ``transparent_hugepage`` setting is ``always`` or
-    ``madvise``, and 2 MiB pages are free). For the weights: a decode step streams every weight
-    once, and with 4 KiB pages each page is a TLB miss and a fresh start for the hardware
-    prefetchers; bench/decode.py's kernels read a 1.4 GB bfloat16 weight set 17 % faster from huge
-    pages on this project's Zen 4 (docs/generation.md, "CPU decode backend"). Same bytes, no
-    padding: an allocation under 2 MiB, or a failed ``madvise`` (another OS, THP off), simply
-    gets ordinary pages."""
-    global _libc
-    out = torch.empty(shape, dtype=dtype)
-    nbytes = out.numel() * out.element_size()
-    if sys.platform != "linux" or nbytes < 2 * _HUGE_PAGE:
-        return out
-    start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):  # no libc madvise: ordinary pages
-        pass
-    return out
 
 
 def format_bytes(n: float) -> str:

@@ -90,7 +90,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .memory import empty_huge
 
 __all__ = ["METHODS", "DEFAULT_GROUP_SIZE", "GROUP_SIZES", "QuantizationConfig", "Int8Linear", "Int4Linear",
            "QuantizedLinear", "quantize_weight", "dequantize", "weight_bytes", "quantize_plan", "quantize_model",
@@ -493,7 +492,7 @@ class Int8Linear(QuantizedLinear):
         if m.layout == "plain":
             m.weight = _aligned(q.contiguous())
             return m
-        packed = empty_huge(m.weight.shape, torch.uint8)
+        packed = torch.empty(m.weight.shape, dtype=torch.uint8)
         rows = _chunk_rows(in_features)  # a multiple of 16
         for start in range(0, packed.shape[0], rows):
             packed[start:start + rows] = _blocked_int8_codes(q[start:start + rows], min(rows, len(packed) - start))
@@ -578,7 +577,7 @@ class Int4Linear(QuantizedLinear):
         group_size = in_features // scales.shape[1]
         m = cls(in_features, out_features, group_size=group_size, dtype=dtype, device="meta", layout=layout)
         portable = tensors["weight"]
-        packed = empty_huge((out_features, in_features // 2), torch.uint8)
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
         rows = _chunk_rows(in_features)
         for start in range(0, out_features, rows):
             chunk = portable[start:start + rows]

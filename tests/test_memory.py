@@ -353,33 +353,3 @@ def test_serve_resolves_a_hub_repo_id_once(model_dir, monkeypatch):
     assert calls == ["someone/some-model"]
     llm = loaded[0]
     assert llm.memory_plan.num_slots == 2 and llm.engine.max_num_seqs == 2
-
-
-def test_empty_huge_is_an_empty_tensor_advised_for_huge_pages():
-    """empty_huge gives torch.empty's tensor (shape, dtype, writable, no extra bytes) and, on Linux
-    with transparent huge pages available, the 2 MiB-aligned interior of its memory carries the
-    MADV_HUGEPAGE flag ("hg" in /proc/self/smaps' VmFlags) before anything touched it."""
-    import sys
-    from pathlib import Path
-
-    from aquilachat.memory import empty_huge
-    t = empty_huge((3, 5), torch.bfloat16)
-    assert t.shape == (3, 5) and t.dtype == torch.bfloat16
-    big = empty_huge((8 << 20,), torch.uint8)
-    assert big.shape == (8 << 20,) and big.untyped_storage().nbytes() == 8 << 20
-    big.fill_(7)
-    assert int(big[-1]) == 7
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("no transparent huge pages here")
-    probe = -(-big.data_ptr() // (2 << 20)) * (2 << 20)  # inside the advised interior
-    flags = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0] if line else ""
-        if "-" in head and all(c in "0123456789abcdef-" for c in head):
-            lo, hi = (int(v, 16) for v in head.split("-"))
-            inside = lo <= probe < hi
-        elif line.startswith("VmFlags:") and inside:
-            flags = line.split()[1:]
-            break
-    assert flags is not None and "hg" in flags, flags
