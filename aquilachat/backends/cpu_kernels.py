@@ -173,13 +173,22 @@ def linear_int8_blocked(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) 
         RuntimeError: no kernel here or no AVX512_BF16 at the kernels' level (the layout is only
             built where it runs), shapes or dtypes that do not match.
     """
+    return _own_layout_product("linear_int8_blocked", "an Int8Linear built here uses the plain layout", x,
+                               scales.shape[0], lambda ext, xc: ext.linear_int8_blocked(xc, w, scales, level()),
+                               lambda ext, n0, n1: ext.dequantize_int8_blocked(w, scales, n0, n1))
+
+
+def _own_layout_product(what: str, otherwise: str, x: torch.Tensor, out_features: int, product, rows) -> torch.Tensor:
+    """The dispatch of a weight kept in one of the kernels' own layouts: ``product(ext, x)`` (our
+    few-row kernel) up to :data:`MAX_ROWS` 2-d rows without autograd, else
+    :func:`dequantized_product` of ``rows(ext, n0, n1)``; RuntimeError naming ``what`` without
+    the kernels (such a layout is only built where they load)."""
     ext = load()
     if ext is None:
-        raise RuntimeError(f"linear_int8_blocked: the CPU kernels are not available ({load_error()}); "
-                           "an Int8Linear built here uses the plain layout")
+        raise RuntimeError(f"{what}: the CPU kernels are not available ({load_error()}); {otherwise}")
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
-        return ext.linear_int8_blocked(x.contiguous(), w, scales, level())
-    return dequantized_product(x, scales.shape[0], lambda n0, n1: ext.dequantize_int8_blocked(w, scales, n0, n1))
+        return product(ext, x.contiguous())
+    return dequantized_product(x, out_features, lambda n0, n1: rows(ext, n0, n1))
 
 
 def linear_int4(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
@@ -196,13 +205,9 @@ def linear_int4(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor
         RuntimeError: no kernel here (the layout is only built when there is one), or shapes that
             do not match.
     """
-    ext = load()
-    if ext is None:
-        raise RuntimeError(f"linear_int4: the CPU kernels are not available ({load_error()}); "
-                           "an Int4Linear built here uses torch's layout")
-    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
-        return ext.linear_int4(x.contiguous(), w, scales_and_zeros, level())
-    return dequantized_product(x, w.shape[0], lambda n0, n1: ext.dequantize_int4(w, scales_and_zeros, n0, n1))
+    return _own_layout_product("linear_int4", "an Int4Linear built here uses torch's layout", x, w.shape[0],
+                               lambda ext, xc: ext.linear_int4(xc, w, scales_and_zeros, level()),
+                               lambda ext, n0, n1: ext.dequantize_int4(w, scales_and_zeros, n0, n1))
 
 
 def dequantized_product(x: torch.Tensor, out_features: int, rows) -> torch.Tensor:
