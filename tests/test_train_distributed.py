@@ -80,6 +80,11 @@ def test_nproc_per_node_dry_run_and_local_rank_flag(tmp_path, capsys, byte_token
     assert cli_main(["sft", str(cfg), "--nproc-per-node", "4", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "-m torch.distributed.run --standalone --nproc_per_node 4 -m aquilachat sft " + str(cfg.resolve()) in err
+    # a single process too: --dry-run alone starts no training
+    assert cli_main(["sft", str(cfg), "--dry-run", "--set", "max_steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert f"aquilachat sft {cfg.resolve()} --set max_steps=3" in err and "nothing started" in err
+    assert not (setup / "runs").exists()
     # torch.distributed.launch's legacy flag parses (and is ignored: LOCAL_RANK is read instead)
     from aquilachat.cli import build_parser
     for flag in ("--local-rank=3", "--local_rank=3"):

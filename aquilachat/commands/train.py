@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--hostfile", default=None,
                        help="FlagAI hostfile ('IP slots=N' per line): start one torchrun per node over ssh")
         p.add_argument("--dry-run", action="store_true",
-                       help="with --hostfile or --nproc-per-node: print the commands, start nothing")
+                       help="print what would run (the per-node or torchrun commands with --hostfile or "
+                            "--nproc-per-node), start nothing")
         p.add_argument("--nproc-per-node", type=int, default=None,
                        help="start torchrun with this many processes on this machine")
         p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default 23456)")
@@ -96,6 +97,12 @@ def run(args: argparse.Namespace, *, mode: str) -> int:
         if args.dry_run:
             return 0
         return subprocess.call(argv)
+
+    if args.dry_run:  # a single process: say what would run, start nothing
+        print(" ".join(_passthrough(args, mode, config_path)), file=sys.stderr)
+        print(f"aquilachat {mode}: --dry-run: one process on this machine, output in {cfg.run_dir}; nothing started",
+              file=sys.stderr)
+        return 0
 
     from ..train.loop import train
     try:
