@@ -295,55 +295,42 @@ static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf
   }
 }
 
-// Row blocks [b0, b1) of y[M, N]: up to four row blocks at a time for one input row, two for more
-// (the accumulators, R * MM * NA, stay in registers, and each broadcast input serves R blocks).
-template <int R, int MM>
-static inline void q8_bf16_blocks(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y,
-                                  int64_t K, int64_t N, int64_t b, int64_t nb, int64_t m) {
-  int64_t r = b;
-  for (; r + R <= b + nb; r += R) q8_bf16_block<R, MM>(xd, w, s, xs, y, K, N, r, m);
-  for (; r < b + nb; ++r) q8_bf16_block<1, MM>(xd, w, s, xs, y, K, N, r, m);
-}
-
-void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y, int64_t M,
-                 int64_t K, int64_t N, int64_t b0, int64_t b1) {
+// Row blocks [b0, b1) of y[M, N] for the VDPBF16PS kernels: `block.template operator()<R, MM>(r, m)`
+// computes row blocks r .. r + R - 1 for input rows m .. m + MM - 1. Up to four row blocks at a time
+// for one input row (enough independent VDPBF16PS chains to hide the instruction's latency, and each
+// broadcast input serves all four), two for more (the accumulators must stay in registers).
+template <typename Block>
+static inline void for_row_blocks(const Block& block, int64_t M, int64_t b0, int64_t b1) {
+  const auto blocks = [&]<int R, int MM>(int64_t b, int64_t nb, int64_t m) {
+    int64_t r = b;
+    for (; r + R <= b + nb; r += R) block.template operator()<R, MM>(r, m);
+    for (; r < b + nb; ++r) block.template operator()<1, MM>(r, m);
+  };
   for (int64_t b = b0; b < b1; b += 4) {
     const int64_t nb = std::min<int64_t>(4, b1 - b);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) q8_bf16_blocks<2, 4>(xd, w, s, xs, y, K, N, b, nb, m);
+    for (; m + 4 <= M; m += 4) blocks.template operator()<2, 4>(b, nb, m);
     switch (M - m) {
-      case 1: q8_bf16_blocks<4, 1>(xd, w, s, xs, y, K, N, b, nb, m); break;
-      case 2: q8_bf16_blocks<2, 2>(xd, w, s, xs, y, K, N, b, nb, m); break;
-      case 3: q8_bf16_blocks<2, 3>(xd, w, s, xs, y, K, N, b, nb, m); break;
+      case 1: blocks.template operator()<4, 1>(b, nb, m); break;
+      case 2: blocks.template operator()<2, 2>(b, nb, m); break;
+      case 3: blocks.template operator()<2, 3>(b, nb, m); break;
       default: break;
     }
   }
 }
 
-// Row blocks [b0, b1) of y[M, N]: up to four row blocks at a time for one input row (enough
-// independent VDPBF16PS chains to hide its latency), two for more (the accumulators stay in registers).
-template <int R, int MM>
-static inline void q4_bf16_blocks(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
-                                  int64_t K, int64_t N, int64_t G, int64_t cpg, int64_t b, int64_t nb, int64_t m) {
-  int64_t r = b;
-  for (; r + R <= b + nb; r += R) q4_bf16_block<R, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m);
-  for (; r < b + nb; ++r) q4_bf16_block<1, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m);
+void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y, int64_t M,
+                 int64_t K, int64_t N, int64_t b0, int64_t b1) {
+  for_row_blocks([&]<int R, int MM>(int64_t r, int64_t m) { q8_bf16_block<R, MM>(xd, w, s, xs, y, K, N, r, m); },
+                 M, b0, b1);
 }
 
 void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
                  int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
   const int64_t cpg = K / G / 8;
-  for (int64_t b = b0; b < b1; b += 4) {
-    const int64_t nb = std::min<int64_t>(4, b1 - b);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) q4_bf16_blocks<2, 4>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m);
-    switch (M - m) {
-      case 1: q4_bf16_blocks<4, 1>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
-      case 2: q4_bf16_blocks<2, 2>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
-      case 3: q4_bf16_blocks<2, 3>(x, w, sz, xs, y, K, N, G, cpg, b, nb, m); break;
-      default: break;
-    }
-  }
+  for_row_blocks(
+      [&]<int R, int MM>(int64_t r, int64_t m) { q4_bf16_block<R, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m); },
+      M, b0, b1);
 }
 }  // namespace avx512bf16
 #pragma GCC pop_options
