@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 #include <cstdint>
 #include <cmath>
@@ -295,25 +296,30 @@ static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf
   }
 }
 
-// Row blocks [b0, b1) of y[M, N] for the VDPBF16PS kernels: `block.template operator()<R, MM>(r, m)`
-// computes row blocks r .. r + R - 1 for input rows m .. m + MM - 1. Up to four row blocks at a time
-// for one input row (enough independent VDPBF16PS chains to hide the instruction's latency, and each
-// broadcast input serves all four), two for more (the accumulators must stay in registers).
+// Row blocks [b0, b1) of y[M, N] for the VDPBF16PS kernels: `block(R, MM, r, m)`, with R and MM
+// std::integral_constant<int, ...>, computes row blocks r .. r + R - 1 for input rows m .. m + MM - 1.
+// Up to four row blocks at a time for one input row (enough independent VDPBF16PS chains to hide the
+// instruction's latency, and each broadcast input serves all four), two for more (the accumulators
+// must stay in registers). (C++17: the extension builds with whatever standard torch passes.)
+template <int N> using Int = std::integral_constant<int, N>;
+
+template <int R, int MM, typename Block>
+static inline void row_blocks(const Block& block, int64_t b, int64_t nb, int64_t m) {
+  int64_t r = b;
+  for (; r + R <= b + nb; r += R) block(Int<R>{}, Int<MM>{}, r, m);
+  for (; r < b + nb; ++r) block(Int<1>{}, Int<MM>{}, r, m);
+}
+
 template <typename Block>
 static inline void for_row_blocks(const Block& block, int64_t M, int64_t b0, int64_t b1) {
-  const auto blocks = [&]<int R, int MM>(int64_t b, int64_t nb, int64_t m) {
-    int64_t r = b;
-    for (; r + R <= b + nb; r += R) block.template operator()<R, MM>(r, m);
-    for (; r < b + nb; ++r) block.template operator()<1, MM>(r, m);
-  };
   for (int64_t b = b0; b < b1; b += 4) {
     const int64_t nb = std::min<int64_t>(4, b1 - b);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) blocks.template operator()<2, 4>(b, nb, m);
+    for (; m + 4 <= M; m += 4) row_blocks<2, 4>(block, b, nb, m);
     switch (M - m) {
-      case 1: blocks.template operator()<4, 1>(b, nb, m); break;
-      case 2: blocks.template operator()<2, 2>(b, nb, m); break;
-      case 3: blocks.template operator()<2, 3>(b, nb, m); break;
+      case 1: row_blocks<4, 1>(block, b, nb, m); break;
+      case 2: row_blocks<2, 2>(block, b, nb, m); break;
+      case 3: row_blocks<2, 3>(block, b, nb, m); break;
       default: break;
     }
   }
@@ -321,16 +327,17 @@ static inline void for_row_blocks(const Block& block, int64_t M, int64_t b0, int
 
 void q8_bf16_run(const uint32_t* xd, const uint32_t* w, const bf16* s, const float* xs, bf16* y, int64_t M,
                  int64_t K, int64_t N, int64_t b0, int64_t b1) {
-  for_row_blocks([&]<int R, int MM>(int64_t r, int64_t m) { q8_bf16_block<R, MM>(xd, w, s, xs, y, K, N, r, m); },
-                 M, b0, b1);
+  for_row_blocks([&](auto R, auto MM, int64_t r, int64_t m) {
+    q8_bf16_block<decltype(R)::value, decltype(MM)::value>(xd, w, s, xs, y, K, N, r, m);
+  }, M, b0, b1);
 }
 
 void q4_bf16_run(const bf16* x, const uint16_t* w, const uint32_t* sz, const float* xs, bf16* y,
                  int64_t M, int64_t K, int64_t N, int64_t G, int64_t b0, int64_t b1) {
   const int64_t cpg = K / G / 8;
-  for_row_blocks(
-      [&]<int R, int MM>(int64_t r, int64_t m) { q4_bf16_block<R, MM>(x, w, sz, xs, y, K, N, G, cpg, r, m); },
-      M, b0, b1);
+  for_row_blocks([&](auto R, auto MM, int64_t r, int64_t m) {
+    q4_bf16_block<decltype(R)::value, decltype(MM)::value>(x, w, sz, xs, y, K, N, G, cpg, r, m);
+  }, M, b0, b1);
 }
 }  // namespace avx512bf16
 #pragma GCC pop_options
