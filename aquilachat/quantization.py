@@ -462,7 +462,7 @@ class Int8Linear(QuantizedLinear):
             raise ValueError(f"Int8Linear: layout must be 'aquilachat' or 'plain', got {layout!r}")
         self.layout = layout or _default_int8_layout(dtype, in_features)
         if self.layout == "aquilachat":
-            if dtype != torch.bfloat16 or in_features % 32:
+            if not _blocked_int8_fits(dtype, in_features):
                 raise ValueError(f"Int8Linear: layout 'aquilachat' needs bfloat16 and in_features % 32 == 0, "
                                  f"got {dtype} and {in_features}")
             rows = -(-out_features // 16) * 16
@@ -503,10 +503,16 @@ class Int8Linear(QuantizedLinear):
         return super().extra_repr() + f", layout={self.layout}"
 
 
+def _blocked_int8_fits(dtype: torch.dtype, in_features: int) -> bool:
+    """Whether a weight of ``in_features`` inputs run in ``dtype`` fits the blocked int8 layout (its
+    kernel takes bfloat16 and removes its offset per 32 inputs)."""
+    return dtype == torch.bfloat16 and in_features % 32 == 0
+
+
 def _default_int8_layout(dtype: torch.dtype, in_features: int) -> str:
     """``"aquilachat"`` where its kernel runs (the CPU kernels built, AVX512_BF16 at the kernels'
     level, bfloat16, ``in_features % 32 == 0``), else ``"plain"``."""
-    if dtype != torch.bfloat16 or in_features % 32:
+    if not _blocked_int8_fits(dtype, in_features):
         return "plain"
     from .backends import cpu_kernels
     return "aquilachat" if cpu_kernels.load() is not None and cpu_kernels.level() >= 3 else "plain"
