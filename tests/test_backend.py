@@ -410,13 +410,16 @@ def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
         pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
     ext = cpu_kernels.load()
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(cpu_kernels.MAX_ROWS, 203, generator=gen).to(dtype)
-    w = torch.randn(1030, 203, generator=gen).to(dtype)
-    for level in levels:
-        alone = torch.cat([ext.linear(x[i:i + 1], w, level) for i in range(x.shape[0])])
-        for rows in (2, 5, cpu_kernels.MAX_ROWS):
-            assert torch.equal(ext.linear(x[:rows], w, level), alone[:rows]), (level, rows)
-            assert torch.equal(ext.linear(x[-rows:], w, level), alone[-rows:]), (level, rows)
+    # 203 inputs: a short row (one input row takes whole rows in turn); 2100: a long one (8 rows
+    # side by side), in both dtypes (cpu_kernels_body.h, SHORT_ROW_BYTES = 4096)
+    for K in (203, 2100):
+        x = torch.randn(cpu_kernels.MAX_ROWS, K, generator=gen).to(dtype)
+        w = torch.randn(1030, K, generator=gen).to(dtype)
+        for level in levels:
+            alone = torch.cat([ext.linear(x[i:i + 1], w, level) for i in range(x.shape[0])])
+            for rows in (2, 5, cpu_kernels.MAX_ROWS):
+                assert torch.equal(ext.linear(x[:rows], w, level), alone[:rows]), (K, level, rows)
+                assert torch.equal(ext.linear(x[-rows:], w, level), alone[-rows:]), (K, level, rows)
 
 
 def test_kernel_wrapper_hands_other_inputs_to_torch():

@@ -18,6 +18,10 @@
 
 using bf16 = c10::BFloat16;
 
+// Rows of at most this many bytes are multiplied one whole row after another at one input row
+// (cpu_kernels_body.h, run).
+constexpr int64_t SHORT_ROW_BYTES = 4096;
+
 namespace generic {
 constexpr int MMAX = 4;
 template <typename T> struct Ops {
