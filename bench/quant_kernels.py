@@ -1,10 +1,12 @@
-"""Benchmark (not a test): the weight-only quantized few-row products on the CPU, ours
+"""Benchmark (not a test): the few-row products on the CPU, ours
 (``aquilachat/backends/cpu_kernels.cpp``) against torch's, as GB/s of weight bytes read, next to a
-plain read of the same bytes. The measurements behind ``Int8Linear`` / ``Int4Linear``'s choice of
-kernel (docs/generation.md, "CPU decode backend").
+plain read of the same bytes: the weight-only quantized formats (the measurements behind
+``Int8Linear`` / ``Int4Linear``'s choice of kernel) and the float weights of the CPU decode
+backend (docs/generation.md, "CPU decode backend").
 
     python bench/quant_kernels.py [--formats int8,int4] [--rows 1,4] [--threads 2]
         [--shapes 4096x4096,11008x4096,4096x11008,100008x4096] [--rounds 15]
+    python bench/quant_kernels.py --formats fp32,bf16 --shapes 100008x448,100008x96 --rows 1
 
 Per weight ``[out, in]`` (written ``out x in``) with random codes and scales, for ``x [M, in]``
 bfloat16:
@@ -15,7 +17,8 @@ bfloat16:
   ``ext.linear_int8`` on the same plain codes (fp32 multiply-adds); ``ours``: what ``Int8Linear``
   uses here (with AVX512_BF16: ``ext.linear_int8_blocked`` on its blocked layout, else ``plain``);
 * int4 (group 32) ``torch``: ``_weight_int4pack_mm_for_cpu`` on its packed layout; ``ours``:
-  ``ext.linear_int4`` on ours (``Int4Linear`` layout ``"aquilachat"``: the same bytes).
+  ``ext.linear_int4`` on ours (``Int4Linear`` layout ``"aquilachat"``: the same bytes);
+* fp32 / bf16 (``x`` in the same dtype) ``torch``: ``F.linear``; ``ours``: ``ext.linear``.
 
 Interleaved: each round times every option once (a block of calls of at least ~50 ms), and the
 figure is the median over rounds, so a burst of load on this shared machine hits all options alike.
@@ -78,6 +81,17 @@ def int4_options(out_f: int, in_f: int, x: torch.Tensor, ext, level: int) -> tup
     return nbytes, opts
 
 
+def float_options(out_f: int, in_f: int, x: torch.Tensor, ext, level: int) -> tuple[int, dict]:
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    opts = {"read": lambda: w.view(torch.float32).sum(), "torch": lambda: torch.nn.functional.linear(x, w)}
+    if ext is not None:
+        opts["ours"] = lambda: ext.linear(x, w, level)
+    return w.numel() * w.element_size(), opts
+
+
+OPTIONS = {"int8": int8_options, "int4": int4_options, "fp32": float_options, "bf16": float_options}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--formats", default="int8,int4")
@@ -99,8 +113,8 @@ def main() -> None:
             if fmt == "int4" and out_f % 16:
                 continue  # int4 needs rows in 16s (lm_head stays int8)
             for m in map(int, args.rows.split(",")):
-                x = torch.randn(m, in_f).to(torch.bfloat16)
-                nbytes, opts = (int8_options if fmt == "int8" else int4_options)(out_f, in_f, x, ext, level)
+                x = torch.randn(m, in_f).to(torch.float32 if fmt == "fp32" else torch.bfloat16)
+                nbytes, opts = OPTIONS[fmt](out_f, in_f, x, ext, level)
                 with torch.inference_mode():
                     calls = {}
                     for name, fn in opts.items():  # warm up, and size each block to ~50 ms

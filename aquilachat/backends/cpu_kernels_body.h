@@ -13,7 +13,7 @@
 // R rows side by side advance R streams of a few dozen cache lines each, too short for the
 // hardware prefetchers to follow (a 100008 x 448 fp32 lm_head read at 19 GB/s, a 100008 x 96 one
 // at 15, against 31-53 for a plain sum of the same bytes, on the Zen 4), while whole rows in turn
-// are one sequential stream (29 and 62 GB/s; bench/quant_kernels.py --shapes lm-head). Long rows
+// are one sequential stream (29 and 62 GB/s; bench/quant_kernels.py --formats fp32,bf16). Long rows
 // keep R = 8 (one row at a time read 15-20 % slower at 4096 fp32 inputs). Each row sums its
 // products in the same order either way, so the bits do not change.
 
