@@ -14,8 +14,9 @@
 // hardware prefetchers to follow (a 100008 x 448 fp32 lm_head read at 19 GB/s, a 100008 x 96 one
 // at 15, against 31-53 for a plain sum of the same bytes, on the Zen 4), while whole rows in turn
 // are one sequential stream (29 and 62 GB/s; bench/quant_kernels.py --formats fp32,bf16). Long rows
-// keep R = 8 (one row at a time read 15-20 % slower at 4096 fp32 inputs). Each row sums its
-// products in the same order either way, so the bits do not change.
+// keep R = 8 (one row at a time read 15-20 % slower at 4096 fp32 inputs), and so does the generic
+// C++ level (one scalar chain per row is bound by the adds' latency: 100008 x 448 fp32 12.3 -> 9.6
+// GB/s). Each row sums its products in the same order either way, so the bits do not change.
 
 template <typename T, int R, int MM>
 static inline void block(const T* x, const T* w, T* y, int64_t K, int64_t N, int64_t n, int64_t m0) {
@@ -60,7 +61,7 @@ static inline void rows(const T* x, const T* w, T* y, int64_t M, int64_t K, int6
 template <typename T>
 void run(const T* x, const T* w, T* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (M == 1 && K * static_cast<int64_t>(sizeof(T)) <= SHORT_ROW_BYTES) {
+  if (M == 1 && Ops<T>::L > 1 && K * static_cast<int64_t>(sizeof(T)) <= SHORT_ROW_BYTES) {
     for (; n < n1; ++n) rows<T, 1>(x, w, y, M, K, N, n);  // one row after another: one sequential stream
     return;
   }
