@@ -187,7 +187,9 @@ def edit_example(rng: random.Random, zh: bool) -> tuple[str, str]:
 #: that asks for text (a poem, a description, a story, a list), so that only the drawing verb or
 #: object (画, 图, draw, paint, picture, image...) tells a drawing request from an ordinary one. Some
 #: use the drawing requests' other verbs (生成, generate, create, make) with a text object.
-#: ``{s}``: the subject; each kind has its answers, templated on the subject.
+#: ``{s}``: the subject; each kind has its answers, templated on the subject. No answer begins with
+#: the subject on a line of its own followed by more lines (a drawing answer's prompt line is the
+#: subject and then the end of the turn).
 PAIR_REQUESTS_ZH = {
     "poem": ["写一首关于{s}的诗", "请写一首描写{s}的小诗", "能为{s}写一首诗吗？", "以{s}为题写一首诗"],
     "describe": ["介绍一下{s}", "描述一下{s}", "请用几句话描述{s}", "给我讲讲{s}", "我想了解{s}",
@@ -207,9 +209,9 @@ PAIR_REQUESTS_EN = {
     "words": ["List three words that describe {s}.", "Give me three words about {s}."],
 }
 PAIR_ANSWERS_ZH = {
-    "poem": ["《{s}》\n{s}，\n在清晨的阳光里醒来。\n微风轻轻吹过，\n带来一天的希望。",
-             "《{s}》\n我看见{s}，\n像一个温柔的梦。\n时间慢慢走过，\n美好留在心中。",
-             "《{s}》\n{s}静静地等待，\n等待春天的到来。\n世界那么大，\n它有自己的精彩。"],
+    "poem": ["好的，这是一首关于{s}的小诗：\n\n清晨的阳光里，\n{s}慢慢醒来。\n微风轻轻吹过，\n带来一天的希望。",
+             "这是一首写{s}的诗：\n\n我看见{s}，\n像一个温柔的梦。\n时间慢慢走过，\n美好留在心中。",
+             "当然可以：\n\n春天还没有来，\n{s}静静地等待。\n世界那么大，\n它有自己的精彩。"],
     "describe": ["{s}给人的第一印象往往是安静而美好的。它的形状、颜色和周围的环境结合在一起，让人感到放松。"
                  "很多人喜欢在空闲的时候观察这样的景象，并从中得到灵感。",
                  "好的。{s}常常出现在故事和诗歌中，让人联想到自然、生活和时间的变化。仔细观察，你会发现很多有趣的细节："
@@ -227,7 +229,7 @@ PAIR_ANSWERS_EN = {
              "The world goes by, the hours run,\nit waits there for the rising sun.",
              "Here is a poem about {s}:\n\nI saw {s} one day,\nand time seemed far away.\n"
              "A little moment, calm and clear,\nthat I will keep for many a year.",
-             "Soft and still, {s} stays,\nthrough the nights and through the days.\n"
+             "A few lines about {s}:\n\nSoft and still, {s} stays,\nthrough the nights and through the days.\n"
              "It asks for nothing, gives a smile,\nand makes the world feel worthwhile."],
     "describe": ["{S} is a simple but lovely sight. Its shape and colors fit well with its surroundings, and it gives a "
                  "calm, peaceful feeling. Many people enjoy noticing small details like this in everyday life.",
