@@ -183,6 +183,81 @@ def edit_example(rng: random.Random, zh: bool) -> tuple[str, str]:
     return request, EDIT_PREFACE + "\n#InstructFace#\n" + "\n".join(steps_en)
 
 
+#: Minimal pairs (``--pairs``): ordinary requests about a drawing request's own subject with a verb
+#: that asks for text (a poem, a description, a story, a list), so that only the drawing verb or
+#: object (画, 图, draw, paint, picture, image...) tells a drawing request from an ordinary one. Some
+#: use the drawing requests' other verbs (生成, generate, create, make) with a text object.
+#: ``{s}``: the subject; each kind has its answers, templated on the subject. No answer begins with
+#: the subject on a line of its own followed by more lines (a drawing answer's prompt line is the
+#: subject and then the end of the turn).
+PAIR_REQUESTS_ZH = {
+    "poem": ["写一首关于{s}的诗", "请写一首描写{s}的小诗", "能为{s}写一首诗吗？", "以{s}为题写一首诗"],
+    "describe": ["介绍一下{s}", "描述一下{s}", "请用几句话描述{s}", "给我讲讲{s}", "我想了解{s}",
+                 "请生成一段关于{s}的描述", "生成一段描写{s}的文字"],
+    "story": ["写一个关于{s}的故事", "请编一个关于{s}的小故事", "给我讲一个{s}的故事", "生成一个关于{s}的故事",
+              "以{s}为主角写一篇短文"],
+    "words": ["列出三个和{s}有关的词语", "用三个词形容{s}"],
+}
+PAIR_REQUESTS_EN = {
+    "poem": ["Write a poem about {s}.", "Compose a short poem about {s}.", "Can you write a poem about {s}?",
+             "Write me a few lines of verse about {s}."],
+    "describe": ["Describe {s}.", "Describe {s} in a few sentences.", "Tell me about {s}.", "What do you know about {s}?",
+                 "Generate a short description of {s}.", "Write a paragraph about {s}.",
+                 "Explain what makes {s} interesting."],
+    "story": ["Write a story about {s}.", "Write a short story about {s}.", "Create a story about {s}.",
+              "Tell me a story about {s}.", "Compose a tale about {s}.", "Make up a story about {s}."],
+    "words": ["List three words that describe {s}.", "Give me three words about {s}."],
+}
+PAIR_ANSWERS_ZH = {
+    "poem": ["好的，这是一首关于{s}的小诗：\n\n清晨的阳光里，\n{s}慢慢醒来。\n微风轻轻吹过，\n带来一天的希望。",
+             "这是一首写{s}的诗：\n\n我看见{s}，\n像一个温柔的梦。\n时间慢慢走过，\n美好留在心中。",
+             "当然可以：\n\n春天还没有来，\n{s}静静地等待。\n世界那么大，\n它有自己的精彩。"],
+    "describe": ["{s}给人的第一印象往往是安静而美好的。它的形状、颜色和周围的环境结合在一起，让人感到放松。"
+                 "很多人喜欢在空闲的时候观察这样的景象，并从中得到灵感。",
+                 "好的。{s}常常出现在故事和诗歌中，让人联想到自然、生活和时间的变化。仔细观察，你会发现很多有趣的细节："
+                 "光线的明暗、颜色的变化，以及它与周围环境的关系。",
+                 "当然可以。说到{s}，人们通常会想到它独特的样子和它带来的感受。它既普通又特别：普通在于我们身边常常能见到"
+                 "类似的东西，特别在于每一次看到它都会有新的发现。"],
+    "story": ["从前，有{s}。它每天都过着平静的生活。有一天，一阵大风吹来，带来了一个陌生的朋友。它们一起经历了许多有趣的事情，"
+              "最后成为了最好的朋友。从那以后，它再也不觉得孤单了。",
+              "很久以前，在一个遥远的地方，有{s}。大家都说它很普通，但它一直相信自己可以做成一件了不起的事。"
+              "经过很多次失败，它终于做到了。这个故事告诉我们，只要坚持，就会有收获。"],
+    "words": ["以下是三个和{s}有关的词语：\n1. 安静\n2. 美好\n3. 温暖", "可以用这三个词形容{s}：宁静、可爱、难忘。"],
+}
+PAIR_ANSWERS_EN = {
+    "poem": ["Here is a short poem about {s}:\n\n{S} in the morning light,\nquiet, simple, shining bright.\n"
+             "The world goes by, the hours run,\nit waits there for the rising sun.",
+             "Here is a poem about {s}:\n\nI saw {s} one day,\nand time seemed far away.\n"
+             "A little moment, calm and clear,\nthat I will keep for many a year.",
+             "A few lines about {s}:\n\nSoft and still, {s} stays,\nthrough the nights and through the days.\n"
+             "It asks for nothing, gives a smile,\nand makes the world feel worthwhile."],
+    "describe": ["{S} is a simple but lovely sight. Its shape and colors fit well with its surroundings, and it gives a "
+                 "calm, peaceful feeling. Many people enjoy noticing small details like this in everyday life.",
+                 "Sure. When people think of {s}, they usually imagine something quiet and pleasant. It often appears in "
+                 "stories and poems, where it stands for nature, memory or the passing of time.",
+                 "{S} can be described in a few words: calm, bright and full of small details. Look closely and you "
+                 "notice the light, the colors and the way it fits into the world around it."],
+    "story": ["Once upon a time, there was {s}. Every day was quiet and the same, until one morning a stranger arrived. "
+              "They became friends and shared many adventures. In the end, the two of them learned that friendship "
+              "makes every day special.",
+              "Long ago, in a faraway land, there was {s}. Everyone thought it was ordinary, but it dreamed of doing "
+              "something great. After many tries, it finally succeeded, and everyone learned that patience and courage "
+              "pay off."],
+    "words": ["Here are three words that describe {s}:\n1. Calm\n2. Bright\n3. Gentle",
+              "Three words for {s}: peaceful, lovely and memorable."],
+}
+
+
+def pair_example(rng: random.Random, zh: bool, subject: str) -> tuple[str, str]:
+    """An ordinary request about ``subject`` whose verb asks for text, not a picture (the minimal
+    pair of a drawing request about the same subject), and a templated ordinary answer."""
+    requests, answers = (PAIR_REQUESTS_ZH, PAIR_ANSWERS_ZH) if zh else (PAIR_REQUESTS_EN, PAIR_ANSWERS_EN)
+    kind = rng.choice(sorted(requests))
+    request = rng.choice(requests[kind]).format(s=subject)
+    answer = rng.choice(answers[kind]).format(s=subject, S=subject[:1].upper() + subject[1:])
+    return request, answer
+
+
 def conversation(cid: str, request: str, answer: str) -> dict:
     return {"id": cid, "conversations": [{"from": "human", "value": request}, {"from": "gpt", "value": answer}],
             "instruction": ""}
@@ -212,6 +287,9 @@ def main() -> None:
                     help="only ordinary conversations at most this long in the aquila-chat template (0: any)")
     ap.add_argument("--tokenizer", type=Path, default=root / "runs" / "aquila-tiny" / "tokenizer",
                     help="the tokenizer that measures --replay-max-tokens")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="minimal pairs: ordinary requests about the subjects of the first --pairs drawing examples "
+                         "(cycling) with a verb that asks for text (pair_example)")
     ap.add_argument("--name", default="instructions_train.jsonl", help="file name of the training mix in OUT")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the evaluation set")
     ap.add_argument("--mix-seed", type=int, default=None, help="seed of the training mix (default: --seed + 1)")
@@ -222,14 +300,20 @@ def main() -> None:
     train_zh, heldout_zh = SUBJECTS_ZH[:-10], SUBJECTS_ZH[-10:]
     train_en, heldout_en = SUBJECTS_EN[:-10], SUBJECTS_EN[-10:]
     assert not set(DRAW_ZH + DRAW_EN) & set(DRAW_ZH_HELDOUT + DRAW_EN_HELDOUT)
-    rows = []
+    rows, subjects = [], []
     for i in range(args.draw):
         zh = i % 2 == 0
         if rng.random() < 0.25:
             subject = rng.choice(train_zh if zh else train_en)
         else:
             subject = compose_subject(rng, zh)
+        subjects.append((zh, subject))
         rows.append(conversation(f"draw:{i}", *draw_example(rng, zh, subject, DRAW_ZH if zh else DRAW_EN)))
+    # the pairs have their own generator, so that a mix without them is the same as before they existed
+    pair_rng = random.Random(f"pairs:{args.seed + 1 if args.mix_seed is None else args.mix_seed}")
+    for i in range(args.pairs if subjects else 0):
+        zh, subject = subjects[i % len(subjects)]
+        rows.append(conversation(f"pair:{i}", *pair_example(pair_rng, zh, subject)))
     for i in range(args.edit):
         rows.append(conversation(f"edit:{i}", *edit_example(rng, i % 2 == 0)))
     leaked = heldout_overlap([r["conversations"][0]["value"] for r in rows])
@@ -258,7 +342,8 @@ def main() -> None:
         drawing += [t.format(s=s, style=rng.choice(styles)) for s, t in pairs]
     evaluation = {"drawing": drawing, "ordinary": ordinary_questions(args.shared, rng, 50)}
     (args.out / "routing_eval.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"instructions: {args.draw} drawing + {args.edit} editing examples + {len(replay)} ordinary "
+    print(f"instructions: {args.draw} drawing + {args.edit} editing examples + {args.pairs if args.draw else 0} "
+          f"minimal pairs + {len(replay)} ordinary "
           f"conversations ({len(mentions)} mentioning pictures); routing eval: {len(drawing)} drawing requests, {len(evaluation['ordinary'])} ordinary questions")
 
 
