@@ -31,7 +31,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 WAIT_MS = 30_000
 #: The page's max tokens in the tests.
 MAX_TOKENS = 24
-#: Seconds each engine step is slowed down by, so that Stop lands mid-answer.
+#: Seconds each engine step is slowed down by, so that chunks arrive apart (a fast machine otherwise
+#: delivers a whole 24-token answer in one network read) and Stop lands mid-answer.
 STEP_DELAY_S = 0.03
 
 
@@ -130,12 +131,25 @@ def tab(browser, server, tmp_path):
     t.close()
 
 
+def slow_down(server, monkeypatch):
+    """Sleep ``STEP_DELAY_S`` before each engine step of ``server`` (undone by ``monkeypatch``)."""
+    engine = server.state.async_engine.engine
+    real_step = engine.step
+
+    def slow_step():
+        time.sleep(STEP_DELAY_S)
+        return real_step()
+    monkeypatch.setattr(engine, "step", slow_step)
+    return engine
+
+
 def stored(tab) -> list[dict]:
     """The conversations as the page keeps them in localStorage."""
     return json.loads(tab.page.evaluate("localStorage.getItem('aquilachat.conversations')"))
 
 
-def test_message_streams_and_survives_reload(tab, server):
+def test_message_streams_and_survives_reload(tab, server, monkeypatch):
+    slow_down(server, monkeypatch)
     # count the distinct texts the answer shows while it streams
     tab.page.evaluate("""() => { window.seen = new Set();
         new MutationObserver(() => { const m = document.querySelectorAll('#messages .msg.assistant');
@@ -161,13 +175,7 @@ def test_message_streams_and_survives_reload(tab, server):
 
 
 def test_stop_frees_the_server_slot(tab, server, monkeypatch):
-    engine = server.state.async_engine.engine
-    real_step = engine.step
-
-    def slow_step():
-        time.sleep(STEP_DELAY_S)
-        return real_step()
-    monkeypatch.setattr(engine, "step", slow_step)
+    engine = slow_down(server, monkeypatch)
     aborted = []
     real_abort = server.state.async_engine.abort
     monkeypatch.setattr(server.state.async_engine, "abort", lambda h: aborted.append(h.finished) or real_abort(h))
