@@ -422,6 +422,29 @@ def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
                 assert torch.equal(ext.linear(x[-rows:], w, level), alone[-rows:]), (K, level, rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linears_equal_one_product_per_weight(dtype):
+    """ext.linears (several weights in one parallel region, the rows of all split as one range)
+    gives each weight's product bit for bit as ext.linear does, at every level, for short and long
+    rows and weights whose sizes do not divide the threads' ranges."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    ext = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(2)
+    for K in (203, 2100):
+        ws = [torch.randn(n, K, generator=gen).to(dtype) for n in (37, 1030, 5)]
+        for M in (1, 3):
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            for level in levels:
+                got = ext.linears(x, ws, level)
+                assert len(got) == 3
+                for g, w in zip(got, ws):
+                    assert torch.equal(g, ext.linear(x, w, level)), (K, M, level, w.shape)
+    with pytest.raises(RuntimeError, match="linears: contiguous CPU weights"):
+        ext.linears(torch.randn(1, 8), [torch.randn(4, 8), torch.randn(4, 9)], levels[-1])
+
+
 def test_kernel_wrapper_hands_other_inputs_to_torch():
     """Too many rows, mixed dtypes, a non-contiguous weight, autograd: F.linear's result."""
     if cpu_kernels.load() is None:
@@ -787,9 +810,47 @@ def test_decode_attend_refuses_positions_outside_the_cache():
         ext.decode_attend(q, k, v, k_cache, v_cache, torch.tensor([4, 0, 1]), pos)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_layer_equals_the_op_by_op_path(case, dtype, layer_runs):
+    """A decode step's layer in one call (ext.decode_layer, ``fuse_layers``) gives bit for bit the
+    logits of the same ops called one by one, over a ragged prefill and 6 teacher-forced steps
+    (MHA, GQA, MQA); a layer it cannot take whole (here a non-contiguous weight, which goes to
+    torch's product) runs op by op in the same step, the others whole, and the logits equal the
+    op-by-op path's again."""
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    model = pair(dtype=dtype, **CASES[case])[0]
+    backend = CpuDecodeBackend(model, kernels=True)
+    calls = []
+    real = backend._kernels
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or getattr(real, name)(*a)
+
+    backend._kernels = Spy()
+    backend.fuse_layers = False
+    want = _logits(backend, model, PROMPTS, 6)
+    assert "decode_layer" not in calls
+    backend.fuse_layers = True
+    assert torch.equal(_logits(backend, model, PROMPTS, 6), want)
+    assert calls.count("decode_layer") == 6 * 3
+    up = model.model.layers[1].mlp.up_proj
+    up.weight = nn.Parameter(up.weight.detach().t().contiguous().t(), requires_grad=False)  # same values
+    assert not up.weight.is_contiguous()
+    backend.fuse_layers = False
+    want = _logits(backend, model, PROMPTS, 6)  # that product now goes to torch: other bits
+    backend.fuse_layers = True
+    calls.clear()
+    assert torch.equal(_logits(backend, model, PROMPTS, 6), want)
+    assert calls.count("decode_layer") == 6 * 2 and calls.count("decode_attend") == 6
+
+
 def test_backend_decode_takes_the_fused_ops(monkeypatch):
     """A kernels decode step runs RMSNorm, rotary and attention through the fused ops (and still
-    equals the plain model: test_backend_equals_plain_model); a prefill does not."""
+    equals the plain model: test_backend_equals_plain_model); a prefill does not. (Op by op here;
+    the layer in one call: test_fused_layer_equals_the_op_by_op_path.)"""
     if cpu_kernels.load() is None:
         pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
     model = pair(**CASES["gqa-untied"])[0]
@@ -802,6 +863,7 @@ def test_backend_decode_takes_the_fused_ops(monkeypatch):
             return lambda *a: calls.append(name) or real(*a)
 
     backend._kernels = Spy()
+    backend.fuse_layers = False
     cache = KVCache.allocate(model.config, num_slots=2, max_seq_len=16)
     with torch.inference_mode():
         backend.forward_hidden(torch.tensor([[3, 4, 5], [6, 7, 8]]), None, cache)

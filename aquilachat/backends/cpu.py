@@ -12,6 +12,8 @@ the copy bandwidth and (b) per-op overhead, which dominates small models. The ba
   gives each row the same result whatever the batch; see docs/generation.md, "CPU decode
   backend", for the measurements against oneDNN / MKL and their layouts); prefills use torch's
   products (compute-bound, where oneDNN / MKL's blocking wins);
+* in decode steps, runs a layer whose every op would take the kernels in one call
+  (``decode_layer``: the same ops in the same order from C++, so the same bits);
 * calls every other linear through its module (``module(x)``): weight-only quantized linears
   (:mod:`aquilachat.quantization`) and custom classes keep their own arithmetic.
 
@@ -93,6 +95,10 @@ class CpuDecodeBackend:
         if kernels and self._kernels is None:
             raise BackendUnsupported(f"the CPU kernels are not available: {cpu_kernels.load_error()}")
         self._reasons: set[str] = set()  # step-aside reasons already logged
+        #: Decode steps run a layer of plain float weights in one call (``decode_layer`` of
+        #: :mod:`.cpu_kernels`: the same ops in the same order, so the same bits, without the
+        #: ~16 calls from Python); False runs the ops one by one (for comparisons).
+        self.fuse_layers = True
 
     @property
     def uses_kernels(self) -> bool:
@@ -252,6 +258,29 @@ class CpuDecodeBackend:
                 return self._linear(x, weight, kernels)
         return module(x)
 
+    @staticmethod
+    def _fusable(x: torch.Tensor, params: tuple, cache: tuple, fused: tuple) -> list | None:
+        """The weights for ``decode_layer`` when the op-by-op path would run every op of the layer
+        through the kernels (see :meth:`_layer`), else None. ``params``: the two norm weights and
+        the seven linears in ``decode_layer``'s order."""
+        dtype = x.dtype
+        if not x.is_contiguous() or x.shape[0] > cpu_kernels.MAX_ROWS or fused[0].dtype != dtype:
+            return None
+        if not all(c.dtype == dtype and c.is_contiguous() for c in cache):
+            return None
+        weights = []
+        for p in params:
+            if isinstance(p, nn.Module):
+                if type(p) is not nn.Linear:
+                    return None
+                p = p._parameters["weight"]
+                if not p.is_contiguous():
+                    return None
+            if p.dtype != dtype:
+                return None
+            weights.append(p)
+        return weights
+
     def _layer(self, parts: tuple, x: torch.Tensor, B: int, T: int, inputs, cache, kernels: bool,
                fused: tuple | None = None) -> torch.Tensor:
         """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]`` for the
@@ -264,6 +293,13 @@ class CpuDecodeBackend:
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
         ext = self._kernels if fused is not None else None
         w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
+        if ext is not None and self.fuse_layers:
+            weights = self._fusable(x, (w1, q_proj, k_proj, v_proj, o_proj, w2, gate_proj, up_proj, down_proj), cache,
+                                    fused)
+            if weights is not None:
+                cos, sin, slot_ids, pos = fused
+                return ext.decode_layer(x, weights, norm1.variance_epsilon, norm2.variance_epsilon, cache[0], cache[1],
+                                        cos, sin, slot_ids, pos, H, Hkv, cpu_kernels.level())
         if ext is not None and w1.dtype == x.dtype:
             h = ext.rms_norm(x, w1, norm1.variance_epsilon)
         else:

@@ -861,6 +861,70 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+
+// Several products of one input in one parallel region: ys[i] = x @ ws[i]^T for plain float
+// weights [N_i, K] of x's dtype. The rows of all weights are split among the threads as one range
+// (one fork and join instead of one per weight); each row is computed by the same kernel as in
+// `linear`, which gives a row the same bits whatever range it falls in, so ys[i] equals
+// linear(x, ws[i], level) bit for bit.
+std::vector<at::Tensor> linears(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linears: a contiguous CPU x [M, K] expected");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "linears: float32 or bfloat16 expected, got ", dt);
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> start{0};
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == dt && w.is_contiguous() && w.device().is_cpu(),
+                "linears: contiguous CPU weights [N, ", K, "] of x's dtype expected, got ", w.sizes(), " ",
+                w.scalar_type());
+    ys.push_back(at::empty({M, w.size(0)}, x.options()));
+    start.push_back(start.back() + w.size(0));
+  }
+  level = std::min(level, cpu_level());
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
+  at::parallel_for(0, start.back(), grain, [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
+      if (n0 >= n1) continue;
+      const int64_t N = ws[i].size(0);
+      if (dt == at::kFloat)
+        dispatch<float>(level, x.data_ptr<float>(), ws[i].data_ptr<float>(), ys[i].data_ptr<float>(), M, K, N, n0, n1);
+      else
+        dispatch<bf16>(level, x.data_ptr<bf16>(), ws[i].data_ptr<bf16>(), ys[i].data_ptr<bf16>(), M, K, N, n0, n1);
+    }
+  });
+  return ys;
+}
+
+// One decoder layer for one decode token per row (CpuDecodeBackend._layer's fused decode path, in
+// one call instead of ~16 from Python): x [B, hidden] and plain float weights of x's dtype in
+// `weights` = (input norm, q, k, v, o, post-attention norm, gate, up, down) as nn.Linear stores
+// them; the same ops in the same order as that path (rms_norm, q/k/v products, rotate,
+// decode_attend, o product and residual add, rms_norm, gate/up products, silu * up, down product
+// and residual add), so the same bits. Returns the layer's output [B, hidden].
+at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weights, double eps1, double eps2,
+                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& slot_ids, const at::Tensor& positions, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t level) {
+  TORCH_CHECK(weights.size() == 9, "decode_layer: 9 weights expected (norm, q, k, v, o, norm, gate, up, down), got ",
+              weights.size());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layer: a contiguous x [B, hidden] expected, got ", x.sizes());
+  const int64_t B = x.size(0), D = weights[1].size(0) / num_heads;
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && weights[1].size(0) == num_heads * D &&
+                  weights[2].size(0) == num_kv_heads * D && weights[3].size(0) == num_kv_heads * D,
+              "decode_layer: q/k/v weights of ", num_heads, " and ", num_kv_heads, " heads expected");
+  const at::Tensor h = rms_norm(x, weights[0], eps1);
+  const auto qkv = linears(h, {weights[1], weights[2], weights[3]}, level);
+  const at::Tensor q = rotate(qkv[0].view({B, num_heads, D}), cos, sin);
+  const at::Tensor k = rotate(qkv[1].view({B, num_kv_heads, D}), cos, sin);
+  const at::Tensor a = decode_attend(q, k, qkv[2].view({B, num_kv_heads, D}), k_cache, v_cache, slot_ids, positions);
+  const at::Tensor x1 = x + linear(a, weights[4], level);
+  const at::Tensor h2 = rms_norm(x1, weights[5], eps2);
+  const auto gu = linears(h2, {weights[6], weights[7]}, level);
+  return x1 + linear(at::silu(gu[0]) * gu[1], weights[8], level);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -895,5 +959,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write k, v [B, Hkv, D] into the caches at (slot, position), attend q [B, H, D] over positions <= position",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slot_ids"), pybind11::arg("positions"));
+  m.def("linears", &linears, "[x @ w^T for w in ws]: linear for several weights in one parallel region (same bits)",
+        pybind11::arg("x"), pybind11::arg("ws"), pybind11::arg("level"));
+  m.def("decode_layer", &decode_layer,
+        "one decoder layer for one decode token per row, as CpuDecodeBackend._layer's fused path (same bits)",
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("eps1"), pybind11::arg("eps2"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("slot_ids"), pybind11::arg("positions"), pybind11::arg("num_heads"),
+        pybind11::arg("num_kv_heads"), pybind11::arg("level"));
   m.def("cpu_level", &cpu_level, "highest instruction level this CPU runs: 0 generic, 1 AVX2, 2 AVX-512, 3 AVX512_BF16");
 }
