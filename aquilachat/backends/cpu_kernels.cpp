@@ -22,6 +22,16 @@ using bf16 = c10::BFloat16;
 // (cpu_kernels_body.h, run).
 constexpr int64_t SHORT_ROW_BYTES = 4096;
 
+// The VDPBF16PS int4 and int8 kernels (q4_bf16_block, q8_bf16_block) prefetch each code stream
+// this many bytes ahead of their loads (and the int4 scales PREFETCH_SCALE_BYTES ahead): they
+// spend more instructions per byte than the float products, and the hardware prefetchers alone
+// left them short of the memory's speed. Measured on the Zen 4 in the engine, the two builds
+// alternating step by step on the 7B decode step (30 pairs each): int4 1.05-1.07x and int8
+// 1.08-1.11x at 256-512 bytes, 0.90x at 1024 (int8); the float products gained nothing (0.98x at
+// 512 on bf16), so they have none. No effect on the results.
+constexpr int PREFETCH_CODE_BYTES = 512;
+constexpr int PREFETCH_SCALE_BYTES = 256;
+
 namespace generic {
 constexpr int MMAX = 4;
 template <typename T> struct Ops {
@@ -204,6 +214,7 @@ static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_
       for (int r = 0; r < R; ++r) d0[i][r] = d1[i][r] = _mm512_setzero_ps();
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
       for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + ((b0 + r) * C + c) * 32) + PREFETCH_CODE_BYTES, _MM_HINT_T0);
         const __m512i z = _mm512_loadu_si512(w + ((b0 + r) * C + c) * 32);
         const __m512i w0 = _mm512_ternarylogic_epi32(z, low4, magic, 0xEA);  // (z & 0xF) | 0x4300
         const __m512i w1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(z, 4), low4, magic, 0xEA);
@@ -218,6 +229,7 @@ static inline void q4_bf16_block(const bf16* x, const uint16_t* w, const uint32_
         }
       }
     for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(sz + ((b0 + r) * G + g) * 16) + PREFETCH_SCALE_BYTES, _MM_HINT_T0);
       const __m512i s2 = _mm512_loadu_si512(sz + ((b0 + r) * G + g) * 16);  // lane l: scale | zero << 16
       const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(s2, 16));
       const __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(s2, high16));
@@ -267,6 +279,7 @@ static inline void q8_bf16_block(const uint32_t* xd, const uint32_t* w, const bf
         for (int a = 0; a < NA; ++a) d[i][r][a] = _mm512_setzero_ps();
     for (int64_t c = g * (Q8G / 4); c < (g + 1) * (Q8G / 4); ++c)
       for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + ((b0 + r) * C + c) * 16) + PREFETCH_CODE_BYTES, _MM_HINT_T0);
         const __m512i z = _mm512_loadu_si512(w + ((b0 + r) * C + c) * 16);
         __m512i wv[4];
         wv[0] = _mm512_ternarylogic_epi32(_mm512_slli_epi32(z, 3), mask, magic, 0xEA);  // (a & b) | c
