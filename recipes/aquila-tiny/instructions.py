@@ -327,7 +327,8 @@ def real_answer_pools(ordinary: list[dict]) -> dict[tuple[bool, str], list[str]]
     """Pools of real answers for the pair requests, by (Chinese?, kind): the answers of one-exchange
     conversations whose question matches a kind (:data:`KIND_PATTERNS`; "describe": any answer of at
     least 40 characters in Chinese, 80 in English, not an identity answer), answered in
-    the question's language, with no picture word in question or answer and no identity answer
+    the question's language, not opening with a short line followed by more lines (under 15 characters
+    in Chinese, 30 in English), with no picture word in question or answer and no identity answer
     (``LMSYS``, Vicuna)."""
     pools: dict[tuple[bool, str], list[str]] = {}
     for r in ordinary:
@@ -338,6 +339,11 @@ def real_answer_pools(ordinary: list[dict]) -> dict[tuple[bool, str], list[str]]
             continue
         zh = is_zh(q)
         if is_zh(a) != zh:  # a translation: the answer is not in the question's language
+            continue
+        lines = a.strip().split("\n")
+        if len(lines) > 1 and len(lines[0]) < (15 if zh else 30):
+            # a short first line followed by more (a poem, a list): a drawing answer's prompt line is a
+            # short line that ends the turn, and such answers taught the model to go on after it (attempt 18)
             continue
         for kind, pattern in KIND_PATTERNS.items():
             if pattern.search(q):
