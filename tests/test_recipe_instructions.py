@@ -89,3 +89,71 @@ def test_pairs_in_the_mix(tmp_path):
     # without --pairs the drawing examples are those of the same seed with pairs (own generator)
     draws = {r["id"]: r for r in _run(shared, out, "--draw", "10", "--name", "mix.jsonl") if r["id"].startswith("draw:")}
     assert draws == {k: v for k, v in by_id.items() if k.startswith("draw:")}
+
+
+@pytest.mark.parametrize("zh, text, wanted", [
+    (False, "Describe a cat.", "describe a cat"), (False, "Write a poem about the sea.", "write a poem about the sea"),
+    (True, "请介绍一下长城。", "介绍一下长城"), (True, "写一首关于春天的诗", "写一首关于春天的诗")])
+def test_polite_asks_the_same_request(recipe, zh, text, wanted):
+    rng = random.Random(0)
+    for _ in range(20):
+        question = recipe.polite(rng, zh, text)
+        assert wanted in question and question != text
+        if zh:
+            assert question.endswith("？") and question.startswith(("你", "能", "可以"))
+        else:
+            assert question.endswith("?") and re.match(r"(Can|Could|Would) you ", question)
+
+
+@pytest.mark.parametrize("zh, text", [(False, "What is a cat?"), (False, "Can you describe a cat?"),
+                                         (False, "Hi there"), (True, "我想了解长城"), (True, "长城有多长？")])
+def test_polite_leaves_non_imperatives(recipe, zh, text):
+    assert recipe.polite(random.Random(0), zh, text) is None
+
+
+def _fake_real_sft(out: Path) -> list[dict]:
+    """An sft.jsonl of imperative questions with prose answers in both languages, a poem request,
+    one identity answer and one photo question (neither may give a pair answer or a polite row)."""
+    prose_en = "This is a long enough English answer about the topic, written in plain sentences for the test. "
+    prose_zh = "这是一个足够长的中文回答，用几句普通的话介绍这个话题，供测试使用，内容完整而且通顺。"
+    rows = [("Explain topic %d." % i, prose_en + str(i)) for i in range(12)]
+    rows += [("介绍一下话题%d。" % i, prose_zh + str(i)) for i in range(12)]
+    rows += [("Write a poem about leaves.", "Leaves fall down,\nred and brown, " + prose_en),
+             ("Tell me who you are.", "I am Vicuna, a language model trained by researchers from LMSYS. " + prose_en),
+             ("Describe this photo of a dog.", prose_en + "photo")]
+    convs = [{"id": f"r{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+             for i, (q, a) in enumerate(rows)]
+    (out / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in convs), encoding="utf-8")
+    return convs
+
+
+def test_wide_real_pairs_and_polite_rows(tmp_path, recipe):
+    shared, out = _fake_inputs(tmp_path)
+    convs = _fake_real_sft(out)
+    answer_of = {c["conversations"][0]["value"]: c["conversations"][1]["value"] for c in convs}
+    usable = {a for q, a in answer_of.items() if "LMSYS" not in a and "photo" not in q}
+    rows = _run(shared, out, "--draw", "10", "--wide", "6", "--pairs", "40", "--pair-answers", "real",
+                "--can", "8", "--name", "mix.jsonl")
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == 10 + 6 + 40 + 8 + len(convs)
+    for i in range(6):  # drawing requests about subjects outside the drawing set, prompt = the subject
+        request, answer = (t["value"] for t in by_id[f"wide:{i}"]["conversations"])
+        found = parse_instruction(answer)
+        subject = re.split(r"，|, ", found.prompt)[0]
+        assert subject in (recipe.WIDE_ZH if i % 2 == 0 else recipe.WIDE_EN) and subject in request
+    subjects = [re.split(r"，|, ", parse_instruction(by_id[k]["conversations"][1]["value"]).prompt)[0]
+                for k in [f"draw:{i}" for i in range(10)] + [f"wide:{i}" for i in range(6)]]
+    for i in range(40):  # pair i: subject i mod 16, a text request, a real answer in the request's language
+        request, answer = (t["value"] for t in by_id[f"pair:{i}"]["conversations"])
+        assert subjects[i % 16] in request and not PICTURE.search(request)
+        assert answer in usable and parse_instruction(answer) is None
+        assert recipe.is_zh(answer) == recipe.is_zh(request)
+    for i in range(8):  # polite rows: a real imperative question asked politely, with its own answer
+        question, answer = (t["value"] for t in by_id[f"can:{i}"]["conversations"])
+        originals = [q for q, a in answer_of.items() if a == answer]
+        assert len(originals) == 1 and answer in usable
+        core = originals[0].removeprefix("请").rstrip("。.")
+        assert (core if recipe.is_zh(core) else core[0].lower() + core[1:]) in question
+    # the new rows have their own generators: the drawing examples are those of the same seed without them
+    draws = {r["id"]: r for r in _run(shared, out, "--draw", "10", "--name", "mix.jsonl") if r["id"].startswith("draw:")}
+    assert draws == {k: v for k, v in by_id.items() if k.startswith("draw:")}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 from aquilachat.instructions import MARKERS as _MARKERS
@@ -258,6 +259,115 @@ def pair_example(rng: random.Random, zh: bool, subject: str) -> tuple[str, str]:
     return request, answer
 
 
+#: Subjects beyond the drawing subjects (``--wide``): people, objects, places, food, events, sky, so
+#: that both a drawing request and its minimal pair name subjects the drawing set never names and the
+#: decision cannot key on the subject noun. No word of a held-out subject (checked with the requests).
+WIDE_ZH = ["一位老师", "一位医生", "一位农民", "一位飞行员", "一位科学家", "一位音乐家", "一场足球比赛", "一个生日聚会",
+           "一场婚礼", "一间教室", "一家医院", "一个火车站", "一个机场", "一家超市", "一间厨房", "一台电脑", "一部手机",
+           "一座老钟", "一双鞋子", "一把木椅", "一架钢琴", "一把吉他", "一个生日蛋糕", "一块披萨", "一碗米饭", "一杯牛奶",
+           "一篮水果", "一盘象棋", "一个足球", "一条山路", "一个农场", "一座工厂", "一家面包店", "一座博物馆", "一家酒店",
+           "一场暴风雨", "大海", "月亮", "太阳", "一颗彗星", "一颗行星", "一位国王", "一位公主", "一个海盗", "一位魔法师",
+           "一名士兵", "一顿家庭晚餐", "一个熟睡的婴儿", "一位奶奶", "一个学生", "一名消防员", "一名警察", "一名护士",
+           "一辆公交车", "一辆摩托车", "一架直升机", "一艘潜水艇", "一枚火箭", "一座摩天大楼", "一个游乐园"]
+WIDE_EN = ["a teacher", "a doctor", "a farmer", "a pilot", "a scientist", "a musician", "a football match",
+           "a birthday party", "a wedding", "a classroom", "a hospital", "a train station", "an airport",
+           "a supermarket", "a kitchen", "a computer", "a smartphone", "an old clock", "a pair of shoes",
+           "a wooden chair", "a piano", "a guitar", "a birthday cake", "a pizza", "a bowl of rice", "a glass of milk",
+           "a basket of fruit", "a chess game", "a soccer ball", "a mountain road", "a farm", "a factory", "a bakery",
+           "a museum", "a hotel", "a storm", "the ocean", "the moon", "the sun", "a comet", "a planet", "a king",
+           "a princess", "a pirate", "a wizard", "a soldier", "a family dinner", "a sleeping baby", "a grandmother",
+           "a student", "a firefighter", "a police officer", "a nurse", "a bus", "a motorcycle", "a helicopter",
+           "a submarine", "a rocket", "a skyscraper", "an amusement park"]
+#: Polite question forms (``--can``, and a third of the pairs with real answers): ordinary requests
+#: asked as "Can you...?", so that "Could you paint X?" is not told from them by the question form.
+POLITE_ZH = ["你能{r}吗？", "能{r}吗？", "可以{r}吗？", "你可以{r}吗？", "能不能{r}？", "你能不能{r}？"]
+POLITE_EN = ["Can you {r}?", "Could you {r}?", "Would you {r}?", "Could you please {r}?", "Can you please {r}?"]
+#: Imperative openings that a polite form can wrap (English: the first word; Chinese: the start).
+IMPERATIVE_EN = ("write", "describe", "tell", "explain", "generate", "compose", "create", "make", "give", "list",
+                 "name", "suggest", "summarize", "provide", "find", "identify", "translate", "rewrite", "classify",
+                 "come", "think", "outline", "compare", "brainstorm", "construct", "design", "calculate", "convert",
+                 "edit", "develop", "predict", "choose", "select", "evaluate", "analyze", "propose", "formulate")
+IMPERATIVE_ZH = ("写", "介绍", "描述", "给", "讲", "解释", "生成", "列出", "列举", "提供", "总结", "翻译", "编", "以",
+                 "用", "推荐", "说明", "分析", "创作", "设计", "比较", "计算", "改写", "找出", "举", "提出", "想")
+
+
+def polite(rng: random.Random, zh: bool, request: str) -> str | None:
+    """``request`` (an imperative: "Describe a cat.", "请介绍一下长城。") as a polite question ("Could you
+    describe a cat?", "你能介绍一下长城吗？"), or ``None`` when it does not start with an imperative
+    (:data:`IMPERATIVE_EN` / :data:`IMPERATIVE_ZH`) or already is a question."""
+    r = request.strip()
+    if zh:
+        r = r.removeprefix("请").rstrip("。.！!")
+        if not r.startswith(IMPERATIVE_ZH) or r.endswith(("？", "?", "吗")) or "\n" in r:
+            return None
+        return rng.choice(POLITE_ZH).format(r=r)
+    first = r.split(maxsplit=1)[0].lower() if r else ""
+    if first not in IMPERATIVE_EN or r.endswith("?") or "\n" in r:
+        return None
+    return rng.choice(POLITE_EN).format(r=r[0].lower() + r[1:].rstrip("."))
+
+
+def is_zh(text: str) -> bool:
+    """Whether ``text`` holds a CJK character (the language of a conversation for the pools)."""
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+#: Which real questions (``sft.jsonl``) give the pair answers of a kind (``--pair-answers real``): a
+#: request for a poem, a story, a few words; the "describe" kind takes any real answer of the language.
+KIND_PATTERNS = {"poem": re.compile(r"(写|作|创作).*诗|\b(write|compose|create|generate)\b.*\b(poem|haiku|verse)", re.I),
+                 "story": re.compile(r"(写|编|讲|创作).*故事|\b(write|tell|create|generate)\b.*\bstory\b", re.I),
+                 "words": re.compile(r"形容|词语|\b(three|3|five|5) (words|adjectives)\b", re.I)}
+
+
+#: A kind's pool smaller than this gives way to the "describe" pool (too few answers to vary).
+MIN_POOL = 10
+
+
+def real_answer_pools(ordinary: list[dict]) -> dict[tuple[bool, str], list[str]]:
+    """Pools of real answers for the pair requests, by (Chinese?, kind): the answers of one-exchange
+    conversations whose question matches a kind (:data:`KIND_PATTERNS`; "describe": any answer of at
+    least 40 characters in Chinese, 80 in English, not an identity answer), answered in
+    the question's language, not opening with a short line followed by more lines (under 15 characters
+    in Chinese, 30 in English), with no picture word in question or answer and no identity answer
+    (``LMSYS``, Vicuna)."""
+    pools: dict[tuple[bool, str], list[str]] = {}
+    for r in ordinary:
+        if len(r["conversations"]) != 2:
+            continue
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if any(w in (q + a).lower() for w in PICTURE_WORDS) or "LMSYS" in a or "Vicuna" in a or not a.strip():
+            continue
+        zh = is_zh(q)
+        if is_zh(a) != zh:  # a translation: the answer is not in the question's language
+            continue
+        lines = a.strip().split("\n")
+        if len(lines) > 1 and len(lines[0]) < (15 if zh else 30):
+            # a short first line followed by more (a poem, a list): a drawing answer's prompt line is a
+            # short line that ends the turn, and such answers taught the model to go on after it (attempt 18)
+            continue
+        for kind, pattern in KIND_PATTERNS.items():
+            if pattern.search(q):
+                pools.setdefault((zh, kind), []).append(a)
+        if len(a) >= (40 if zh else 80) and "Aquila" not in a:  # prose, not a one-word or identity answer
+            pools.setdefault((zh, "describe"), []).append(a)
+    return pools
+
+
+def pair_example_real(rng: random.Random, zh: bool, subject: str,
+                      pools: dict[tuple[bool, str], list[str]]) -> tuple[str, str]:
+    """As :func:`pair_example`, but the answer is a real ``sft.jsonl`` answer of the request's kind
+    and language (:func:`real_answer_pools`; it need not name the subject), and a third of the
+    requests are asked politely (:func:`polite`)."""
+    requests = PAIR_REQUESTS_ZH if zh else PAIR_REQUESTS_EN
+    kind = rng.choice(sorted(requests))
+    request = rng.choice(requests[kind]).format(s=subject)
+    if rng.random() < 1 / 3:
+        request = polite(rng, zh, request) or request
+    pool = pools.get((zh, kind), [])
+    pool = pool if len(pool) >= MIN_POOL else pools[(zh, "describe")]
+    return request, rng.choice(pool)
+
+
 def conversation(cid: str, request: str, answer: str) -> dict:
     return {"id": cid, "conversations": [{"from": "human", "value": request}, {"from": "gpt", "value": answer}],
             "instruction": ""}
@@ -290,6 +400,15 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=0,
                     help="minimal pairs: ordinary requests about the subjects of the first --pairs drawing examples "
                          "(cycling) with a verb that asks for text (pair_example)")
+    ap.add_argument("--pair-answers", choices=("template", "real"), default="template",
+                    help="answers of the minimal pairs: two or three templates a kind (pair_example) or real "
+                         "sft.jsonl answers of the kind (pair_example_real)")
+    ap.add_argument("--wide", type=int, default=0,
+                    help="more drawing examples about WIDE_ZH / WIDE_EN subjects (not drawing subjects); the "
+                         "pairs cycle over these subjects too")
+    ap.add_argument("--can", type=int, default=0,
+                    help="ordinary sft.jsonl conversations whose imperative question is asked politely "
+                         "(\"Could you...?\", \"你能...吗？\"), with their real answers")
     ap.add_argument("--name", default="instructions_train.jsonl", help="file name of the training mix in OUT")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the evaluation set")
     ap.add_argument("--mix-seed", type=int, default=None, help="seed of the training mix (default: --seed + 1)")
@@ -309,11 +428,39 @@ def main() -> None:
             subject = compose_subject(rng, zh)
         subjects.append((zh, subject))
         rows.append(conversation(f"draw:{i}", *draw_example(rng, zh, subject, DRAW_ZH if zh else DRAW_EN)))
+    # ordinary conversations (sft.jsonl less any with a marker; only short ones with --replay-max-tokens)
+    ordinary = [json.loads(line) for line in (args.out / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    ordinary = [r for r in ordinary if not any(m in t["value"] for t in r["conversations"] for m in MARKERS)]
+    if args.replay_max_tokens:
+        tok = Tokenizer.from_dir(args.tokenizer)
+        ordinary = [r for r in ordinary
+                    if len(render_for_training(tok, r["conversations"], "aquila-chat")[0]) <= args.replay_max_tokens]
+    mix_seed = args.seed + 1 if args.mix_seed is None else args.mix_seed
+    # --wide and --can have their own generators too: a mix without them is the same as before
+    wide_rng = random.Random(f"wide:{mix_seed}")
+    for i in range(args.wide):
+        zh = i % 2 == 0
+        subject = wide_rng.choice(WIDE_ZH if zh else WIDE_EN)
+        subjects.append((zh, subject))
+        rows.append(conversation(f"wide:{i}", *draw_example(wide_rng, zh, subject, DRAW_ZH if zh else DRAW_EN)))
     # the pairs have their own generator, so that a mix without them is the same as before they existed
-    pair_rng = random.Random(f"pairs:{args.seed + 1 if args.mix_seed is None else args.mix_seed}")
+    pair_rng = random.Random(f"pairs:{mix_seed}")
+    pools = real_answer_pools(ordinary) if args.pair_answers == "real" else {}
+    if pools and not all((zh, "describe") in pools for zh, _ in subjects):
+        raise SystemExit("--pair-answers real: no real answer in one of the languages (sft.jsonl)")
     for i in range(args.pairs if subjects else 0):
         zh, subject = subjects[i % len(subjects)]
-        rows.append(conversation(f"pair:{i}", *pair_example(pair_rng, zh, subject)))
+        example = (pair_example_real(pair_rng, zh, subject, pools) if pools else pair_example(pair_rng, zh, subject))
+        rows.append(conversation(f"pair:{i}", *example))
+    can_rng = random.Random(f"can:{mix_seed}")
+    if args.can:
+        candidates = [(r, polite(can_rng, is_zh(r["conversations"][0]["value"]), r["conversations"][0]["value"]))
+                      for r in ordinary if len(r["conversations"]) == 2]
+        candidates = [(r, q) for r, q in candidates if q and not any(
+            w in (q + r["conversations"][1]["value"]).lower() for w in PICTURE_WORDS)
+            and "LMSYS" not in r["conversations"][1]["value"] and not heldout_overlap([q])]
+        for i, (r, q) in enumerate(can_rng.sample(candidates, min(args.can, len(candidates)))):
+            rows.append(conversation(f"can:{i}", q, r["conversations"][1]["value"]))
     for i in range(args.edit):
         rows.append(conversation(f"edit:{i}", *edit_example(rng, i % 2 == 0)))
     leaked = heldout_overlap([r["conversations"][0]["value"] for r in rows])
@@ -321,12 +468,6 @@ def main() -> None:
         raise SystemExit(f"training requests mention held-out subjects: {leaked[:5]}")
     # ordinary conversations: every one whose question mentions pictures or art without asking for an
     # instruction (hard negatives), then a random sample of the rest
-    ordinary = [json.loads(line) for line in (args.out / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    ordinary = [r for r in ordinary if not any(m in t["value"] for t in r["conversations"] for m in MARKERS)]
-    if args.replay_max_tokens:
-        tok = Tokenizer.from_dir(args.tokenizer)
-        ordinary = [r for r in ordinary
-                    if len(render_for_training(tok, r["conversations"], "aquila-chat")[0]) <= args.replay_max_tokens]
     mentions = [r for r in ordinary if any(w in r["conversations"][0]["value"].lower() for w in PICTURE_WORDS)]
     rest = [r for r in ordinary if r not in mentions]
     replay = mentions[: args.replay] + rng.sample(rest, max(0, min(args.replay - len(mentions), len(rest))))
@@ -342,8 +483,9 @@ def main() -> None:
         drawing += [t.format(s=s, style=rng.choice(styles)) for s, t in pairs]
     evaluation = {"drawing": drawing, "ordinary": ordinary_questions(args.shared, rng, 50)}
     (args.out / "routing_eval.json").write_text(json.dumps(evaluation, ensure_ascii=False, indent=1), encoding="utf-8")
-    print(f"instructions: {args.draw} drawing + {args.edit} editing examples + {args.pairs if args.draw else 0} "
-          f"minimal pairs + {len(replay)} ordinary "
+    print(f"instructions: {args.draw} + {args.wide} (wide) drawing + {args.edit} editing examples + "
+          f"{args.pairs if subjects else 0} minimal pairs ({args.pair_answers} answers) + "
+          f"{sum(r['id'].startswith('can:') for r in rows)} polite + {len(replay)} ordinary "
           f"conversations ({len(mentions)} mentioning pictures); routing eval: {len(drawing)} drawing requests, {len(evaluation['ordinary'])} ordinary questions")
 
 
