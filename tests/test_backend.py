@@ -356,6 +356,14 @@ def _kernel_levels():
     return list(range(ext.cpu_level() + 1)) if ext is not None else []
 
 
+def _ext_and_levels():
+    """The extension and every instruction level this CPU runs (skips the test without it)."""
+    levels = _kernel_levels()
+    if not levels:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    return cpu_kernels.load(), levels
+
+
 def test_kernel_products_run_on_torchs_threads():
     """The extension's parallel regions use torch's intra-op threads (it is built with -fopenmp;
     without it at::parallel_for silently runs every product on one thread), and a product's
@@ -385,10 +393,7 @@ def test_kernel_equals_float64_product_at_every_level(dtype):
     AVX-512, AVX512_BF16) against a float64 product of the same values, over row counts and
     shapes with and without vector-width tails. fp32: within 1e-5 of sum |x||w|; bf16: the
     result rounded once to bf16 (2^-8 relative) plus fp32 summation error."""
-    levels = _kernel_levels()
-    if not levels:
-        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
-    ext = cpu_kernels.load()
+    ext, levels = _ext_and_levels()
     gen = torch.Generator().manual_seed(0)
     for M in range(1, cpu_kernels.MAX_ROWS + 1):
         for N, K in [(1, 1), (7, 33), (37, 64), (300, 176), (1029, 96), (96, 1031)]:
@@ -405,10 +410,7 @@ def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
     """Batch invariance: a row's product is bit-identical alone and among up to MAX_ROWS rows (in
     any position), at every level, so a sequence's decode steps and logits do not depend on the
     other sequences in the step."""
-    levels = _kernel_levels()
-    if not levels:
-        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
-    ext = cpu_kernels.load()
+    ext, levels = _ext_and_levels()
     gen = torch.Generator().manual_seed(1)
     # 203 inputs: a short row (one input row takes whole rows in turn); 2100: a long one (8 rows
     # side by side), in both dtypes (cpu_kernels_body.h, SHORT_ROW_BYTES = 4096)
@@ -427,10 +429,7 @@ def test_linears_equal_one_product_per_weight(dtype):
     """ext.linears (several weights in one parallel region, the rows of all split as one range)
     gives each weight's product bit for bit as ext.linear does, at every level, for short and long
     rows and weights whose sizes do not divide the threads' ranges."""
-    levels = _kernel_levels()
-    if not levels:
-        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
-    ext = cpu_kernels.load()
+    ext, levels = _ext_and_levels()
     gen = torch.Generator().manual_seed(2)
     for K in (203, 2100):
         ws = [torch.randn(n, K, generator=gen).to(dtype) for n in (37, 1030, 5)]
@@ -477,10 +476,7 @@ def test_int8_kernel_equals_float64_product_at_every_level(dtype):
     products, each exact in fp32 (a bf16 or fp32 input times a code of 8 bits: for fp32 input
     rounded once), so within 1e-5 of sum |x||q| scale (K <= 1031: K * 2^-24 ~ 6e-5 worst
     case, ~sqrt(K) * 2^-24 typical); bf16 output: plus the final rounding, 2^-8 relative."""
-    levels = _kernel_levels()
-    if not levels:
-        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
-    ext = cpu_kernels.load()
+    ext, levels = _ext_and_levels()
     gen = torch.Generator().manual_seed(2)
     for M in (1, 2, 3, 4, 5, 7, 8, 9, 17, cpu_kernels.MAX_ROWS):
         for N, K in [(1, 1), (7, 33), (37, 64), (300, 176), (1029, 96), (96, 1031), (5, 15)]:
@@ -495,10 +491,7 @@ def test_int8_kernel_equals_float64_product_at_every_level(dtype):
 def test_int8_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
     """Batch invariance of the int8 product, as for the float one: a row's bits alone equal its
     bits among up to MAX_ROWS rows, in any position, at every level."""
-    levels = _kernel_levels()
-    if not levels:
-        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
-    ext = cpu_kernels.load()
+    ext, levels = _ext_and_levels()
     x, q, scales = _int8_operands(cpu_kernels.MAX_ROWS, 1030, 203, dtype, torch.Generator().manual_seed(3))
     for level in levels:
         alone = torch.cat([ext.linear_int8(x[i:i + 1], q, scales, level) for i in range(x.shape[0])])
