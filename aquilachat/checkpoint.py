@@ -469,7 +469,8 @@ class Checkpoint:
             CheckpointError: missing or truncated files, missing/unexpected keys, wrong shapes or
                 dtypes; the message names the file and the key.
             ConfigError: unknown dtype, quantization or group size, a quantization that differs from
-                the checkpoint's, a quantized model on a non-CPU device. MemoryPlanError: the weights
+                the checkpoint's, a quantized model on a non-CPU device or in a dtype other than bfloat16
+                or float32. MemoryPlanError: the weights
                 do not fit.
         """
         device = resolve_device(device)
@@ -484,6 +485,10 @@ class Checkpoint:
         dtype = resolve_dtype(dtype, self.config, device)
         if qconfig is not None and device.type != "cpu":
             raise ConfigError(f"{self.path}: {method} weights run on the CPU only; use --device cpu")
+        if qconfig is not None and dtype not in (torch.bfloat16, torch.float32):
+            raise ConfigError(f"{self.path}: {method} weights run with bfloat16 or float32 activations (the kernels' "
+                              f"dtypes), got --dtype {str(dtype).removeprefix('torch.')}; use --dtype bfloat16, "
+                              "float32 or auto")
         config = self.config
         with torch.device("meta"):
             m = AquilaForCausalLM(config)

@@ -335,6 +335,21 @@ def test_width_the_kernel_cannot_take_is_named(tmp_path, byte_tokenizer_dir):
     assert Checkpoint.open(tmp_path / "odd").load_model(device="cpu", quantization="int8") is not None
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["load-time", "stored"])
+def test_float16_activations_are_refused_at_load(tiny_dir, tmp_path, stored):
+    """The kernels take bfloat16 or float32 activations only; --dtype float16 used to load and
+    then fail at the first product with a bare RuntimeError from the extension."""
+    if stored:
+        quantize_checkpoint(tiny_dir, tmp_path / "q", method="int4")
+        ckpt, quantization = Checkpoint.open(tmp_path / "q"), None
+    else:
+        ckpt, quantization = Checkpoint.open(tiny_dir), "int8"
+    with pytest.raises(ConfigError, match="bfloat16 or float32 activations.*float16"):
+        ckpt.load_model(device="cpu", dtype="float16", quantization=quantization)
+    model = ckpt.load_model(device="cpu", dtype="float32", quantization=quantization)  # the others still load
+    assert model(_ids(model.config.vocab_size)).dtype == torch.float32
+
+
 def test_other_quantization_than_the_checkpoints_is_refused(tiny_dir, tmp_path):
     quantize_checkpoint(tiny_dir, tmp_path / "q", method="int8")
     with pytest.raises(ConfigError, match=r"quantization_config.*int8.*cannot load as int4"):
