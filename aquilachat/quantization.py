@@ -298,10 +298,11 @@ def _check_shape(method: str, out_features: int, in_features: int, group_size: i
         if in_features % group_size:
             raise ConfigError(f"{what}in_features {in_features} is not a multiple of the int4 group size "
                               f"{group_size}; use another --group-size ({', '.join(map(str, GROUP_SIZES))}) "
-                              "or --quantization int8")
+                              "or int8 (--quantization int8 at load, --method int8 with aquilachat quantize)")
         if out_features % 16:
             raise ConfigError(f"{what}out_features {out_features} is not a multiple of 16, which the int4 CPU "
-                              "kernels need (rows in blocks of 16); use --quantization int8")
+                              "kernels need (rows in blocks of 16); use int8 (--quantization int8 at load, "
+                              "--method int8 with aquilachat quantize)")
 
 
 def quantize_weight(weight: torch.Tensor, method: str, *, group_size: int | None = None,

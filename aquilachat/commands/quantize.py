@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 only: inputs per scale and zero, 32, 64, 128 or 256 (default 32)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="dtype of the other weights and of the scales: the dtype the model will run in "
-                        "(default bfloat16)")
+                   help="dtype of the other weights and of the scales (default bfloat16); load with the same "
+                        "--dtype to run in it (--dtype auto runs a quantized model in bfloat16)")
     p.add_argument("--template", choices=list(TEMPLATES), default=None,
                    help="chat template the serving files declare (default: the source's, else aquila-chat)")
     p.set_defaults(func=run)
