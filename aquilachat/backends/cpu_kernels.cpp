@@ -390,28 +390,46 @@ int64_t cpu_level() {
   return 0;
 }
 
+// y_i[M, N_i] = x[M, K] @ ws[i][N_i, K]^T for every weight (checked by the callers: contiguous CPU
+// tensors of one dtype, float32 or bfloat16) in one parallel region: the rows of all weights are
+// split among the threads as one range (one fork and join however many weights). Each row is
+// computed by the same kernel whatever range it falls in, so a row's bits do not depend on the
+// split or on the other weights.
+std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
+  const auto dt = x.scalar_type();
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> start{0};
+  for (const auto& w : ws) {
+    ys.push_back(at::empty({M, w.size(0)}, x.options()));
+    start.push_back(start.back() + w.size(0));
+  }
+  level = std::min(level, cpu_level());
+  // rows per task: at least 64 KiB of weight, so small products run on the calling thread
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
+  at::parallel_for(0, start.back(), grain, [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
+      if (n0 >= n1) continue;
+      const int64_t N = ws[i].size(0);
+      if (dt == at::kFloat)
+        dispatch<float>(level, x.data_ptr<float>(), ws[i].data_ptr<float>(), ys[i].data_ptr<float>(), M, K, N, n0, n1);
+      else
+        dispatch<bf16>(level, x.data_ptr<bf16>(), ws[i].data_ptr<bf16>(), ys[i].data_ptr<bf16>(), M, K, N, n0, n1);
+    }
+  });
+  return ys;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear: x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.size(1) == w.size(1), "linear: x has ", x.size(1), " columns, w has ", w.size(1));
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x is ", x.scalar_type(), ", w is ", w.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors expected");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "linear: contiguous x and w expected");
-  level = std::min(level, cpu_level());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  // rows per task: at least 64 KiB of weight, so small products run on the calling thread
-  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * w.element_size()));
-  if (x.scalar_type() == at::kFloat) {
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { dispatch<float>(level, xp, wp, yp, M, K, N, n0, n1); });
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "linear: float32 or bfloat16 expected, got ", x.scalar_type());
-    const bf16 *xp = x.data_ptr<bf16>(), *wp = w.data_ptr<bf16>();
-    bf16* yp = y.data_ptr<bf16>();
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { dispatch<bf16>(level, xp, wp, yp, M, K, N, n0, n1); });
-  }
-  return y;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "linear: float32 or bfloat16 expected, got ", x.scalar_type());
+  return products(x, {w}, level)[0];
 }
 
 // How many distinct threads run the chunks of an at::parallel_for over `n` items here: the
@@ -875,39 +893,18 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 
-// Several products of one input in one parallel region: ys[i] = x @ ws[i]^T for plain float
-// weights [N_i, K] of x's dtype. The rows of all weights are split among the threads as one range
-// (one fork and join instead of one per weight); each row is computed by the same kernel as in
-// `linear`, which gives a row the same bits whatever range it falls in, so ys[i] equals
-// linear(x, ws[i], level) bit for bit.
+// Several products of one input in one parallel region (`products`): ys[i] = x @ ws[i]^T for
+// plain float weights [N_i, K] of x's dtype, each bit for bit linear(x, ws[i], level).
 std::vector<at::Tensor> linears(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linears: a contiguous CPU x [M, K] expected");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "linears: float32 or bfloat16 expected, got ", dt);
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<at::Tensor> ys;
-  std::vector<int64_t> start{0};
-  for (const auto& w : ws) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == dt && w.is_contiguous() && w.device().is_cpu(),
-                "linears: contiguous CPU weights [N, ", K, "] of x's dtype expected, got ", w.sizes(), " ",
+  for (const auto& w : ws)
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == dt && w.is_contiguous() &&
+                    w.device().is_cpu(),
+                "linears: contiguous CPU weights [N, ", x.size(1), "] of x's dtype expected, got ", w.sizes(), " ",
                 w.scalar_type());
-    ys.push_back(at::empty({M, w.size(0)}, x.options()));
-    start.push_back(start.back() + w.size(0));
-  }
-  level = std::min(level, cpu_level());
-  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
-  at::parallel_for(0, start.back(), grain, [&](int64_t r0, int64_t r1) {
-    for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
-      if (n0 >= n1) continue;
-      const int64_t N = ws[i].size(0);
-      if (dt == at::kFloat)
-        dispatch<float>(level, x.data_ptr<float>(), ws[i].data_ptr<float>(), ys[i].data_ptr<float>(), M, K, N, n0, n1);
-      else
-        dispatch<bf16>(level, x.data_ptr<bf16>(), ws[i].data_ptr<bf16>(), ys[i].data_ptr<bf16>(), M, K, N, n0, n1);
-    }
-  });
-  return ys;
+  return products(x, ws, level);
 }
 
 // One decoder layer for one decode token per row (CpuDecodeBackend._layer's fused decode path, in
