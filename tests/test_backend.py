@@ -840,6 +840,54 @@ def test_fused_layer_equals_the_op_by_op_path(case, dtype, layer_runs):
     assert calls.count("decode_layer") == 6 * 2 and calls.count("decode_attend") == 6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_layer_bits_do_not_depend_on_the_thread_count(dtype):
+    """decode_layer splits each op's rows, heads and elements among the threads of one parallel
+    region: one thread and two give the same output and the same cache, bit for bit (a decode
+    step of 3 ragged rows of a GQA layer)."""
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(5)
+    B, C, I, H, Hkv, D, S = 3, 96, 200, 6, 2, 16, 40
+    shapes = [(C,), (H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (C,), (I, C), (I, C), (C, I)]
+    weights = [(torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(dtype) for s in shapes]
+    x = torch.randn(B, C, generator=gen).to(dtype)
+    caches = [torch.randn(4, Hkv, S, D, generator=gen).to(dtype) for _ in range(2)]
+    cos, sin = torch.randn(B, D, generator=gen).to(dtype), torch.randn(B, D, generator=gen).to(dtype)
+    slot_ids, pos = torch.tensor([2, 0, 3]), torch.tensor([5, 0, 31])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            k, v = (c.clone() for c in caches)
+            out = ext.decode_layer(x, weights, 1e-5, 1e-5, k, v, cos, sin, slot_ids, pos, H, Hkv, cpu_kernels.level())
+            results.append((out, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, k1, v1), (out2, k2, v2) = results
+    assert torch.equal(out1, out2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert not torch.equal(k1, caches[0])  # the step wrote its keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_equals_torch(dtype):
+    """ext.silu_mul (the MLP's silu(gate) * up on the kernels' decode path) against torch's two
+    ops: fp32 within 4 ulps (std::exp against torch's vectorised exp), bf16 within one bf16 ulp of
+    the output (a silu rounded to the other side of a bf16 boundary)."""
+    ext = cpu_kernels.load()
+    if ext is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(6)
+    g = torch.cat([torch.randn(3, 500, generator=gen) * 6, torch.tensor([[0.0, -0.0, 88.0, -88.0, -104.0] * 100])])
+    g, u = g.to(dtype), (torch.randn(4, 500, generator=gen) * 2).to(dtype)
+    got, want = ext.silu_mul(g, u), F.silu(g) * u
+    assert got.dtype == dtype and got.shape == want.shape
+    rel = 2 ** -21 if dtype == torch.float32 else 2 ** -7
+    assert ((got.double() - want.double()).abs() <= rel * want.double().abs() + 1e-30).all()
+
+
 def test_backend_decode_takes_the_fused_ops(monkeypatch):
     """A kernels decode step runs RMSNorm, rotary and attention through the fused ops (and still
     equals the plain model: test_backend_equals_plain_model); a prefill does not. (Op by op here;

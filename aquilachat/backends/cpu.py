@@ -321,4 +321,9 @@ class CpuDecodeBackend:
             h = ext.rms_norm(x, w2, norm2.variance_epsilon)
         else:
             h = rms_norm(x, w2, norm2.variance_epsilon)
-        return x + project(down_proj, F.silu(project(gate_proj, h, kernels)) * project(up_proj, h, kernels), kernels)
+        gate, up = project(gate_proj, h, kernels), project(up_proj, h, kernels)
+        if ext is not None and gate.dtype == up.dtype and gate.dtype in DTYPES:
+            act = ext.silu_mul(gate, up)  # decode_layer's silu, element for element
+        else:
+            act = F.silu(gate) * up
+        return x + project(down_proj, act, kernels)

@@ -7,9 +7,13 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #include <cstdint>
@@ -907,32 +911,220 @@ std::vector<at::Tensor> linears(const at::Tensor& x, const std::vector<at::Tenso
   return products(x, ws, level);
 }
 
+// silu(g) * u as model.MLP computes it with torch (silu rounded to T, then the product rounded to
+// T), with silu(v) = v / (1 + exp(-v)) in fp32 through std::exp: each element on its own, so the
+// bits do not depend on how the elements are split among threads.
+template <typename T>
+inline void silu_mul_span(const T* g, const T* u, T* y, int64_t n0, int64_t n1) {
+  for (int64_t i = n0; i < n1; ++i) {
+    const float v = static_cast<float>(g[i]);
+    const T s = static_cast<T>(v / (1.0f + std::exp(-v)));
+    y[i] = static_cast<T>(static_cast<float>(s) * static_cast<float>(u[i]));
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
+  TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == u.scalar_type() && g.device().is_cpu() && u.device().is_cpu(),
+              "silu_mul: g and u of one shape and dtype on the CPU expected, got ", g.sizes(), " ", g.scalar_type(),
+              " and ", u.sizes(), " ", u.scalar_type());
+  const at::Tensor gc = g.contiguous(), uc = u.contiguous();
+  at::Tensor y = at::empty_like(gc);
+  const int64_t n = gc.numel();
+  if (g.scalar_type() == at::kFloat) {
+    silu_mul_span<float>(gc.data_ptr<float>(), uc.data_ptr<float>(), y.data_ptr<float>(), 0, n);
+  } else {
+    TORCH_CHECK(g.scalar_type() == at::kBFloat16, "silu_mul: float32 or bfloat16 expected, got ", g.scalar_type());
+    silu_mul_span<bf16>(gc.data_ptr<bf16>(), uc.data_ptr<bf16>(), y.data_ptr<bf16>(), 0, n);
+  }
+  return y;
+}
+
+// The threads of decode_layer's one parallel region: thread t of T takes items
+// [n * t / T, n * (t + 1) / T) of each phase, and all meet at a barrier between phases.
+struct Team {
+  int t = 0, T = 1;
+  std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / T, n * (t + 1) / T}; }
+};
+
+inline void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+template <typename T>
+void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::vector<int64_t>& rows, float eps1,
+                       float eps2, T* kc, T* vc, const T* cs, const T* sn, const int64_t* slots, const int64_t* pos,
+                       int64_t B, int64_t C, int64_t I, int64_t H, int64_t Hkv, int64_t D, int64_t S, int64_t level,
+                       const std::vector<T*>& buf, float* scratch, int64_t scratch_per_thread, const Team& team) {
+  T *h = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *a = buf[4], *o = buf[5], *x1 = buf[6], *h2 = buf[7],
+    *g = buf[8], *u = buf[9], *act = buf[10], *d = buf[11], *out = buf[12];
+  // products of several weights as one range of rows (as `products`): ys[i] = in @ ws[i]^T
+  auto products_of = [&](const T* in, int64_t K, std::initializer_list<int> which, std::initializer_list<T*> ys) {
+    int64_t total = 0;
+    for (int i : which) total += rows[i];
+    const auto [r0, r1] = team.share(total);
+    int64_t base = 0;
+    auto y = ys.begin();
+    for (int i : which) {
+      const int64_t N = rows[i], n0 = std::max(r0, base) - base, n1 = std::min(r1, base + N) - base;
+      if (n0 < n1) dispatch<T>(level, in, w[i], *y, B, K, N, n0, n1);
+      base += N;
+      ++y;
+    }
+  };
+  int64_t b0, b1, i0, i1;
+  std::tie(b0, b1) = team.share(B);
+  for (int64_t b = b0; b < b1; ++b) rms_norm_rows<T>(x + b * C, w[0], h + b * C, C, eps1);
+  team_barrier();
+  products_of(h, C, {1, 2, 3}, {q, k, v});
+  team_barrier();
+  // rotary on k, then k and v into the caches at (slot, head, position)
+  std::tie(i0, i1) = team.share(B * Hkv);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / Hkv, hk = i % Hkv, row = ((slots[b] * Hkv + hk) * S + pos[b]) * D;
+    rotate_rows<T>(k + i * D, cs + b * D, sn + b * D, kc + row, 1, D);
+    std::memcpy(vc + row, v + i * D, D * sizeof(T));
+  }
+  team_barrier();
+  // rotary on each query head, then attention over its slot's positions 0..pos
+  const int64_t group = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  float* qr_f = scratch + team.t * scratch_per_thread;  // [D] rotated query (as T), [D] acc, scores
+  T* qr = reinterpret_cast<T*>(qr_f);
+  float *acc = qr_f + D, *scores = qr_f + 2 * D;
+  std::tie(i0, i1) = team.share(B * H);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / H, hq = i % H, base = (slots[b] * Hkv + hq / group) * S * D;
+    rotate_rows<T>(q + i * D, cs + b * D, sn + b * D, qr, 1, D);
+    attend_head<T>(qr, kc + base, vc + base, a + i * D, pos[b] + 1, D, scale, scores, acc);
+  }
+  team_barrier();
+  products_of(a, H * D, {4}, {o});
+  team_barrier();
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < C; ++c) x1[b * C + c] = static_cast<T>(static_cast<float>(x[b * C + c]) + static_cast<float>(o[b * C + c]));
+    rms_norm_rows<T>(x1 + b * C, w[5], h2 + b * C, C, eps2);
+  }
+  team_barrier();
+  products_of(h2, C, {6, 7}, {g, u});
+  team_barrier();
+  std::tie(i0, i1) = team.share(B * I);
+  silu_mul_span<T>(g, u, act, i0, i1);
+  team_barrier();
+  products_of(act, I, {8}, {d});
+  team_barrier();
+  std::tie(i0, i1) = team.share(B * C);
+  for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(static_cast<float>(x1[i]) + static_cast<float>(d[i]));
+}
+
 // One decoder layer for one decode token per row (CpuDecodeBackend._layer's fused decode path, in
 // one call instead of ~16 from Python): x [B, hidden] and plain float weights of x's dtype in
 // `weights` = (input norm, q, k, v, o, post-attention norm, gate, up, down) as nn.Linear stores
-// them; the same ops in the same order as that path (rms_norm, q/k/v products, rotate,
-// decode_attend, o product and residual add, rms_norm, gate/up products, silu * up, down product
-// and residual add), so the same bits. Returns the layer's output [B, hidden].
+// them; cos and sin [B, head_dim] the rows' rotary tables, the caches [slots, kv heads, S,
+// head_dim]. The same ops in the same order as that path (rms_norm, q/k/v products, rotate,
+// decode_attend, o product and residual add, rms_norm, gate/up products, silu_mul, down product
+// and residual add), each row, head and element computed by the same code, so the same bits;
+// they run in one parallel region whose threads split each op's rows, heads or elements and
+// meet at a barrier between ops (instead of one fork and join per product: ~8 us each here,
+// where a 448 x 448 fp32 product takes ~25 us). Returns the layer's output [B, hidden].
 at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weights, double eps1, double eps2,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& slot_ids, const at::Tensor& positions, int64_t num_heads,
                         int64_t num_kv_heads, int64_t level) {
   TORCH_CHECK(weights.size() == 9, "decode_layer: 9 weights expected (norm, q, k, v, o, norm, gate, up, down), got ",
               weights.size());
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layer: a contiguous x [B, hidden] expected, got ", x.sizes());
-  const int64_t B = x.size(0), D = weights[1].size(0) / num_heads;
-  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && weights[1].size(0) == num_heads * D &&
-                  weights[2].size(0) == num_kv_heads * D && weights[3].size(0) == num_kv_heads * D,
-              "decode_layer: q/k/v weights of ", num_heads, " and ", num_kv_heads, " heads expected");
-  const at::Tensor h = rms_norm(x, weights[0], eps1);
-  const auto qkv = linears(h, {weights[1], weights[2], weights[3]}, level);
-  const at::Tensor q = rotate(qkv[0].view({B, num_heads, D}), cos, sin);
-  const at::Tensor k = rotate(qkv[1].view({B, num_kv_heads, D}), cos, sin);
-  const at::Tensor a = decode_attend(q, k, qkv[2].view({B, num_kv_heads, D}), k_cache, v_cache, slot_ids, positions);
-  const at::Tensor x1 = x + linear(a, weights[4], level);
-  const at::Tensor h2 = rms_norm(x1, weights[5], eps2);
-  const auto gu = linears(h2, {weights[6], weights[7]}, level);
-  return x1 + linear(at::silu(gu[0]) * gu[1], weights[8], level);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "decode_layer: a contiguous CPU x [B, hidden] expected, got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_layer: float32 or bfloat16 expected, got ", dt);
+  const int64_t B = x.size(0), C = x.size(1);
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              "decode_layer: ", num_heads, " query heads are not a multiple of ", num_kv_heads, " kv heads");
+  const int64_t D = weights[1].dim() == 2 ? weights[1].size(0) / num_heads : 0, I = weights[6].size(0);
+  const std::vector<std::vector<int64_t>> shapes{{C}, {num_heads * D, C}, {num_kv_heads * D, C}, {num_kv_heads * D, C},
+                                                 {C, num_heads * D}, {C}, {I, C}, {I, C}, {C, I}};
+  for (size_t i = 0; i < weights.size(); ++i)
+    TORCH_CHECK(D > 0 && weights[i].sizes() == at::IntArrayRef(shapes[i]) && weights[i].scalar_type() == dt &&
+                    weights[i].is_contiguous() && weights[i].device().is_cpu(),
+                "decode_layer: weight ", i, " (norm, q, k, v, o, norm, gate, up, down) must be a contiguous CPU ",
+                dt, " tensor of shape ", at::IntArrayRef(shapes[i]), ", got ", weights[i].sizes(), " ",
+                weights[i].scalar_type());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == num_kv_heads &&
+                  k_cache.size(3) == D && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == dt && v_cache.scalar_type() == dt && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(),
+              "decode_layer: contiguous CPU caches [slots, ", num_kv_heads, ", S, ", D, "] of x's dtype expected, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == B && cos.size(1) == D && sin.sizes() == cos.sizes() &&
+                  cos.scalar_type() == dt && sin.scalar_type() == dt,
+              "decode_layer: cos and sin [", B, ", ", D, "] of x's dtype expected, got ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(slot_ids.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slot_ids.numel() == B &&
+                  positions.numel() == B,
+              "decode_layer: int64 slot_ids and positions [B] expected");
+  const at::Tensor sl = slot_ids.contiguous(), ps = positions.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t *slots = sl.data_ptr<int64_t>(), *pos = ps.data_ptr<int64_t>();
+  const int64_t S = k_cache.size(2);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < k_cache.size(0), "decode_layer: slot ", slots[b], " outside the cache");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < S, "decode_layer: position ", pos[b], " outside the cache");
+    longest = std::max(longest, pos[b] + 1);
+  }
+  const int64_t H = num_heads, Hkv = num_kv_heads;
+  // every intermediate of the layer, allocated once: h, q, k, v, attention, o, x1, h2, gate, up,
+  // silu * up, down, output
+  const std::vector<int64_t> widths{C, H * D, Hkv * D, Hkv * D, H * D, C, C, C, I, I, I, C, C};
+  int64_t total = 0;
+  for (int64_t wd : widths) total += B * wd;
+  at::Tensor arena = at::empty({total}, x.options());
+  at::Tensor out = at::empty({B, C}, x.options());
+  level = std::min(level, cpu_level());
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+#endif
+  const int64_t per_thread = 2 * D + longest + 16;  // floats: a rotated query, acc and the scores
+  std::vector<float> scratch(per_thread * threads);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<const T*> w;
+    std::vector<int64_t> rows;
+    for (const auto& t : weights) {
+      w.push_back(t.data_ptr<T>());
+      rows.push_back(t.size(0));
+    }
+    std::vector<T*> buf;
+    T* p = arena.data_ptr<T>();
+    for (int64_t wd : widths) {
+      buf.push_back(p);
+      p += B * wd;
+    }
+    buf.back() = out.data_ptr<T>();
+    const T *xp = x.data_ptr<T>(), *csp = cc.data_ptr<T>(), *snp = sc.data_ptr<T>();
+    T *kcp = k_cache.data_ptr<T>(), *vcp = v_cache.data_ptr<T>();
+    auto body = [&](const Team& team) {
+      decode_layer_impl<T>(xp, w, rows, static_cast<float>(eps1), static_cast<float>(eps2), kcp, vcp, csp, snp, slots,
+                           pos, B, C, I, H, Hkv, D, S, level, buf, scratch.data(), per_thread, team);
+    };
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      {
+        Team team;
+        team.t = omp_get_thread_num();
+        team.T = omp_get_num_threads();
+        body(team);
+      }
+      return;
+    }
+#endif
+    body(Team{});
+  };
+  if (dt == at::kFloat) run(float{});
+  else run(bf16{});
+  return out;
 }
 
 }  // namespace
@@ -971,6 +1163,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("slot_ids"), pybind11::arg("positions"));
   m.def("linears", &linears, "[x @ w^T for w in ws]: linear for several weights in one parallel region (same bits)",
         pybind11::arg("x"), pybind11::arg("ws"), pybind11::arg("level"));
+  m.def("silu_mul", &silu_mul, "silu(g) * u rounded as torch's two ops round them, silu through std::exp",
+        pybind11::arg("g"), pybind11::arg("u"));
   m.def("decode_layer", &decode_layer,
         "one decoder layer for one decode token per row, as CpuDecodeBackend._layer's fused path (same bits)",
         pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("eps1"), pybind11::arg("eps2"),
