@@ -889,7 +889,8 @@ def test_silu_mul_equals_torch(dtype):
 
 
 def test_backend_decode_takes_the_fused_ops(monkeypatch):
-    """A kernels decode step runs RMSNorm, rotary and attention through the fused ops (and still
+    """A kernels decode step runs RMSNorm (the final one too), rotary, attention and silu * up
+    through the fused ops (and still
     equals the plain model: test_backend_equals_plain_model); a prefill does not. (Op by op here;
     the layer in one call: test_fused_layer_equals_the_op_by_op_path.)"""
     if cpu_kernels.load() is None:
@@ -911,5 +912,7 @@ def test_backend_decode_takes_the_fused_ops(monkeypatch):
         assert "decode_attend" not in calls and "rms_norm" not in calls
         backend.forward_hidden(torch.tensor([[9], [10]]), torch.tensor([[3], [3]]), cache, kv_len=4)
     layers = model.config.num_hidden_layers
-    assert calls.count("decode_attend") == layers and calls.count("rms_norm") == 2 * layers
+    # two norms per layer and the final one
+    assert calls.count("decode_attend") == layers and calls.count("rms_norm") == 2 * layers + 1
+    assert calls.count("silu_mul") == layers
     assert calls.count("rotate") == 2 * layers

@@ -152,6 +152,11 @@ class CpuDecodeBackend:
             else:
                 self._stepped_aside(f"layer {type(layer).__name__} with hooks or other module classes")
                 x = layer(x.view(B, T, hidden), inputs, (k_cache, v_cache)).reshape(B * T, hidden)
+        norm = model.model.norm
+        if (fused is not None and logits_index is None and logits_mask is None and _called_as_is(norm, RMSNorm)
+                and norm._parameters["weight"].dtype == x.dtype):
+            # a decode step's last norm as the layers' (one op instead of torch's six)
+            return self._kernels.rms_norm(x, norm._parameters["weight"], norm.variance_epsilon).view(B, T, hidden)
         return model.final_norm(x.view(B, T, hidden), logits_index=logits_index, logits_mask=logits_mask)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
