@@ -494,7 +494,8 @@ class Engine:
         logits = self._logits(parts)
         result = sample(logits, [s.params for s in batch], [s.generator for s in batch], allowed=self.allowed,
                         prompt_ids=[s.prompt_ids for s in batch], output_ids=[s.output_ids for s in batch],
-                        token_masks=self._token_masks(batch), end_ids=[s.end_ids for s in batch])
+                        token_masks=self._token_masks(batch), end_ids=[s.end_ids for s in batch],
+                        max_rows=self.backend.max_rows if self.backend is not None else None)
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if any(s.params.logprobs is not None for s in batch) else None
         now = time.monotonic()

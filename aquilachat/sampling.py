@@ -235,7 +235,7 @@ def _max_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], *,
            allowed: torch.Tensor | None = None, prompt_ids: list[list[int]] | None = None,
            output_ids: list[list[int]] | None = None, token_masks: torch.Tensor | None = None,
-           end_ids: list[torch.Tensor | None] | None = None) -> SampleResult:
+           end_ids: list[torch.Tensor | None] | None = None, max_rows=None) -> SampleResult:
     """Pick the next id of each row (the module docstring gives the steps).
 
     Args:
@@ -247,6 +247,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         token_masks: ``[B, V]`` bool, the ids each row may take (a response format's grammar).
         end_ids: per row, ``[n]`` int64 ids that would end the answer (held back while it is
             shorter than ``min_tokens``); None: the row's ``stop_token_ids``.
+        max_rows: a function with :func:`_max_rows`' results for ``[B, V]`` logits, or None
+            where it cannot take them (the CPU decode backend's :meth:`max_rows`); default
+            :func:`_max_rows`.
 
     Returns:
         :class:`SampleResult`. Never raises for non-finite logits: such rows, and rows whose
@@ -263,7 +266,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             and p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params):
         # plain greedy (benchmarks, evaluation): one pass. max propagates NaN, so finite maxima
         # mean no NaN, no +inf and a finite candidate in every row: steps 1-5 change nothing.
-        values, token_ids = _max_rows(logits)
+        found = max_rows(logits) if max_rows is not None else None
+        values, token_ids = found if found is not None else _max_rows(logits)
         if all(map(math.isfinite, values.tolist())):
             return SampleResult(token_ids, torch.full((B,), math.nan, device=device), {}, [None] * B)
     x = sanitize_logits(logits, allowed)

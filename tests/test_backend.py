@@ -203,6 +203,34 @@ def test_engine_runs_the_backend_and_its_release(layer_runs):
     assert len(layer_runs) == 3 * 3
 
 
+def test_engine_greedy_picks_through_the_backend(monkeypatch):
+    """Greedy steps take the backend's max_rows (one per step) and choose the same tokens as the
+    sampler's own torch path on the same logits (max_rows disabled)."""
+    from aquilachat.engine import Engine
+    from aquilachat.sampling import SamplingParams
+    model = pair(**CASES["gqa-untied"])[0]
+    engine = Engine(model, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
+    if engine.backend is None or engine.backend._kernels is None:
+        pytest.skip("no CPU kernels here")
+    real, calls = engine.backend.max_rows, []
+    monkeypatch.setattr(engine.backend, "max_rows", lambda x: calls.append(x.shape) or real(x))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def run():
+        outs = {}
+        for p in PROMPTS[:2]:
+            engine.add(p, params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.seq.seq_id, out.seq.output_ids)
+        return list(outs.values())
+
+    got = run()
+    assert len(calls) == 8 and all(c[1] == model.config.vocab_size for c in calls)
+    monkeypatch.setattr(engine.backend, "max_rows", lambda x: None)
+    assert run() == got
+
+
 class _PackedLinear(nn.Module):
     """A linear-like leaf module without a ``weight`` attribute (as a quantized linear): the
     backend must call it, never read its weight."""
@@ -886,6 +914,43 @@ def test_silu_mul_equals_torch(dtype):
     assert got.dtype == dtype and got.shape == want.shape
     rel = 2 ** -21 if dtype == torch.float32 else 2 ** -7
     assert ((got.double() - want.double()).abs() <= rel * want.double().abs() + 1e-30).all()
+
+
+def test_max_rows_equals_torch_max():
+    """The backend's greedy pick (ext.max_rows) against torch.max(dim=-1) on rows built to trip
+    it: ties (the first index wins), NaN anywhere (the first NaN wins), +-inf, all -inf, lengths
+    around its 16 lanes and 4096-value chunks; values equal (NaN where torch gives NaN), indices
+    identical. Other dtypes, or no kernels, give None (the sampler's own path)."""
+    model = pair(**CASES["gqa-untied"])[0]
+    backend = CpuDecodeBackend(model, kernels=True)
+    if backend._kernels is None:
+        pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
+    gen = torch.Generator().manual_seed(7)
+    nan, inf = float("nan"), float("inf")
+    rows = [torch.randn(100008, generator=gen), torch.full((100008,), -inf), torch.zeros(4097),
+            torch.randint(0, 2, (100008,), generator=gen).float()]
+    rows += [torch.randint(0, 4, (n,), generator=gen).float() for n in range(1, 70)]
+    for n, where in ((100008, (500, 70000)), (13, (12,)), (40, (3,)), (40, (39,)), (8200, (4096,)), (16, (0,))):
+        r = torch.randn(n, generator=gen)
+        r[list(where)] = nan
+        rows.append(r)
+    r = torch.randn(100008, generator=gen)
+    r[[5, 99999]] = inf
+    rows.append(r)
+    r = torch.full((9,), -inf)
+    r[8] = 1
+    rows.append(r)
+    for r in rows:
+        values, indices = backend.max_rows(r[None])
+        want_values, want_indices = r[None].max(dim=-1)
+        assert torch.equal(indices, want_indices), (r.shape, indices, want_indices)
+        assert torch.equal(values, want_values) or (values.isnan().all() and want_values.isnan().all())
+    x = torch.randn(5, 3000, generator=gen)
+    x[2, 7] = nan
+    values, indices = backend.max_rows(x)
+    assert torch.equal(indices, x.max(dim=-1).indices) and values.isnan().tolist() == [False, False, True, False, False]
+    assert backend.max_rows(x.double()) is None and backend.max_rows(x[0]) is None
+    assert CpuDecodeBackend(model, kernels=False).max_rows(x) is None
 
 
 def test_backend_decode_takes_the_fused_ops(monkeypatch):

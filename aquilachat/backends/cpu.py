@@ -170,6 +170,17 @@ class CpuDecodeBackend:
         rows = hidden.reshape(-1, hidden.shape[-1])
         return self._linear(rows, head.weight, self._kernels is not None).float().view(*hidden.shape[:-1], -1)
 
+    def max_rows(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``logits.max(dim=-1)`` for float32 CPU logits ``[B, V]`` through the kernels (the
+        sampler's greedy pick: values ``[B]``, NaN for a row holding one, and the first index of
+        the maximum ``[B]``, as torch gives them) in one op instead of torch's seven; None when
+        the kernels are not in use or the logits are not such a tensor."""
+        if (self._kernels is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
+                or logits.requires_grad or not 0 < logits.shape[1] < 2 ** 31):
+            return None
+        values, indices = self._kernels.max_rows(logits)
+        return values, indices
+
     # ------------------------------------------------------------------ internals
     def _model(self) -> AquilaForCausalLM:
         if self.model is None:

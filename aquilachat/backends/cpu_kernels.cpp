@@ -939,6 +939,75 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
   return y;
 }
 
+// torch.max(x, dim=-1) for float32 x [B, V]: each row's largest value and the index of its first
+// occurrence; a row holding a NaN gives its first NaN (torch counts NaN as the largest). Sixteen
+// interleaved running maxima per row, each keeping its first index (a branch-free loop the
+// compiler vectorises), merged with ties going to the smaller index; chunks of 4096 values are
+// checked for NaN as they pass.
+std::vector<at::Tensor> max_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) < (int64_t(1) << 31) && x.scalar_type() == at::kFloat &&
+                  x.device().is_cpu(),
+              "max_rows: float32 CPU x [B, V] with 0 < V < 2^31 expected, got ", x.sizes(), " ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t B = xc.size(0), V = xc.size(1);
+  constexpr int W = 16;
+  constexpr int64_t CHUNK = 4096;
+  at::Tensor values = at::empty({B}, xc.options()), indices = at::empty({B}, xc.options().dtype(at::kLong));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = xc.data_ptr<float>() + b * V;
+    float m = row[0];
+    int64_t idx = 0, i = 0;
+    bool nan = false;
+    if (V >= W) {
+      float best[W];
+      int32_t at[W];
+      for (int j = 0; j < W; ++j) {
+        best[j] = row[j];
+        at[j] = j;
+      }
+      const int64_t n = V / W * W;
+      for (int64_t c = 0; c < n && !nan; c += CHUNK) {
+        const int64_t end = std::min(n, c + CHUNK);
+        int32_t nans = 0;
+        for (int64_t k = c; k < end; k += W)
+          for (int j = 0; j < W; ++j) {
+            const float v = row[k + j];
+            const bool gt = v > best[j];
+            best[j] = gt ? v : best[j];
+            at[j] = gt ? static_cast<int32_t>(k + j) : at[j];
+            nans |= static_cast<int32_t>(v != v);
+          }
+        nan = nans != 0;
+      }
+      m = best[0];
+      idx = at[0];
+      for (int j = 1; j < W; ++j)
+        if (best[j] > m || (best[j] == m && at[j] < idx)) {
+          m = best[j];
+          idx = at[j];
+        }
+      i = n;
+    }
+    for (; i < V && !nan; ++i) {
+      const float v = row[i];
+      nan = v != v;
+      if (v > m) {
+        m = v;
+        idx = i;
+      }
+    }
+    if (nan || m != m) {  // the first NaN of the row
+      for (i = 0; row[i] == row[i]; ++i) {
+      }
+      m = row[i];
+      idx = i;
+    }
+    values.data_ptr<float>()[b] = m;
+    indices.data_ptr<int64_t>()[b] = idx;
+  }
+  return {values, indices};
+}
+
 // The threads of decode_layer's one parallel region: thread t of T takes items
 // [n * t / T, n * (t + 1) / T) of each phase, and all meet at a barrier between phases.
 struct Team {
@@ -1163,6 +1232,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("slot_ids"), pybind11::arg("positions"));
   m.def("linears", &linears, "[x @ w^T for w in ws]: linear for several weights in one parallel region (same bits)",
         pybind11::arg("x"), pybind11::arg("ws"), pybind11::arg("level"));
+  m.def("max_rows", &max_rows, "torch.max(x, dim=-1) for float32 x [B, V]: (values [B], first indices [B]), NaN first",
+        pybind11::arg("x"));
   m.def("silu_mul", &silu_mul, "silu(g) * u rounded as torch's two ops round them, silu through std::exp",
         pybind11::arg("g"), pybind11::arg("u"));
   m.def("decode_layer", &decode_layer,
