@@ -1013,13 +1013,16 @@ std::vector<at::Tensor> max_rows(const at::Tensor& x) {
 struct Team {
   int t = 0, T = 1;
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * t / T, n * (t + 1) / T}; }
-};
-
-inline void team_barrier() {
+  // a barrier of the region's team; none for a team of one (which runs outside any region: an
+  // orphaned barrier there would bind to an enclosing region's team)
+  void sync() const {
 #ifdef _OPENMP
+    if (T > 1) {
 #pragma omp barrier
+    }
 #endif
-}
+  }
+};
 
 template <typename T>
 void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::vector<int64_t>& rows, float eps1,
@@ -1045,9 +1048,9 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
   int64_t b0, b1, i0, i1;
   std::tie(b0, b1) = team.share(B);
   for (int64_t b = b0; b < b1; ++b) rms_norm_rows<T>(x + b * C, w[0], h + b * C, C, eps1);
-  team_barrier();
+  team.sync();
   products_of(h, C, {1, 2, 3}, {q, k, v});
-  team_barrier();
+  team.sync();
   // rotary on k, then k and v into the caches at (slot, head, position)
   std::tie(i0, i1) = team.share(B * Hkv);
   for (int64_t i = i0; i < i1; ++i) {
@@ -1055,7 +1058,7 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
     rotate_rows<T>(k + i * D, cs + b * D, sn + b * D, kc + row, 1, D);
     std::memcpy(vc + row, v + i * D, D * sizeof(T));
   }
-  team_barrier();
+  team.sync();
   // rotary on each query head, then attention over its slot's positions 0..pos
   const int64_t group = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -1068,21 +1071,21 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
     rotate_rows<T>(q + i * D, cs + b * D, sn + b * D, qr, 1, D);
     attend_head<T>(qr, kc + base, vc + base, a + i * D, pos[b] + 1, D, scale, scores, acc);
   }
-  team_barrier();
+  team.sync();
   products_of(a, H * D, {4}, {o});
-  team_barrier();
+  team.sync();
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t c = 0; c < C; ++c) x1[b * C + c] = static_cast<T>(static_cast<float>(x[b * C + c]) + static_cast<float>(o[b * C + c]));
     rms_norm_rows<T>(x1 + b * C, w[5], h2 + b * C, C, eps2);
   }
-  team_barrier();
+  team.sync();
   products_of(h2, C, {6, 7}, {g, u});
-  team_barrier();
+  team.sync();
   std::tie(i0, i1) = team.share(B * I);
   silu_mul_span<T>(g, u, act, i0, i1);
-  team_barrier();
+  team.sync();
   products_of(act, I, {8}, {d});
-  team_barrier();
+  team.sync();
   std::tie(i0, i1) = team.share(B * C);
   for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(static_cast<float>(x1[i]) + static_cast<float>(d[i]));
 }
