@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -235,7 +236,8 @@ def _max_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], *,
            allowed: torch.Tensor | None = None, prompt_ids: list[list[int]] | None = None,
            output_ids: list[list[int]] | None = None, token_masks: torch.Tensor | None = None,
-           end_ids: list[torch.Tensor | None] | None = None, max_rows=None) -> SampleResult:
+           end_ids: list[torch.Tensor | None] | None = None,
+           max_rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> SampleResult:
     """Pick the next id of each row (the module docstring gives the steps).
 
     Args:
@@ -293,7 +295,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 seen[b, torch.tensor(prompts[b], device=device)] = True
         x = apply_penalties(x, seen=seen, counts=counts, repetition=rep, presence=pres, frequency=freq)
         x = sanitize_logits(x, allowed)
-    _, token_ids = _max_rows(x)  # argmax (the first maximum), faster for a large V
+    found = max_rows(x) if max_rows is not None else None
+    _, token_ids = found if found is not None else _max_rows(x)  # argmax (the first maximum), faster for a large V
     # rows with at least one candidate: sanitized logits hold no NaN or +inf, so a row has a
     # finite logit iff its largest one is not -inf (a gather, not another pass over the logits)
     finite = x.gather(-1, token_ids[:, None])[:, 0] > -math.inf

@@ -204,8 +204,9 @@ def test_engine_runs_the_backend_and_its_release(layer_runs):
 
 
 def test_engine_greedy_picks_through_the_backend(monkeypatch):
-    """Greedy steps take the backend's max_rows (one per step) and choose the same tokens as the
-    sampler's own torch path on the same logits (max_rows disabled)."""
+    """Greedy steps take the backend's max_rows (one per step, on the plain greedy path and on
+    the sampler's full path with a penalty) and choose the same tokens as the sampler's own
+    torch path on the same logits (max_rows disabled)."""
     from aquilachat.engine import Engine
     from aquilachat.sampling import SamplingParams
     model = pair(**CASES["gqa-untied"])[0]
@@ -227,7 +228,12 @@ def test_engine_greedy_picks_through_the_backend(monkeypatch):
 
     got = run()
     assert len(calls) == 8 and all(c[1] == model.config.vocab_size for c in calls)
+    params = params.replace(repetition_penalty=1.3)  # the sampler's full path: sanitized logits
+    got_penalized = run()
+    assert len(calls) == 16 and got_penalized != got
     monkeypatch.setattr(engine.backend, "max_rows", lambda x: None)
+    assert run() == got_penalized
+    params = params.replace(repetition_penalty=1.0)
     assert run() == got
 
 
