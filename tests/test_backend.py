@@ -93,6 +93,18 @@ def test_backend_equals_plain_model_in_other_slots_and_single_rows(dtype, slots)
     _assert_close(_logits(backend, model, PROMPTS[:1], 5), _logits(model, model, PROMPTS[:1], 5), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_backend_runs_other_dtypes_as_the_plain_model(dtype, layer_runs):
+    """A model in a dtype the kernels do not take (``--dtype float16`` loads one on the CPU): its
+    layers and its final norm run through the modules, so the logits of a ragged prefill and
+    decode steps equal the plain model's (no error from the extension at the first decode step)."""
+    model = pair(dtype=dtype, **CASES["gqa-untied"])[0]
+    backend = CpuDecodeBackend(model)
+    got = _logits(backend, model, PROMPTS, 4)
+    assert not layer_runs  # every layer ran as its module
+    torch.testing.assert_close(got, _logits(model, model, PROMPTS, 4), atol=0, rtol=0)
+
+
 def test_backend_batch_wider_than_the_kernel_and_prefill_without_cache():
     """More rows than the kernel takes (torch's products), and a forward without a cache (the
     plain model's), still equal the plain model."""

@@ -154,8 +154,9 @@ class CpuDecodeBackend:
                 x = layer(x.view(B, T, hidden), inputs, (k_cache, v_cache)).reshape(B * T, hidden)
         norm = model.model.norm
         if (fused is not None and logits_index is None and logits_mask is None and _called_as_is(norm, RMSNorm)
-                and norm._parameters["weight"].dtype == x.dtype):
-            # a decode step's last norm as the layers' (one op instead of torch's six)
+                and x.dtype in DTYPES and norm._parameters["weight"].dtype == x.dtype):
+            # a decode step's last norm as the layers' (one op instead of torch's six); the
+            # kernels take float32 and bfloat16 only (a float16 model's layers ran as modules)
             return self._kernels.rms_norm(x, norm._parameters["weight"], norm.variance_epsilon).view(B, T, hidden)
         return model.final_norm(x.view(B, T, hidden), logits_index=logits_index, logits_mask=logits_mask)
 
