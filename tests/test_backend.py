@@ -887,33 +887,39 @@ def test_fused_layer_equals_the_op_by_op_path(case, dtype, layer_runs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_layer_bits_do_not_depend_on_the_thread_count(dtype):
+@pytest.mark.parametrize("dims", [(3, 96, 200, 6, 2, 16, 40), (7, 100, 37, 5, 1, 10, 9)], ids=["gqa", "mqa-odd"])
+def test_fused_layer_bits_do_not_depend_on_the_thread_count(dtype, dims):
     """decode_layer splits each op's rows, heads and elements among the threads of one parallel
-    region: one thread and two give the same output and the same cache, bit for bit (a decode
-    step of 3 ragged rows of a GQA layer)."""
+    region: one, two and three threads (shares that split rows, heads and elements unevenly) give
+    the same output and the same cache, bit for bit (a decode step of ragged rows of a GQA layer,
+    and of an MQA layer whose hidden size, head size and MLP width are not multiples of 8)."""
     ext = cpu_kernels.load()
     if ext is None:
         pytest.skip(f"CPU kernels not built here: {cpu_kernels.load_error()}")
     gen = torch.Generator().manual_seed(5)
-    B, C, I, H, Hkv, D, S = 3, 96, 200, 6, 2, 16, 40
+    B, C, I, H, Hkv, D, S = dims
     shapes = [(C,), (H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (C,), (I, C), (I, C), (C, I)]
     weights = [(torch.randn(*s, generator=gen) / s[-1] ** 0.5).to(dtype) for s in shapes]
     x = torch.randn(B, C, generator=gen).to(dtype)
-    caches = [torch.randn(4, Hkv, S, D, generator=gen).to(dtype) for _ in range(2)]
+    slots = B + 2
+    caches = [torch.randn(slots, Hkv, S, D, generator=gen).to(dtype) for _ in range(2)]
     cos, sin = torch.randn(B, D, generator=gen).to(dtype), torch.randn(B, D, generator=gen).to(dtype)
-    slot_ids, pos = torch.tensor([2, 0, 3]), torch.tensor([5, 0, 31])
+    slot_ids = torch.randperm(slots, generator=gen)[:B]  # scattered slots
+    pos = torch.randint(0, S, (B,), generator=gen)  # ragged positions, one at the cache's end
+    pos[-1] = S - 1
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             k, v = (c.clone() for c in caches)
             out = ext.decode_layer(x, weights, 1e-5, 1e-5, k, v, cos, sin, slot_ids, pos, H, Hkv, cpu_kernels.level())
             results.append((out, k, v))
     finally:
         torch.set_num_threads(threads)
-    (out1, k1, v1), (out2, k2, v2) = results
-    assert torch.equal(out1, out2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    (out1, k1, v1) = results[0]
+    for out2, k2, v2 in results[1:]:
+        assert torch.equal(out1, out2) and torch.equal(k1, k2) and torch.equal(v1, v2)
     assert not torch.equal(k1, caches[0])  # the step wrote its keys
 
 
