@@ -12,6 +12,8 @@
 #endif
 
 #include <algorithm>
+#include <iterator>
+#include <numeric>
 #include <atomic>
 #include <tuple>
 #include <type_traits>
@@ -394,34 +396,50 @@ int64_t cpu_level() {
   return 0;
 }
 
+// Rows [r0, r1) of `count` weights taken as one range of rows (weight i's rows follow weight i -
+// 1's): y[i][M, n[i]] = x[M, K] @ w[i][n[i], K]^T on the rows of each weight inside the range.
+template <typename T>
+void product_rows(int64_t level, const T* x, const T* const* w, const int64_t* n, T* const* y, size_t count,
+                  int64_t M, int64_t K, int64_t r0, int64_t r1) {
+  int64_t base = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n0 = std::max(r0, base) - base, n1 = std::min(r1, base + n[i]) - base;
+    if (n0 < n1) dispatch<T>(level, x, w[i], y[i], M, K, n[i], n0, n1);
+    base += n[i];
+  }
+}
+
 // y_i[M, N_i] = x[M, K] @ ws[i][N_i, K]^T for every weight (checked by the callers: contiguous CPU
 // tensors of one dtype, float32 or bfloat16) in one parallel region: the rows of all weights are
 // split among the threads as one range (one fork and join however many weights). Each row is
 // computed by the same kernel whatever range it falls in, so a row's bits do not depend on the
 // split or on the other weights.
 std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
-  const auto dt = x.scalar_type();
   const int64_t M = x.size(0), K = x.size(1);
   std::vector<at::Tensor> ys;
-  std::vector<int64_t> start{0};
+  std::vector<int64_t> n;
   for (const auto& w : ws) {
     ys.push_back(at::empty({M, w.size(0)}, x.options()));
-    start.push_back(start.back() + w.size(0));
+    n.push_back(w.size(0));
   }
+  const int64_t total = std::accumulate(n.begin(), n.end(), int64_t(0));
   level = std::min(level, cpu_level());
   // rows per task: at least 64 KiB of weight, so small products run on the calling thread
   const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
-  at::parallel_for(0, start.back(), grain, [&](int64_t r0, int64_t r1) {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<const T*> w;
+    std::vector<T*> y;
     for (size_t i = 0; i < ws.size(); ++i) {
-      const int64_t n0 = std::max(r0, start[i]) - start[i], n1 = std::min(r1, start[i + 1]) - start[i];
-      if (n0 >= n1) continue;
-      const int64_t N = ws[i].size(0);
-      if (dt == at::kFloat)
-        dispatch<float>(level, x.data_ptr<float>(), ws[i].data_ptr<float>(), ys[i].data_ptr<float>(), M, K, N, n0, n1);
-      else
-        dispatch<bf16>(level, x.data_ptr<bf16>(), ws[i].data_ptr<bf16>(), ys[i].data_ptr<bf16>(), M, K, N, n0, n1);
+      w.push_back(ws[i].data_ptr<T>());
+      y.push_back(ys[i].data_ptr<T>());
     }
-  });
+    at::parallel_for(0, total, grain, [&](int64_t r0, int64_t r1) {
+      product_rows<T>(level, x.data_ptr<T>(), w.data(), n.data(), y.data(), ws.size(), M, K, r0, r1);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else run(bf16{});
   return ys;
 }
 
@@ -1032,24 +1050,17 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
   T *h = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *a = buf[4], *o = buf[5], *x1 = buf[6], *h2 = buf[7],
     *g = buf[8], *u = buf[9], *act = buf[10], *d = buf[11], *out = buf[12];
   // products of several weights as one range of rows (as `products`): ys[i] = in @ ws[i]^T
-  auto products_of = [&](const T* in, int64_t K, std::initializer_list<int> which, std::initializer_list<T*> ys) {
-    int64_t total = 0;
-    for (int i : which) total += rows[i];
+  // this thread's share of the rows of weights first .. first + count - 1 (as one range)
+  auto products_of = [&](const T* in, int64_t K, size_t first, size_t count, std::initializer_list<T*> ys) {
+    const int64_t total = std::accumulate(rows.begin() + first, rows.begin() + first + count, int64_t(0));
     const auto [r0, r1] = team.share(total);
-    int64_t base = 0;
-    auto y = ys.begin();
-    for (int i : which) {
-      const int64_t N = rows[i], n0 = std::max(r0, base) - base, n1 = std::min(r1, base + N) - base;
-      if (n0 < n1) dispatch<T>(level, in, w[i], *y, B, K, N, n0, n1);
-      base += N;
-      ++y;
-    }
+    product_rows<T>(level, in, w.data() + first, rows.data() + first, std::data(ys), count, B, K, r0, r1);
   };
   int64_t b0, b1, i0, i1;
   std::tie(b0, b1) = team.share(B);
   for (int64_t b = b0; b < b1; ++b) rms_norm_rows<T>(x + b * C, w[0], h + b * C, C, eps1);
   team.sync();
-  products_of(h, C, {1, 2, 3}, {q, k, v});
+  products_of(h, C, 1, 3, {q, k, v});
   team.sync();
   // rotary on k, then k and v into the caches at (slot, head, position)
   std::tie(i0, i1) = team.share(B * Hkv);
@@ -1072,19 +1083,19 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
     attend_head<T>(qr, kc + base, vc + base, a + i * D, pos[b] + 1, D, scale, scores, acc);
   }
   team.sync();
-  products_of(a, H * D, {4}, {o});
+  products_of(a, H * D, 4, 1, {o});
   team.sync();
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t c = 0; c < C; ++c) x1[b * C + c] = static_cast<T>(static_cast<float>(x[b * C + c]) + static_cast<float>(o[b * C + c]));
     rms_norm_rows<T>(x1 + b * C, w[5], h2 + b * C, C, eps2);
   }
   team.sync();
-  products_of(h2, C, {6, 7}, {g, u});
+  products_of(h2, C, 6, 2, {g, u});
   team.sync();
   std::tie(i0, i1) = team.share(B * I);
   silu_mul_span<T>(g, u, act, i0, i1);
   team.sync();
-  products_of(act, I, {8}, {d});
+  products_of(act, I, 8, 1, {d});
   team.sync();
   std::tie(i0, i1) = team.share(B * C);
   for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<T>(static_cast<float>(x1[i]) + static_cast<float>(d[i]));
