@@ -959,9 +959,11 @@ at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
 
 // torch.max(x, dim=-1) for float32 x [B, V]: each row's largest value and the index of its first
 // occurrence; a row holding a NaN gives its first NaN (torch counts NaN as the largest). Sixteen
-// interleaved running maxima per row, each keeping its first index (a branch-free loop the
-// compiler vectorises), merged with ties going to the smaller index; chunks of 4096 values are
-// checked for NaN as they pass.
+// interleaved running maxima per row, each keeping its first index (sixteen independent chains
+// of selects, not one chain of compares), merged with ties going to the smaller index; chunks of
+// 4096 values are checked for NaN as they pass. Plain C++ (the baseline instruction set): ~75 us
+// for 100008 values warm, against ~50 us for torch's vectorised amax-based path, but one op on
+// cold caches instead of seven (see the backend's max_rows).
 std::vector<at::Tensor> max_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) < (int64_t(1) << 31) && x.scalar_type() == at::kFloat &&
                   x.device().is_cpu(),
