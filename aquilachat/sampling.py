@@ -259,6 +259,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     B, V = logits.shape
     device = logits.device
+
+    def argmax(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (max values, first indices) [B]
+        found = max_rows(t) if max_rows is not None else None
+        return found if found is not None else _max_rows(t)
+
     outputs = output_ids or [[] for _ in range(B)]
     output_lens = [len(o) for o in outputs]
     constrained = token_masks is not None or any(
@@ -268,8 +273,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             and p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params):
         # plain greedy (benchmarks, evaluation): one pass. max propagates NaN, so finite maxima
         # mean no NaN, no +inf and a finite candidate in every row: steps 1-5 change nothing.
-        found = max_rows(logits) if max_rows is not None else None
-        values, token_ids = found if found is not None else _max_rows(logits)
+        values, token_ids = argmax(logits)
         if all(map(math.isfinite, values.tolist())):
             return SampleResult(token_ids, torch.full((B,), math.nan, device=device), {}, [None] * B)
     x = sanitize_logits(logits, allowed)
@@ -295,8 +299,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 seen[b, torch.tensor(prompts[b], device=device)] = True
         x = apply_penalties(x, seen=seen, counts=counts, repetition=rep, presence=pres, frequency=freq)
         x = sanitize_logits(x, allowed)
-    found = max_rows(x) if max_rows is not None else None
-    _, token_ids = found if found is not None else _max_rows(x)  # argmax (the first maximum), faster for a large V
+    _, token_ids = argmax(x)  # the first maximum
     # rows with at least one candidate: sanitized logits hold no NaN or +inf, so a row has a
     # finite logit iff its largest one is not -inf (a gather, not another pass over the logits)
     finite = x.gather(-1, token_ids[:, None])[:, 0] > -math.inf

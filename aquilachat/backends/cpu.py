@@ -179,8 +179,7 @@ class CpuDecodeBackend:
         if (self._kernels is None or logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu"
                 or logits.requires_grad or not 0 < logits.shape[1] < 2 ** 31):
             return None
-        values, indices = self._kernels.max_rows(logits)
-        return values, indices
+        return tuple(self._kernels.max_rows(logits))
 
     # ------------------------------------------------------------------ internals
     def _model(self) -> AquilaForCausalLM:
