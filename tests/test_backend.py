@@ -458,8 +458,9 @@ def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
     other sequences in the step."""
     ext, levels = _ext_and_levels()
     gen = torch.Generator().manual_seed(1)
-    # 203 inputs: a short row (one input row takes whole rows in turn); 2100: a long one (8 rows
-    # side by side), in both dtypes (cpu_kernels_body.h, SHORT_ROW_BYTES = 4096)
+    # one input row reads a thread's rows as STREAMS parts side by side, more rows go R rows at a
+    # time (cpu_kernels_body.h); 1030 rows leave rows over after the parts at 1-3 threads; 203
+    # inputs: a vector-width tail, 2100: a long row, in both dtypes
     for K in (203, 2100):
         x = torch.randn(cpu_kernels.MAX_ROWS, K, generator=gen).to(dtype)
         w = torch.randn(1030, K, generator=gen).to(dtype)

@@ -24,9 +24,9 @@
 
 using bf16 = c10::BFloat16;
 
-// Rows of at most this many bytes are multiplied one whole row after another at one input row
-// (cpu_kernels_body.h, run).
-constexpr int64_t SHORT_ROW_BYTES = 4096;
+// At one input row, a thread's range of weight rows is read as this many parts side by side
+// (cpu_kernels_body.h, streams).
+constexpr int STREAMS = 8;
 
 // The VDPBF16PS int4 and int8 kernels (q4_bf16_block, q8_bf16_block) prefetch each code stream
 // this many bytes ahead of their loads (and the int4 scales PREFETCH_SCALE_BYTES ahead): they
