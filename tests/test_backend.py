@@ -472,6 +472,31 @@ def test_kernel_gives_each_row_the_same_result_whatever_the_batch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_one_row_bits_do_not_depend_on_the_thread_count(dtype):
+    """At one input row each thread cuts its range of rows into STREAMS parts (cpu_kernels_body.h,
+    `streams`), so the parts and the rows left over after them move with the split: one, two and
+    three threads give the same bits as the same row among three rows at one thread, at every
+    level (4099, 1029 and 1030 rows: uneven shares of more rows than a task's grain; 17 and 203
+    inputs: a tail at every vector width). Torch's thread count, not the CPU's cores, sets the
+    split, so this runs the split path on a one-core machine too."""
+    ext, levels = _ext_and_levels()
+    gen = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for K, N in ((17, 4099), (203, 1029), (2100, 1030)):
+            x = torch.randn(3, K, generator=gen).to(dtype)
+            w = torch.randn(N, K, generator=gen).to(dtype)
+            for level in levels:
+                torch.set_num_threads(1)
+                want = ext.linear(x, w, level)[1:2]  # more than one row: R rows at a time, no parts
+                for threads in (1, 2, 3):
+                    torch.set_num_threads(threads)
+                    assert torch.equal(ext.linear(x[1:2].contiguous(), w, level), want), (K, N, level, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_linears_equal_one_product_per_weight(dtype):
     """ext.linears (several weights in one parallel region, the rows of all split as one range)
     gives each weight's product bit for bit as ext.linear does, at every level, for short and long
