@@ -496,26 +496,6 @@ def test_kernel_one_row_bits_do_not_depend_on_the_thread_count(dtype):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_linears_equal_one_product_per_weight(dtype):
-    """ext.linears (several weights in one parallel region, the rows of all split as one range)
-    gives each weight's product bit for bit as ext.linear does, at every level, for short and long
-    rows and weights whose sizes do not divide the threads' ranges."""
-    ext, levels = _ext_and_levels()
-    gen = torch.Generator().manual_seed(2)
-    for K in (203, 2100):
-        ws = [torch.randn(n, K, generator=gen).to(dtype) for n in (37, 1030, 5)]
-        for M in (1, 3):
-            x = torch.randn(M, K, generator=gen).to(dtype)
-            for level in levels:
-                got = ext.linears(x, ws, level)
-                assert len(got) == 3
-                for g, w in zip(got, ws):
-                    assert torch.equal(g, ext.linear(x, w, level)), (K, M, level, w.shape)
-    with pytest.raises(RuntimeError, match="linears: contiguous CPU weights"):
-        ext.linears(torch.randn(1, 8), [torch.randn(4, 8), torch.randn(4, 9)], levels[-1])
-
-
 def test_kernel_wrapper_hands_other_inputs_to_torch():
     """Too many rows, mixed dtypes, a non-contiguous weight, autograd: F.linear's result."""
     if cpu_kernels.load() is None:

@@ -409,40 +409,9 @@ void product_rows(int64_t level, const T* x, const T* const* w, const int64_t* n
   }
 }
 
-// y_i[M, N_i] = x[M, K] @ ws[i][N_i, K]^T for every weight (checked by the callers: contiguous CPU
-// tensors of one dtype, float32 or bfloat16) in one parallel region: the rows of all weights are
-// split among the threads as one range (one fork and join however many weights). Each row is
-// computed by the same kernel whatever range it falls in, so a row's bits do not depend on the
-// split or on the other weights.
-std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<at::Tensor> ys;
-  std::vector<int64_t> n;
-  for (const auto& w : ws) {
-    ys.push_back(at::empty({M, w.size(0)}, x.options()));
-    n.push_back(w.size(0));
-  }
-  const int64_t total = std::accumulate(n.begin(), n.end(), int64_t(0));
-  level = std::min(level, cpu_level());
-  // rows per task: at least 64 KiB of weight, so small products run on the calling thread
-  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    std::vector<const T*> w;
-    std::vector<T*> y;
-    for (size_t i = 0; i < ws.size(); ++i) {
-      w.push_back(ws[i].data_ptr<T>());
-      y.push_back(ys[i].data_ptr<T>());
-    }
-    at::parallel_for(0, total, grain, [&](int64_t r0, int64_t r1) {
-      product_rows<T>(level, x.data_ptr<T>(), w.data(), n.data(), y.data(), ws.size(), M, K, r0, r1);
-    });
-  };
-  if (x.scalar_type() == at::kFloat) run(float{});
-  else run(bf16{});
-  return ys;
-}
-
+// y[M, N] = x[M, K] @ w[N, K]^T, the rows split among torch's intra-op threads (at least 64 KiB of
+// weight a task, so small products run on the calling thread). Each row is computed by the same
+// kernel whatever range it falls in, so a row's bits do not depend on the split.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear: x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.size(1) == w.size(1), "linear: x has ", x.size(1), " columns, w has ", w.size(1));
@@ -451,7 +420,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, int64_t level) {
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "linear: contiguous x and w expected");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "linear: float32 or bfloat16 expected, got ", x.scalar_type());
-  return products(x, {w}, level)[0];
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  level = std::min(level, cpu_level());
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 16) / std::max<int64_t>(1, K * x.element_size()));
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { dispatch<T>(level, xp, wp, yp, M, K, N, n0, n1); });
+  };
+  if (x.scalar_type() == at::kFloat) run(float{});
+  else run(bf16{});
+  return y;
 }
 
 // How many distinct threads run the chunks of an at::parallel_for over `n` items here: the
@@ -915,20 +896,6 @@ at::Tensor decode_attend(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 
 
-// Several products of one input in one parallel region (`products`): ys[i] = x @ ws[i]^T for
-// plain float weights [N_i, K] of x's dtype, each bit for bit linear(x, ws[i], level).
-std::vector<at::Tensor> linears(const at::Tensor& x, const std::vector<at::Tensor>& ws, int64_t level) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "linears: a contiguous CPU x [M, K] expected");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "linears: float32 or bfloat16 expected, got ", dt);
-  for (const auto& w : ws)
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.scalar_type() == dt && w.is_contiguous() &&
-                    w.device().is_cpu(),
-                "linears: contiguous CPU weights [N, ", x.size(1), "] of x's dtype expected, got ", w.sizes(), " ",
-                w.scalar_type());
-  return products(x, ws, level);
-}
-
 // silu(g) * u as model.MLP computes it with torch (silu rounded to T, then the product rounded to
 // T), with silu(v) = v / (1 + exp(-v)) in fp32 through std::exp: each element on its own, so the
 // bits do not depend on how the elements are split among threads.
@@ -1051,7 +1018,7 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
                        const std::vector<T*>& buf, float* scratch, int64_t scratch_per_thread, const Team& team) {
   T *h = buf[0], *q = buf[1], *k = buf[2], *v = buf[3], *a = buf[4], *o = buf[5], *x1 = buf[6], *h2 = buf[7],
     *g = buf[8], *u = buf[9], *act = buf[10], *d = buf[11], *out = buf[12];
-  // products of several weights as one range of rows (as `products`): ys[i] = in @ ws[i]^T
+  // products of several weights as one range of rows (product_rows): ys[i] = in @ ws[i]^T,
   // this thread's share of the rows of weights first .. first + count - 1 (as one range)
   auto products_of = [&](const T* in, int64_t K, size_t first, size_t count, std::initializer_list<T*> ys) {
     const int64_t total = std::accumulate(rows.begin() + first, rows.begin() + first + count, int64_t(0));
@@ -1246,8 +1213,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write k, v [B, Hkv, D] into the caches at (slot, position), attend q [B, H, D] over positions <= position",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::arg("slot_ids"), pybind11::arg("positions"));
-  m.def("linears", &linears, "[x @ w^T for w in ws]: linear for several weights in one parallel region (same bits)",
-        pybind11::arg("x"), pybind11::arg("ws"), pybind11::arg("level"));
   m.def("max_rows", &max_rows, "torch.max(x, dim=-1) for float32 x [B, V]: (values [B], first indices [B]), NaN first",
         pybind11::arg("x"));
   m.def("silu_mul", &silu_mul, "silu(g) * u rounded as torch's two ops round them, silu through std::exp",
