@@ -184,8 +184,12 @@ def test_stop_frees_the_server_slot(tab, server, monkeypatch):
     tab.page.dispatch_event("#max_tokens", "change")
     tab.page.click("#close-settings")
     tab.send("Write a long story about a dragon.")
+    # the answer's own text (its first child, as messages() reads it): the whole element's text
+    # counts the placeholder and the Regenerate button (11 characters) before any token arrives,
+    # while the request may still be waiting for the engine's next step
     tab.page.wait_for_function("() => { const m = document.querySelectorAll('#messages .msg.assistant'); "
-                               "return m.length && m[m.length - 1].textContent.length > 8; }")
+                               "const a = m.length ? m[m.length - 1].firstChild : null; "
+                               "return a && a.textContent.length > 8; }")
     assert metric(server.url, "aquilachat_running_sequences") == 1
     tab.shot("3-streaming")
     tab.page.click("#stop")
