@@ -43,7 +43,7 @@ from .backends import BackendUnsupported, CpuDecodeBackend
 from .errors import ValidationError
 from .model import AquilaForCausalLM, KVCache
 from .prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
-from .sampling import SamplingParams, sample, sanitize_logits
+from .sampling import SamplingParams, plain_greedy, sample, sanitize_logits
 from .structured_output import bitmask_to_bool
 
 __all__ = ["Engine", "Sequence", "StepOutput", "EngineStats", "PROMPT_LOGPROBS_CHUNK"]
@@ -132,6 +132,12 @@ class Engine:
             requests (vLLM's name; :mod:`aquilachat.prefix_cache`). Outputs are the same with and
             without it.
         prefix_block_size: tokens per cached block.
+        num_scheduler_steps: decode steps one :meth:`step` may run at once when every running
+            sequence decodes greedily with nothing else to compute (vLLM's multi-step decoding:
+            :meth:`CpuDecodeBackend.decode_greedy`, no Python between the steps; the same
+            tokens as single steps, each sequence cut at its first stop). Default 1: one token
+            per step. More steps make small models faster at a cost in latency: streamed text
+            and newly arrived requests wait for the whole burst.
 
     On the CPU, prefill and decode run through :class:`~aquilachat.backends.CpuDecodeBackend`
     (``self.backend``; :meth:`release_backend` lets it go).
@@ -144,9 +150,12 @@ class Engine:
                  allowed: torch.Tensor | None = None, max_num_seqs: int = 8,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 prefix_block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE, num_scheduler_steps: int = 1) -> None:
         if max_num_seqs < 1:
             raise ValidationError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if num_scheduler_steps < 1:
+            raise ValidationError(f"num_scheduler_steps must be >= 1, got {num_scheduler_steps}")
+        self.num_scheduler_steps = num_scheduler_steps
         self.model = model.eval()
         # prefill and decode run through the device backend when there is one (it steps aside
         # to the plain modules for what it does not support); the model is never changed by it
@@ -489,6 +498,10 @@ class Engine:
             if self.prefix_cache is not None:
                 for seq in new:  # concurrent requests with the same prefix can copy it from here
                     self.prefix_cache.record(seq.slot, seq.prompt_ids, len(seq.prompt_ids))
+        if not new and self.num_scheduler_steps > 1:
+            burst = self._decode_greedy(old)
+            if burst is not None:
+                return outputs + burst
         if old:
             parts.append(self._decode(old))
         logits = self._logits(parts)
@@ -523,11 +536,52 @@ class Engine:
                     self._retire(seq, "stop", stop_reason=tok)
                     outputs.append(StepOutput(seq, tok, True))
                     continue
-            if tok in self.eos_token_ids and not seq.params.ignore_eos:
-                self._retire(seq, "stop", stop_reason=tok)
-            elif tok in seq.params.stop_token_ids:
-                self._retire(seq, "stop", stop_reason=tok)
-            elif len(seq.output_ids) >= seq.max_tokens:
-                self._retire(seq, "length")
+            self._check_end(seq, tok)
             outputs.append(StepOutput(seq, tok, seq.finished))
+        return outputs
+
+    def _check_end(self, seq: Sequence, tok: int) -> None:
+        """Retire ``seq`` if its new last token ``tok`` ends it: EOS (unless ``ignore_eos``), a
+        stop id, or ``max_tokens`` reached."""
+        if tok in self.eos_token_ids and not seq.params.ignore_eos:
+            self._retire(seq, "stop", stop_reason=tok)
+        elif tok in seq.params.stop_token_ids:
+            self._retire(seq, "stop", stop_reason=tok)
+        elif len(seq.output_ids) >= seq.max_tokens:
+            self._retire(seq, "length")
+
+    def _decode_greedy(self, seqs: list[Sequence]) -> list[StepOutput] | None:
+        """Up to :attr:`num_scheduler_steps` decode steps for ``seqs`` (the running sequences, in
+        slot order) in one call of the backend when each decodes greedily with nothing else to
+        compute (:func:`~aquilachat.sampling.plain_greedy`, no grammar); the same tokens and
+        retirements as that many :meth:`step` calls, each sequence cut at its first end. None
+        when a single step must run instead (another kind of sequence, no backend, fewer than 2
+        steps left, or the backend cannot run the whole step)."""
+        if self.backend is None or not seqs or any(s.constraint is not None or not plain_greedy(s.params, len(s.output_ids))
+                                                   for s in seqs):
+            return None
+        steps = min(self.num_scheduler_steps, *(s.max_tokens - len(s.output_ids) for s in seqs))
+        if steps < 2:
+            return None
+        ends = set()
+        for s in seqs:
+            ends.update(s.params.stop_token_ids)
+            if not s.params.ignore_eos:
+                ends.update(self.eos_token_ids)
+        with torch.inference_mode():
+            tokens = self.backend.decode_greedy([s.output_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+                                                self.cache, [s.slot for s in seqs], steps, allowed=self.allowed,
+                                                end_ids=sorted(t for t in ends if 0 <= t < self.config.vocab_size))
+        if not tokens or not tokens[0]:
+            return None
+        self.stats.steps += len(tokens[0])
+        outputs = []
+        for seq, row in zip(seqs, tokens):
+            for tok in row:
+                seq.output_ids.append(tok)
+                self.stats.generated_tokens += 1
+                self._check_end(seq, tok)
+                outputs.append(StepOutput(seq, tok, seq.finished))
+                if seq.finished:
+                    break
         return outputs

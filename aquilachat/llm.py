@@ -55,6 +55,10 @@ class LLM:
         enable_prefix_caching: reuse the keys and values of prompt prefixes across requests
             (vLLM's name; on by default; outputs are the same without it). See
             :mod:`aquilachat.prefix_cache`.
+        num_scheduler_steps: decode steps the engine may run in one call when every running
+            answer decodes greedily (vLLM's multi-step decoding; default 1, one token per step):
+            the same tokens, faster for small models, in bursts of that many tokens; see
+            :class:`~aquilachat.engine.Engine`.
 
     ``SamplingParams.structured_outputs`` (a JSON schema or any JSON object) is enforced with
     xgrammar (:mod:`aquilachat.structured_output`, the ``structured`` extra); the chat template's
@@ -70,7 +74,8 @@ class LLM:
                  device: str = "auto", template: str | None = None, quantization: str | None = None,
                  max_num_seqs: int | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
-                 kv_cache_memory: str | int | float | None = None, enable_prefix_caching: bool = True) -> None:
+                 kv_cache_memory: str | int | float | None = None, enable_prefix_caching: bool = True,
+                 num_scheduler_steps: int = 1) -> None:
         ckpt = Checkpoint.open(model)
         self.model_name = str(model) if not isinstance(model, Checkpoint) else model.name
         self.memory_plan = ckpt.plan_memory(device=device, dtype=dtype, quantization=quantization,
@@ -89,7 +94,7 @@ class LLM:
                              allowed=self.tokenizer.decodable_mask(self.config.vocab_size),
                              max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
                              kv_cache_tokens=kv_cache_tokens, max_num_batched_tokens=plan.max_num_batched_tokens,
-                             enable_prefix_caching=enable_prefix_caching)
+                             enable_prefix_caching=enable_prefix_caching, num_scheduler_steps=num_scheduler_steps)
         self.tokenizer.token_bytes(0)  # builds the detokenizer's byte table now (0.4 s for 100k ids), not in a request
         self._grammar_backend: GrammarBackend | None = None
 

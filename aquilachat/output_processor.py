@@ -342,25 +342,37 @@ class OutputTracker:
             end -= 1  # the EOS / stop id itself is not text
         before = len(self._text)
         while self._consumed < end:
+            start = len(self._text)
             self._text += self._detok.push(ids[self._consumed])
             self._consumed += 1
+            if self.stops and self._consumed < end and len(self._text) > start:
+                # several new tokens (the engine's multi-step decoding): the answer ends at the
+                # token that completes a stop string, as when the tokens come one step at a time
+                hit = self._find_stop(start)
+                if hit is not None:
+                    return self._stop_at(hit, self._consumed), True
         if seq.finished and not self._flushed:
             self._text += self._detok.flush()
             self._flushed = True
         if self.stops:
             hit = self._find_stop(before)
             if hit is not None:
-                idx, s = hit
-                self._text = self._text[:idx]
-                self.stop_string = s
-                self._num_tokens = len(ids)
-                delta = self._text[self._sent:]
-                self._sent = len(self._text)
-                return delta, True
+                return self._stop_at(hit, len(ids)), True
         safe = len(self._text) if seq.finished else len(self._text) - self._holdback()
         delta = self._text[self._sent:safe]
         self._sent = max(self._sent, safe)
         return delta, False
+
+    def _stop_at(self, hit: tuple[int, str], num_tokens: int) -> str:
+        """End the answer at the stop string ``hit`` (index, string) with its first
+        ``num_tokens`` output ids; returns the text delta not yet sent."""
+        idx, s = hit
+        self._text = self._text[:idx]
+        self.stop_string = s
+        self._num_tokens = num_tokens
+        delta = self._text[self._sent:]
+        self._sent = len(self._text)
+        return delta
 
     @property
     def num_consumed(self) -> int:

@@ -48,7 +48,7 @@ import torch
 
 from .sampling_params import SamplingParams  # noqa: F401 - re-exported
 
-__all__ = ["SamplingParams", "sample", "SampleResult", "sanitize_logits", "apply_constraints", "NO_CANDIDATE_ERROR",
+__all__ = ["SamplingParams", "sample", "plain_greedy", "SampleResult", "sanitize_logits", "apply_constraints", "NO_CANDIDATE_ERROR",
            "CONSTRAINT_ERROR"]
 
 #: The error of a row with no finite logit (the model produced NaN/inf).
@@ -233,6 +233,16 @@ def _max_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, index
 
 
+def plain_greedy(params: SamplingParams, output_len: int) -> bool:
+    """Whether a row's next id is the first id with the largest logit (among the allowed ids),
+    with nothing else to compute: greedy (``temperature == 0``), no log-probabilities, no
+    penalties, no ``logit_bias``, ``min_tokens`` reached (``output_len``: tokens generated so
+    far). A row with a response format's grammar is not plain either (the caller knows)."""
+    return (params.temperature == 0 and params.logprobs is None and params.repetition_penalty == 1
+            and params.presence_penalty == 0 and params.frequency_penalty == 0 and not params.logit_bias
+            and output_len >= params.min_tokens)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None], *,
            allowed: torch.Tensor | None = None, prompt_ids: list[list[int]] | None = None,
            output_ids: list[list[int]] | None = None, token_masks: torch.Tensor | None = None,
@@ -268,9 +278,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     output_lens = [len(o) for o in outputs]
     constrained = token_masks is not None or any(
         p.logit_bias or output_lens[b] < p.min_tokens for b, p in enumerate(params))
-    if allowed is None and not constrained and all(
-            p.temperature == 0 and p.logprobs is None and p.repetition_penalty == 1
-            and p.presence_penalty == 0 and p.frequency_penalty == 0 for p in params):
+    if allowed is None and token_masks is None and all(
+            plain_greedy(p, output_lens[b]) for b, p in enumerate(params)):
         # plain greedy (benchmarks, evaluation): one pass. max propagates NaN, so finite maxima
         # mean no NaN, no +inf and a finite candidate in every row: steps 1-5 change nothing.
         values, token_ids = argmax(logits)

@@ -2,9 +2,12 @@
 memory-bandwidth bound at batch 1.
 
     python bench/decode.py [--configs bench-20m,bench-100m] [--new-tokens 128] [--threads N]
+                           [--num-scheduler-steps 1,8]
 
 For each config a random model with that shape is built once; ours runs it through the engine
-(prefill + single-token decode over the preallocated KV cache), transformers runs the same
+(prefill + single-token decode over the preallocated KV cache) once per ``--num-scheduler-steps``
+value (default ``1,8``: the default engine, and greedy decode steps 8 at a time in one call of
+the kernels, vLLM's multi-step decoding; docs/generation.md), transformers runs the same
 weights through ``LlamaForCausalLM.generate(do_sample=False)`` with its default dynamic cache.
 Both generate exactly ``--new-tokens`` tokens per sequence (EOS ignored) from a 16-token prompt;
 the two sides run alternately ``--repeats`` times and the medians are reported (this machine's
@@ -84,8 +87,9 @@ def weight_bytes_per_token(model: AquilaForCausalLM) -> int:
     return total
 
 
-def bench_ours(model, prompts, new_tokens) -> float:
-    eng = Engine(model, max_num_seqs=len(prompts), max_model_len=prompts.shape[1] + new_tokens + 1)
+def bench_ours(model, prompts, new_tokens, num_scheduler_steps: int = 1) -> float:
+    eng = Engine(model, max_num_seqs=len(prompts), max_model_len=prompts.shape[1] + new_tokens + 1,
+                 num_scheduler_steps=num_scheduler_steps)
     p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for row in prompts.tolist():  # warm-up
         eng.add(row, p.replace(max_tokens=4))
@@ -317,6 +321,9 @@ def main() -> None:
                     help="alternating runs per row, medians reported (default 3; --preset: 1, each engine "
                          "loads anew per round)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default; --preset: all cores)")
+    ap.add_argument("--num-scheduler-steps", default="1,8",
+                    help="ours at each of these engine num_scheduler_steps (decode steps per engine step when "
+                         "every sequence decodes greedily; 1 is the default engine)")
     ap.add_argument("--preset", choices=["aquila-7b"], help="engine against engine at a real size (docstring)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="--preset: where its model files live")
     ap.add_argument("--engines", default=None, help="--preset: a subset, e.g. ours:bf16,llama.cpp:q4_0")
@@ -345,19 +352,23 @@ def main() -> None:
             prompts = torch.randint(0, cfg.vocab_size, (b, 16), generator=torch.Generator().manual_seed(b))
             # alternated, so machine noise hits both sides alike; the copy bandwidth is measured in
             # the same rounds (it drifts with the machine too)
-            runs = [(bench_ours(model, prompts, args.new_tokens), bench_hf(ref, prompts, args.new_tokens),
-                     copy_bandwidth()) for _ in range(args.repeats or 3)]
-            ours, hf = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+            ks = [int(k) for k in args.num_scheduler_steps.split(",")]
+            runs = [([bench_ours(model, prompts, args.new_tokens, k) for k in ks],
+                     bench_hf(ref, prompts, args.new_tokens), copy_bandwidth()) for _ in range(args.repeats or 3)]
+            hf = statistics.median(r[1] for r in runs)
             bw = statistics.median(r[2] for r in runs)
             bound = bw / wb
             print(f"{name} batch {b}: copy bandwidth {', '.join(f'{r[2] / 1e9:.1f}' for r in runs)} GB/s")
-            rows.append((name, cfg.num_parameters() / 1e6, b, ours, hf, ours / hf,
-                         f"{bound:.0f} ({ours / bound:.0%})" if b == 1 else "-"))
+            for i, k in enumerate(ks):
+                ours = statistics.median(r[0][i] for r in runs)
+                rows.append((name, cfg.num_parameters() / 1e6, b, k, ours, hf, ours / hf,
+                             f"{bound:.0f} ({ours / bound:.0%})" if b == 1 else "-"))
     print()
-    print("| config | params (M) | batch | ours tok/s | transformers tok/s | ratio | bandwidth bound tok/s (ours/bound) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | params (M) | batch | ours: num_scheduler_steps | ours tok/s | transformers tok/s | ratio "
+          "| bandwidth bound tok/s (ours/bound) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.2f}x | {r[6]} |")
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]} | {r[3]} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.2f}x | {r[7]} |")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,66 @@ class CpuDecodeBackend:
             return None
         return tuple(self._kernels.max_rows(logits))
 
+    def decode_greedy(self, tokens: list[int], positions: list[int], kv_cache: KVCache, slots: list[int],
+                      steps: int, *, allowed: torch.Tensor | None = None,
+                      end_ids: list[int] | tuple[int, ...] = ()) -> list[list[int]] | None:
+        """Up to ``steps`` greedy decode steps in one call of the kernels (vLLM's multi-step
+        decoding): each row's next tokens after ``tokens [B]`` (its last token, at cache position
+        ``positions [B]`` of slot ``slots [B]``), the same tokens and cache entries as that many
+        :meth:`forward_hidden` / :meth:`compute_logits` steps with the sampler's greedy pick
+        (``allowed [V]`` bool: the ids a token may be). Returns ``[B][n]`` token ids: ``n <=
+        steps`` is cut short after the step where every row has produced one of ``end_ids``, and
+        before a step whose pick is not a plain greedy one (NaN or +inf logits, no allowed id
+        above -inf: the sampler decides those; ``n`` may be 0).
+
+        None when the whole step would not run through the kernels (what :meth:`forward_hidden`
+        steps aside for; an embedding, layer, norm or head of another class, dtype or with hooks;
+        a model whose layers the kernels do not fuse): the caller then runs single steps.
+
+        Raises:
+            RuntimeError: after :meth:`release`, or positions beyond the cache (the kernels' check).
+        """
+        model = self._model()
+        ext = self._kernels
+        if ext is None or self._whole_model_reason() is not None or not 0 < len(tokens) <= cpu_kernels.MAX_ROWS:
+            return None
+        if allowed is not None and (allowed.dtype != torch.bool or allowed.shape != (model.config.vocab_size,)):
+            return None
+        emb, norm, head = model.model.embed_tokens, model.model.norm, model.lm_head
+        table = emb._parameters.get("weight") if _called_as_is(emb, nn.Embedding) else None
+        if table is None or emb.max_norm is not None or table.dtype not in DTYPES or not table.is_contiguous():
+            return None
+        dtype = table.dtype
+        if not (_called_as_is(norm, RMSNorm) and norm._parameters["weight"].dtype == dtype
+                and self._is_plain_linear(head, dtype) and head.weight.shape == table.shape
+                and head.weight.is_contiguous()):
+            return None
+        weights, eps = [], []
+        for layer, k_cache, v_cache in zip(model.model.layers, kv_cache.k, kv_cache.v):
+            parts = self._layer_parts(layer)
+            fused = self._fusable(dtype, self._fused_params(parts), (k_cache, v_cache)) if parts is not None else None
+            if fused is None:
+                return None
+            attn, norm1, norm2, _ = parts
+            if (attn.num_heads, attn.num_kv_heads) != (model.config.num_attention_heads,
+                                                        model.config.num_key_value_heads):
+                return None
+            weights.extend(fused)
+            eps.extend((norm1.variance_epsilon, norm2.variance_epsilon))
+        if len(kv_cache.k) != len(model.model.layers):
+            return None
+        B = len(tokens)
+        pos = torch.tensor(positions, dtype=torch.long)[:, None] + torch.arange(steps)  # (B, steps)
+        cos, sin = model._rotary(pos, dtype, int(pos.max()))  # (B, steps, 1, head_dim) each
+        cos, sin = (t.reshape(B, steps, -1).transpose(0, 1).contiguous() for t in (cos, sin))
+        out, done = ext.decode_greedy(
+            torch.tensor(tokens, dtype=torch.long), table, weights, eps, norm._parameters["weight"],
+            norm.variance_epsilon, head.weight, list(kv_cache.k), list(kv_cache.v), cos, sin,
+            torch.tensor(slots, dtype=torch.long), torch.tensor(positions, dtype=torch.long), allowed,
+            torch.tensor(sorted(set(end_ids)), dtype=torch.long), model.config.num_attention_heads,
+            model.config.num_key_value_heads, cpu_kernels.level())
+        return out[:, :int(done)].tolist()
+
     # ------------------------------------------------------------------ internals
     def _model(self) -> AquilaForCausalLM:
         if self.model is None:
@@ -275,13 +335,10 @@ class CpuDecodeBackend:
         return module(x)
 
     @staticmethod
-    def _fusable(x: torch.Tensor, params: tuple, cache: tuple, fused: tuple) -> list | None:
-        """The weights for ``decode_layer`` when the op-by-op path would run every op of the layer
-        through the kernels (see :meth:`_layer`), else None. ``params``: the two norm weights and
-        the seven linears in ``decode_layer``'s order."""
-        dtype = x.dtype
-        if not x.is_contiguous() or x.shape[0] > cpu_kernels.MAX_ROWS or fused[0].dtype != dtype:
-            return None
+    def _fusable(dtype: torch.dtype, params: tuple, cache: tuple) -> list | None:
+        """The weights for ``decode_layer`` when the op-by-op path would run every op of a layer of
+        ``dtype`` states through the kernels (see :meth:`_layer`), else None. ``params``: the two
+        norm weights and the seven linears in ``decode_layer``'s order."""
         if not all(c.dtype == dtype and c.is_contiguous() for c in cache):
             return None
         weights = []
@@ -297,6 +354,13 @@ class CpuDecodeBackend:
             weights.append(p)
         return weights
 
+    @staticmethod
+    def _fused_params(parts: tuple) -> tuple:
+        """A layer's ``parts`` (:meth:`_layer_parts`) in ``decode_layer``'s order: input norm
+        weight, q, k, v, o, post-attention norm weight, gate, up, down."""
+        _, norm1, norm2, (q, k, v, o, gate, up, down) = parts
+        return norm1._parameters["weight"], q, k, v, o, norm2._parameters["weight"], gate, up, down
+
     def _layer(self, parts: tuple, x: torch.Tensor, B: int, T: int, inputs, cache, kernels: bool,
                fused: tuple | None = None) -> torch.Tensor:
         """:meth:`DecoderLayer.forward` on ``x [B * T, hidden]`` -> ``[B * T, hidden]`` for the
@@ -309,9 +373,9 @@ class CpuDecodeBackend:
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
         ext = self._kernels if fused is not None else None
         w1, w2 = norm1._parameters["weight"], norm2._parameters["weight"]
-        if ext is not None and self.fuse_layers:
-            weights = self._fusable(x, (w1, q_proj, k_proj, v_proj, o_proj, w2, gate_proj, up_proj, down_proj), cache,
-                                    fused)
+        if (ext is not None and self.fuse_layers and x.is_contiguous() and x.shape[0] <= cpu_kernels.MAX_ROWS
+                and fused[0].dtype == x.dtype):
+            weights = self._fusable(x.dtype, self._fused_params(parts), cache)
             if weights is not None:
                 cos, sin, slot_ids, pos = fused
                 return ext.decode_layer(x, weights, norm1.variance_epsilon, norm2.variance_epsilon, cache[0], cache[1],

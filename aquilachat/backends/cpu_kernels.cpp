@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <iterator>
 #include <numeric>
+#include <string>
 #include <atomic>
 #include <tuple>
 #include <type_traits>
@@ -1080,6 +1081,70 @@ void decode_layer_impl(const T* x, const std::vector<const T*>& w, const std::ve
 // they run in one parallel region whose threads split each op's rows, heads or elements and
 // meet at a barrier between ops (instead of one fork and join per product: ~8 us each here,
 // where a 448 x 448 fp32 product takes ~25 us). Returns the layer's output [B, hidden].
+// Checks one layer's weights as decode_layer takes them (`what`: the caller, and the layer for
+// decode_greedy); returns (head_dim, intermediate size).
+std::pair<int64_t, int64_t> check_layer(const std::string& what, const at::Tensor* weights, int64_t C,
+                                        at::ScalarType dt, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              what, ": ", num_heads, " query heads are not a multiple of ", num_kv_heads, " kv heads");
+  const int64_t D = weights[1].dim() == 2 ? weights[1].size(0) / num_heads : 0;
+  const int64_t I = weights[6].dim() == 2 ? weights[6].size(0) : 0;
+  const std::vector<std::vector<int64_t>> shapes{{C}, {num_heads * D, C}, {num_kv_heads * D, C}, {num_kv_heads * D, C},
+                                                 {C, num_heads * D}, {C}, {I, C}, {I, C}, {C, I}};
+  for (size_t i = 0; i < shapes.size(); ++i)
+    TORCH_CHECK(D > 0 && weights[i].sizes() == at::IntArrayRef(shapes[i]) && weights[i].scalar_type() == dt &&
+                    weights[i].is_contiguous() && weights[i].device().is_cpu(),
+                what, ": weight ", i, " (norm, q, k, v, o, norm, gate, up, down) must be a contiguous CPU ",
+                dt, " tensor of shape ", at::IntArrayRef(shapes[i]), ", got ", weights[i].sizes(), " ",
+                weights[i].scalar_type());
+  return {D, I};
+}
+
+// Checks a layer's caches: contiguous CPU [slots, num_kv_heads, S, D] of dtype dt.
+void check_caches(const std::string& what, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t num_kv_heads,
+                  int64_t D, at::ScalarType dt) {
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == num_kv_heads &&
+                  k_cache.size(3) == D && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == dt && v_cache.scalar_type() == dt && k_cache.device().is_cpu() &&
+                  v_cache.device().is_cpu(),
+              what, ": contiguous CPU caches [slots, ", num_kv_heads, ", S, ", D, "] of x's dtype expected, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+}
+
+// The threads of a parallel region over `threads` threads (one: no region), each running
+// body(team).
+template <typename Body>
+void run_team(int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      Team team;
+      team.t = omp_get_thread_num();
+      team.T = omp_get_num_threads();
+      body(team);
+    }
+    return;
+  }
+#endif
+  body(Team{});
+}
+
+// torch's intra-op thread count here (1 inside another parallel region).
+int team_size() {
+  int threads = 1;
+#ifdef _OPENMP
+  threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
+#endif
+  return threads;
+}
+
+// Widths of decode_layer_impl's intermediates (h, q, k, v, attention, o, x1, h2, gate, up,
+// silu * up, down, output) per row.
+std::vector<int64_t> layer_widths(int64_t C, int64_t I, int64_t H, int64_t Hkv, int64_t D) {
+  return {C, H * D, Hkv * D, Hkv * D, H * D, C, C, C, I, I, I, C, C};
+}
+
 at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weights, double eps1, double eps2,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& slot_ids, const at::Tensor& positions, int64_t num_heads,
@@ -1091,23 +1156,9 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weig
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_layer: float32 or bfloat16 expected, got ", dt);
   const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
-              "decode_layer: ", num_heads, " query heads are not a multiple of ", num_kv_heads, " kv heads");
-  const int64_t D = weights[1].dim() == 2 ? weights[1].size(0) / num_heads : 0, I = weights[6].size(0);
-  const std::vector<std::vector<int64_t>> shapes{{C}, {num_heads * D, C}, {num_kv_heads * D, C}, {num_kv_heads * D, C},
-                                                 {C, num_heads * D}, {C}, {I, C}, {I, C}, {C, I}};
-  for (size_t i = 0; i < weights.size(); ++i)
-    TORCH_CHECK(D > 0 && weights[i].sizes() == at::IntArrayRef(shapes[i]) && weights[i].scalar_type() == dt &&
-                    weights[i].is_contiguous() && weights[i].device().is_cpu(),
-                "decode_layer: weight ", i, " (norm, q, k, v, o, norm, gate, up, down) must be a contiguous CPU ",
-                dt, " tensor of shape ", at::IntArrayRef(shapes[i]), ", got ", weights[i].sizes(), " ",
-                weights[i].scalar_type());
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == num_kv_heads &&
-                  k_cache.size(3) == D && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.scalar_type() == dt && v_cache.scalar_type() == dt && k_cache.device().is_cpu() &&
-                  v_cache.device().is_cpu(),
-              "decode_layer: contiguous CPU caches [slots, ", num_kv_heads, ", S, ", D, "] of x's dtype expected, got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
+  int64_t D, I;
+  std::tie(D, I) = check_layer("decode_layer", weights.data(), C, dt, num_heads, num_kv_heads);
+  check_caches("decode_layer", k_cache, v_cache, num_kv_heads, D, dt);
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == B && cos.size(1) == D && sin.sizes() == cos.sizes() &&
                   cos.scalar_type() == dt && sin.scalar_type() == dt,
               "decode_layer: cos and sin [", B, ", ", D, "] of x's dtype expected, got ", cos.sizes(), " and ",
@@ -1125,18 +1176,14 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weig
     longest = std::max(longest, pos[b] + 1);
   }
   const int64_t H = num_heads, Hkv = num_kv_heads;
-  // every intermediate of the layer, allocated once: h, q, k, v, attention, o, x1, h2, gate, up,
-  // silu * up, down, output
-  const std::vector<int64_t> widths{C, H * D, Hkv * D, Hkv * D, H * D, C, C, C, I, I, I, C, C};
+  // every intermediate of the layer, allocated once
+  const std::vector<int64_t> widths = layer_widths(C, I, H, Hkv, D);
   int64_t total = 0;
   for (int64_t wd : widths) total += B * wd;
   at::Tensor arena = at::empty({total}, x.options());
   at::Tensor out = at::empty({B, C}, x.options());
   level = std::min(level, cpu_level());
-  int threads = 1;
-#ifdef _OPENMP
-  threads = omp_in_parallel() ? 1 : std::max(1, at::get_num_threads());
-#endif
+  const int threads = team_size();
   const int64_t per_thread = 2 * D + longest + 16;  // floats: a rotated query, acc and the scores
   std::vector<float> scratch(per_thread * threads);
   auto run = [&](auto zero) {
@@ -1156,27 +1203,216 @@ at::Tensor decode_layer(const at::Tensor& x, const std::vector<at::Tensor>& weig
     buf.back() = out.data_ptr<T>();
     const T *xp = x.data_ptr<T>(), *csp = cc.data_ptr<T>(), *snp = sc.data_ptr<T>();
     T *kcp = k_cache.data_ptr<T>(), *vcp = v_cache.data_ptr<T>();
-    auto body = [&](const Team& team) {
+    run_team(threads, [&](const Team& team) {
       decode_layer_impl<T>(xp, w, rows, static_cast<float>(eps1), static_cast<float>(eps2), kcp, vcp, csp, snp, slots,
                            pos, B, C, I, H, Hkv, D, S, level, buf, scratch.data(), per_thread, team);
-    };
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-      {
-        Team team;
-        team.t = omp_get_thread_num();
-        team.T = omp_get_num_threads();
-        body(team);
-      }
-      return;
-    }
-#endif
-    body(Team{});
+    });
   };
   if (dt == at::kFloat) run(float{});
   else run(bf16{});
   return out;
+}
+
+// Greedy decoding of up to `steps` tokens per row in one call (vLLM's multi-step decoding,
+// `num_scheduler_steps`): the whole decode step of CpuDecodeBackend (the token's embedding row,
+// decode_layer for every layer, the final rms_norm, the vocabulary product and the greedy pick
+// of aquilachat.sampling.sample) repeated, each step's token fed to the next, in one parallel
+// region: no Python, no fork and join between steps. Each op is the code the one-step path runs
+// on the same values (embedding rows copied, decode_layer_impl, rms_norm_rows, the product's
+// dispatch on ranges of rows, whose rows do not depend on the split), so the same bits: the same
+// tokens and the same cache entries as `steps` single steps.
+//
+// tokens [B] int64: each row's last token, at positions [B] (its cache position); slot_ids [B];
+// embed [V, C] and head [V, C]: the token embedding and vocabulary projection weights; weights:
+// 9 per layer as decode_layer takes them, eps 2 per layer; norm [C] the final norm's weight;
+// caches one [slots, Hkv, S, D] pair per layer; cos, sin [steps, B, D]: the rotary tables of
+// positions + j at step j. allowed [V] bool (or None): the ids a token may be; end_ids [E]: ids
+// that end a row.
+//
+// A step's pick is plain when its row's logits hold no NaN and no +inf (the greedy fast path of
+// sample) and some allowed id is above -inf: the first allowed id with the largest logit.
+// Decoding stops after the step where every row has produced an end id, and before accepting a
+// step with a pick that is not plain (its keys and values for the fed tokens are in the cache,
+// the same a single step writes; the caller runs that step again through the sampler, which
+// decides). Returns (tokens [B, steps] int64, done [1] int64): rows' tokens of steps 0 .. done - 1.
+std::vector<at::Tensor> decode_greedy(const at::Tensor& tokens, const at::Tensor& embed,
+                                      const std::vector<at::Tensor>& weights, const std::vector<double>& eps,
+                                      const at::Tensor& norm, double norm_eps, const at::Tensor& head,
+                                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slot_ids,
+                                      const at::Tensor& positions, const c10::optional<at::Tensor>& allowed,
+                                      const at::Tensor& end_ids, int64_t num_heads, int64_t num_kv_heads,
+                                      int64_t level) {
+  const size_t L = k_caches.size();
+  TORCH_CHECK(L > 0 && weights.size() == 9 * L && eps.size() == 2 * L && v_caches.size() == L,
+              "decode_greedy: 9 weights, 2 eps and a k and v cache per layer expected, got ", weights.size(), ", ",
+              eps.size(), ", ", k_caches.size(), " and ", v_caches.size());
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.device().is_cpu(),
+              "decode_greedy: a contiguous CPU embedding [V, C] expected, got ", embed.sizes());
+  const auto dt = embed.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "decode_greedy: float32 or bfloat16 expected, got ", dt);
+  const int64_t V = embed.size(0), C = embed.size(1);
+  TORCH_CHECK(head.sizes() == embed.sizes() && head.scalar_type() == dt && head.is_contiguous() &&
+                  head.device().is_cpu() && norm.dim() == 1 && norm.size(0) == C && norm.scalar_type() == dt &&
+                  norm.is_contiguous(),
+              "decode_greedy: the head [", V, ", ", C, "] and norm [", C, "] must be contiguous CPU ", dt,
+              " tensors, got ", head.sizes(), " ", head.scalar_type(), " and ", norm.sizes(), " ", norm.scalar_type());
+  int64_t D = 0, I = 0;
+  for (size_t l = 0; l < L; ++l) {
+    const std::string what = "decode_greedy, layer " + std::to_string(l);
+    std::tie(D, I) = check_layer(what, weights.data() + 9 * l, C, dt, num_heads, num_kv_heads);
+    check_caches(what, k_caches[l], v_caches[l], num_kv_heads, D, dt);
+    TORCH_CHECK(k_caches[l].sizes() == k_caches[0].sizes(), what, ": caches of another shape than layer 0's");
+    TORCH_CHECK(l == 0 || weights[9 * l + 6].size(0) == weights[6].size(0), what, ": another intermediate size");
+  }
+  const int64_t B = tokens.numel(), S = k_caches[0].size(2), steps = cos.dim() == 3 ? cos.size(0) : 0;
+  TORCH_CHECK(B > 0 && tokens.scalar_type() == at::kLong && slot_ids.scalar_type() == at::kLong &&
+                  positions.scalar_type() == at::kLong && slot_ids.numel() == B && positions.numel() == B,
+              "decode_greedy: int64 tokens, slot_ids and positions [B] expected");
+  TORCH_CHECK(steps > 0 && cos.size(1) == B && cos.size(2) == D && sin.sizes() == cos.sizes() &&
+                  cos.scalar_type() == dt && sin.scalar_type() == dt,
+              "decode_greedy: cos and sin [steps, ", B, ", ", D, "] of the weights' dtype expected, got ", cos.sizes(),
+              " and ", sin.sizes());
+  TORCH_CHECK(end_ids.scalar_type() == at::kLong, "decode_greedy: int64 end_ids expected");
+  const bool* allow = nullptr;
+  at::Tensor al;
+  if (allowed.has_value()) {
+    al = allowed->contiguous();
+    TORCH_CHECK(al.scalar_type() == at::kBool && al.numel() == V, "decode_greedy: allowed must be bool [", V, "]");
+    allow = al.data_ptr<bool>();
+  }
+  const at::Tensor tk = tokens.contiguous(), sl = slot_ids.contiguous(), ps = positions.contiguous(),
+                   cc = cos.contiguous(), sc = sin.contiguous(), ends = end_ids.contiguous();
+  const int64_t* slots = sl.data_ptr<int64_t>();
+  std::vector<int64_t> tok(tk.data_ptr<int64_t>(), tk.data_ptr<int64_t>() + B);
+  std::vector<int64_t> pos(ps.data_ptr<int64_t>(), ps.data_ptr<int64_t>() + B);
+  const std::vector<int64_t> end_list(ends.data_ptr<int64_t>(), ends.data_ptr<int64_t>() + ends.numel());
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(tok[b] >= 0 && tok[b] < V, "decode_greedy: token ", tok[b], " outside the vocabulary");
+    TORCH_CHECK(slots[b] >= 0 && slots[b] < k_caches[0].size(0), "decode_greedy: slot ", slots[b], " outside the cache");
+    TORCH_CHECK(pos[b] >= 0 && pos[b] + steps <= S, "decode_greedy: positions ", pos[b], "..", pos[b] + steps - 1,
+                " outside the cache (", S, " positions)");
+    longest = std::max(longest, pos[b] + steps);
+  }
+  const int64_t H = num_heads, Hkv = num_kv_heads;
+  const std::vector<int64_t> widths = layer_widths(C, I, H, Hkv, D);
+  int64_t total = 2 * B * C + B * C + B * V;  // two layer inputs / outputs, the final norm, logits
+  for (int64_t wd : widths) total += B * wd;
+  at::Tensor arena = at::empty({total}, embed.options());
+  at::Tensor out = at::zeros({B, steps}, tokens.options().dtype(at::kLong));
+  at::Tensor done = at::zeros({1}, tokens.options().dtype(at::kLong));
+  int64_t* outp = out.data_ptr<int64_t>();
+  level = std::min(level, cpu_level());
+  const int threads = team_size();
+  const int64_t per_thread = 2 * D + longest + 16;
+  std::vector<float> scratch(per_thread * threads);
+  // each thread's greedy pick over its vocabulary rows: [thread][row]
+  std::vector<float> top(threads * B), best(threads * B);
+  std::vector<int64_t> best_id(threads * B);
+  std::vector<char> nan(threads * B), ended(B, 0);
+  int64_t steps_done = 0;
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    std::vector<std::vector<const T*>> w(L);
+    std::vector<int64_t> rows;
+    for (size_t i = 0; i < 9; ++i) rows.push_back(weights[i].size(0));
+    for (size_t l = 0; l < L; ++l)
+      for (size_t i = 0; i < 9; ++i) w[l].push_back(weights[9 * l + i].data_ptr<T>());
+    T* p = arena.data_ptr<T>();
+    T *xa = p, *xb = p + B * C, *hn = p + 2 * B * C, *logits = p + 3 * B * C;
+    p += 3 * B * C + B * V;
+    std::vector<T*> buf_a, buf_b;  // a layer's intermediates; the output into xb or xa
+    for (int64_t wd : widths) {
+      buf_a.push_back(p);
+      p += B * wd;
+    }
+    buf_b = buf_a;
+    buf_a.back() = xb;
+    buf_b.back() = xa;
+    const T *ep = embed.data_ptr<T>(), *hp = head.data_ptr<T>(), *np = norm.data_ptr<T>();
+    const T *csp = cc.data_ptr<T>(), *snp = sc.data_ptr<T>();
+    std::vector<T*> kcp, vcp;
+    for (size_t l = 0; l < L; ++l) {
+      kcp.push_back(k_caches[l].data_ptr<T>());
+      vcp.push_back(v_caches[l].data_ptr<T>());
+    }
+    run_team(threads, [&](const Team& team) {
+      int64_t b0, b1, r0, r1;
+      std::tie(b0, b1) = team.share(B);
+      std::tie(r0, r1) = team.share(V);
+      for (int64_t j = 0; j < steps; ++j) {
+        for (int64_t b = b0; b < b1; ++b) std::memcpy(xa + b * C, ep + tok[b] * C, C * sizeof(T));
+        team.sync();
+        const T* cs = csp + j * B * D;
+        const T* sn = snp + j * B * D;
+        for (size_t l = 0; l < L; ++l) {
+          const bool even = l % 2 == 0;
+          decode_layer_impl<T>(even ? xa : xb, w[l], rows, static_cast<float>(eps[2 * l]),
+                               static_cast<float>(eps[2 * l + 1]), kcp[l], vcp[l], cs, sn, slots, pos.data(), B, C,
+                               I, H, Hkv, D, S, level, even ? buf_a : buf_b, scratch.data(), per_thread, team);
+          team.sync();
+        }
+        const T* last = L % 2 == 1 ? xb : xa;
+        for (int64_t b = b0; b < b1; ++b) rms_norm_rows<T>(last + b * C, np, hn + b * C, C, static_cast<float>(norm_eps));
+        team.sync();
+        dispatch<T>(level, hn, hp, logits, B, C, V, r0, r1);
+        for (int64_t b = 0; b < B; ++b) {  // this thread's rows of the pick
+          const T* row = logits + b * V;
+          float m = -INFINITY, bv = -INFINITY;
+          int64_t bi = -1;
+          bool has_nan = false;
+          for (int64_t i = r0; i < r1; ++i) {
+            const float v = static_cast<float>(row[i]);
+            has_nan |= v != v;
+            m = v > m ? v : m;
+            if (v > bv && (allow == nullptr || allow[i])) {
+              bv = v;
+              bi = i;
+            }
+          }
+          const int64_t k = team.t * B + b;
+          top[k] = m, best[k] = bv, best_id[k] = bi, nan[k] = has_nan;
+        }
+        team.sync();
+        if (team.t == 0) {
+          bool plain = true, all_ended = true;
+          for (int64_t b = 0; b < B; ++b) {
+            float m = -INFINITY, bv = -INFINITY;
+            int64_t bi = -1;
+            bool has_nan = false;
+            for (int t = 0; t < team.T; ++t) {  // threads' ranges ascend: ties go to the earlier id
+              const int64_t k = t * B + b;
+              has_nan |= nan[k] != 0;
+              m = std::max(m, top[k]);
+              if (best[k] > bv) {
+                bv = best[k];
+                bi = best_id[k];
+              }
+            }
+            if (has_nan || m == INFINITY || bi < 0) plain = false;
+            tok[b] = bi;
+          }
+          if (plain) {
+            for (int64_t b = 0; b < B; ++b) {
+              outp[b * steps + j] = tok[b];
+              ++pos[b];
+              ended[b] |= std::find(end_list.begin(), end_list.end(), tok[b]) != end_list.end();
+              all_ended = all_ended && ended[b];
+            }
+            steps_done = j + 1;
+          }
+          if (!plain || all_ended) steps_done = -steps_done - 1;  // stop: encoded as negative
+        }
+        team.sync();
+        if (steps_done < 0) break;
+      }
+    });
+  };
+  if (dt == at::kFloat) run(float{});
+  else run(bf16{});
+  done.data_ptr<int64_t>()[0] = steps_done < 0 ? -steps_done - 1 : steps_done;
+  return {out, done};
 }
 
 }  // namespace
@@ -1223,5 +1459,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cos"), pybind11::arg("sin"),
         pybind11::arg("slot_ids"), pybind11::arg("positions"), pybind11::arg("num_heads"),
         pybind11::arg("num_kv_heads"), pybind11::arg("level"));
+  m.def("decode_greedy", &decode_greedy,
+        "greedy decoding of up to steps tokens per row in one call, as steps single decode steps of "
+        "CpuDecodeBackend and the sampler's greedy pick (same bits): (tokens [B, steps], done [1])",
+        pybind11::arg("tokens"), pybind11::arg("embed"), pybind11::arg("weights"), pybind11::arg("eps"),
+        pybind11::arg("norm"), pybind11::arg("norm_eps"), pybind11::arg("head"), pybind11::arg("k_caches"),
+        pybind11::arg("v_caches"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("slot_ids"),
+        pybind11::arg("positions"), pybind11::arg("allowed"), pybind11::arg("end_ids"), pybind11::arg("num_heads"),
+        pybind11::arg("num_kv_heads"), pybind11::arg("level"),
+        // a burst runs for seconds at 7B: the server's other threads keep running meanwhile (the
+        // function touches tensor memory only, never a Python object)
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_level", &cpu_level, "highest instruction level this CPU runs: 0 generic, 1 AVX2, 2 AVX-512, 3 AVX512_BF16");
 }

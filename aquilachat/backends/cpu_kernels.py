@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_NAME = "aquilachat_cpu_kernels_v13"
+_NAME = "aquilachat_cpu_kernels_v14"
 _state: dict = {}
 
 #: torch.backends.cpu.get_cpu_capability() -> the kernel's instruction level (0 generic C++,

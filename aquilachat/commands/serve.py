@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
                        quantization=args.quantization,
                        max_num_seqs=plan.num_slots, max_model_len=plan.max_model_len,
                        kv_cache_tokens=args.kv_cache_tokens, kv_cache_memory=plan.kv_cache_bytes,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       num_scheduler_steps=args.num_scheduler_steps)
     else:
         from ..server.replicas import ReplicaConfig, connect, deploy
         # each replica plans its memory on its own node, from the same options
