@@ -247,3 +247,30 @@ def test_llm_stop_strings_and_text_equal_single_steps(tiny_dir):
     a, b = one.generate(["The quick brown fox", "你好"], params), eight.generate(["The quick brown fox", "你好"], params)
     assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
     assert [o.outputs[0].text for o in b] == [o.outputs[0].text for o in a]
+
+
+def test_llm_stop_string_right_before_an_end_id(tiny_dir):
+    """A stop string completed by the token just before an end id (EOS or a stop id), both in
+    one burst: single steps stop at the stop string and never generate the end id, so neither may
+    a burst's answer hold it (token_ids, hence usage, as with single steps)."""
+    _kernels_or_skip()
+    one = LLM(str(tiny_dir), device="cpu", max_num_seqs=2)
+    eight = LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=8)
+    params = GREEDY.replace(max_tokens=40)
+    tok, tried = one.tokenizer, 0
+    for prompt in ["The quick brown fox", "你好", "def bubble_sort", "hello world"]:
+        ids = one.generate(prompt, params)[0].outputs[0].token_ids
+        for k in range(2, len(ids) - 1):
+            before, upto, end = tok.decode(ids[:k]), tok.decode(ids[:k + 1]), ids[k + 1]
+            stop = upto[-1:]  # completed by token k exactly, and the end id right after it
+            if (end in ids[:k + 1] or len(upto) <= len(before) or "\ufffd" in upto or not stop.strip()
+                    or stop in before):
+                continue
+            p = params.replace(stop=[stop], stop_token_ids=[end])
+            a, b = one.generate(prompt, p)[0].outputs[0], eight.generate(prompt, p)[0].outputs[0]
+            assert a.finish_reason == "stop" and a.stop_reason == stop and a.token_ids == ids[:k + 1]
+            assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, a.finish_reason,
+                                                                             a.stop_reason)
+            tried += 1
+            break
+    assert tried
