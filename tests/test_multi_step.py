@@ -249,6 +249,63 @@ def test_llm_stop_strings_and_text_equal_single_steps(tiny_dir):
     assert [o.outputs[0].text for o in b] == [o.outputs[0].text for o in a]
 
 
+def _nan_after_end_model():
+    """A model whose keys and values turn NaN when one token ``E`` is fed (its embedding row is
+    NaN), and prompts around it: ``PA`` answers ``E`` after a few tokens (greedy, from the clean
+    model), ``PB`` runs on beside it and never produces ``E``; ``C`` shares a 16-token block with
+    ``PA`` (it goes to PA's freed slot), ``D`` shares 32 tokens with ``PB`` (a later cache start in
+    the same prefill, so C's row attends masked positions of its slot beyond its own)."""
+    model = _model(tie_word_embeddings=False)
+    g = torch.Generator().manual_seed(1)
+    pa, pb = torch.randint(1, 300, (20,), generator=g).tolist(), torch.randint(1, 300, (36,), generator=g).tolist()
+    c, d = pa[:16] + [7, 8], pb[:32] + [9, 10, 11, 12]
+    eng = Engine(model, max_num_seqs=3, max_model_len=64)
+    a, b = eng.add(pa, GREEDY), eng.add(pb, GREEDY.replace(max_tokens=20))
+    while eng.has_unfinished():
+        eng.step()
+    bad = set(b.output_ids) | set(pa) | set(pb) | set(c) | set(d)
+    k = next(i for i in range(3, 12) if a.output_ids[i] not in bad and a.output_ids[i] not in a.output_ids[:i])
+    end = a.output_ids[k]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[end] = float("nan")
+    return model, end, (pa, pb, c, d)
+
+
+@pytest.mark.parametrize("how", ["eos", "finish"])
+def test_a_row_ended_in_a_burst_leaves_nothing_in_its_slot(how):
+    """A burst keeps feeding a row that ended in it (its end token and what follows), which
+    single steps never do. Here that writes NaN keys and values past the row's end; they must
+    not reach the next request in its slot (masked attention multiplies them by 0, and 0 * NaN
+    is NaN): that request gets the same answer as with single steps, not an error. ``eos``: the
+    row ends on its EOS inside the burst; ``finish``: it ends from outside after the burst (a
+    stop string, a client gone), as the output processor ends it."""
+    _kernels_or_skip()
+    model, end, (pa, pb, c, d) = _nan_after_end_model()
+
+    def run(k):
+        eng = Engine(model, max_num_seqs=3, max_model_len=64, eos_token_ids=[end] if how == "eos" else [],
+                     num_scheduler_steps=k)
+        a = eng.add(pa, GREEDY.replace(ignore_eos=how != "eos"))
+        b = eng.add(pb, GREEDY.replace(max_tokens=20))
+        while end not in a.output_ids:
+            eng.step()
+        cut = a.output_ids.index(end) + 1
+        if how == "finish":
+            eng.finish(a, "stop", "a stop string")
+        eng.step()
+        assert a.finished
+        later = [eng.add(c, GREEDY.replace(max_tokens=5)), eng.add(d, GREEDY.replace(max_tokens=5))]
+        while eng.has_unfinished():
+            eng.step()
+        return [(a.output_ids[:cut], a.finish_reason)] + [(s.output_ids, s.finish_reason, s.error, s.num_cached_tokens)
+                                                          for s in [b] + later]
+
+    single = run(1)
+    assert single[2] == (single[2][0], "length", None, 16) and len(single[2][0]) == 5  # C: in PA's slot, no error
+    for k in (8, 64):
+        assert run(k) == single, k
+
+
 def test_llm_stop_string_right_before_an_end_id(tiny_dir):
     """A stop string completed by the token just before an end id (EOS or a stop id), both in
     one burst: single steps stop at the stop string and never generate the end id, so neither may
