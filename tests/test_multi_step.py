@@ -331,3 +331,32 @@ def test_llm_stop_string_right_before_an_end_id(tiny_dir):
             tried += 1
             break
     assert tried
+
+
+def test_llm_request_mixes_equal_single_steps(tiny_dir):
+    """Through ``LLM``, requests as a newcomer writes them: several prompts of different lengths
+    queued for 2 slots, ``n=2``, English and Chinese stop strings (one that a multi-token
+    character completes), stop ids, ``max_tokens`` 1 and 2, ``min_tokens``, EOS not ignored, and
+    a batch that mixes in prompt log-probabilities: every answer's text, token ids, finish and stop
+    reason equal single steps' for 2, 3 and 64 steps. (``num_cached_tokens`` is left out: which
+    prefix a queued answer finds cached depends on when slots free up, which bursts change.)"""
+    _kernels_or_skip()
+    llms = {k: LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=k) for k in (1, 2, 3, 64)}
+    prompts = ["The quick brown fox", "你好", "def bubble_sort(a):", "a", "人工智能是计算机科学的一个分支。"]
+    base = GREEDY.replace(max_tokens=24, ignore_eos=False)
+    free = llms[1].generate(prompts, base)
+    texts = [o.outputs[0].text for o in free]
+    # stop strings the answers complete mid-way (in characters free of broken UTF-8), and a stop id
+    stops = [t[i:i + 2] for t in texts for i in (6, 11) if len(t) > i + 2 and "\ufffd" not in t[i:i + 2]][:4]
+    assert stops
+    stop_id = free[0].outputs[0].token_ids[7]
+    cases = [base.replace(max_tokens=1), base.replace(max_tokens=2), base.replace(n=2, stop=stops),
+             base.replace(stop=["的", "，", "。"] + stops[:1]), base.replace(stop_token_ids=[stop_id]),
+             base.replace(min_tokens=6, stop=stops), base.replace(prompt_logprobs=1, stop=stops[:2])]
+    for params in cases:
+        want = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
+                for r in llms[1].generate(prompts, params)]
+        for k in (2, 3, 64):
+            got = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
+                   for r in llms[k].generate(prompts, params)]
+            assert got == want, (k, params)
