@@ -361,6 +361,9 @@ class Engine:
             for seq in list(self.running):  # finishes requested from outside
                 if seq.seq_id in self._pending_finish:
                     self._retire(seq, *self._pending_finish.pop(seq.seq_id))
+            # what is left was asked for sequences that ended by themselves in the step during
+            # which finish() was called (a client gone as its answer ended): nothing to retire
+            self._pending_finish.clear()
             reserved = self.reserved_tokens()
             longest = 0
             while self.waiting and self.free_slots:

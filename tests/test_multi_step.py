@@ -360,3 +360,34 @@ def test_llm_request_mixes_equal_single_steps(tiny_dir):
             got = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
                    for r in llms[k].generate(prompts, params)]
             assert got == want, (k, params)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_finish_during_the_step_that_ends_the_sequence_leaves_nothing_behind(k):
+    """``finish()`` from another thread (a client gone) while the step that ends the sequence
+    runs: the sequence ends by itself (``length``) and the request is dropped, not kept forever
+    in the engine's pending finishes (a burst makes that window k steps wide)."""
+    _kernels_or_skip()
+    eng = Engine(_model(), max_num_seqs=2, max_model_len=64, num_scheduler_steps=k)
+    seqs = [eng.add([5, 6, 7], GREEDY.replace(max_tokens=9)) for _ in range(6)]
+    forward, burst = eng._forward_hidden, eng.backend.decode_greedy
+
+    def finish_last(decode, *args, **kwargs):  # the step that gives the last token
+        for seq in list(eng.running):
+            if decode and len(seq.output_ids) == seq.max_tokens - 1:
+                eng.finish(seq, "abort")
+        return forward(decode, *args, **kwargs)
+
+    def finish_all(*args, **kwargs):  # a burst that runs to every row's max_tokens
+        for seq in list(eng.running):
+            eng.finish(seq, "abort")
+        return burst(*args, **kwargs)
+    eng._forward_hidden, eng.backend.decode_greedy = finish_last, finish_all
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.finish_reason for s in seqs] == ["length"] * 6
+    eng._forward_hidden, eng.backend.decode_greedy = forward, burst
+    later = eng.add([5, 6, 7], GREEDY.replace(max_tokens=3))  # the next request's steps drop them
+    while eng.has_unfinished():
+        eng.step()
+    assert later.finish_reason == "length" and not eng._pending_finish
