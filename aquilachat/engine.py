@@ -63,7 +63,9 @@ class Sequence:
     when it has a response format; ``end_ids``: ``[n]`` ids that end the answer, held back while it
     is shorter than ``params.min_tokens``; ``prompt_logprobs``: per prompt token, ``(logprob,
     [(id, logprob), ...])`` (None for the first) once prefilled, when ``params.prompt_logprobs``
-    is set; ``num_cached_tokens``: leading prompt tokens found in the prefix cache.
+    is set; ``num_cached_tokens``: leading prompt tokens found in the prefix cache;
+    ``cache_end``: cache positions a multi-step burst wrote for it (it may write past the
+    sequence's last fed token, ``num_tokens - 1``: see :meth:`Engine._decode_greedy`).
     """
 
     seq_id: str
@@ -78,6 +80,7 @@ class Sequence:
     end_ids: torch.Tensor | None = None
     prompt_logprobs: list | None = None
     num_cached_tokens: int = 0
+    cache_end: int = 0
     slot: int | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -319,8 +322,8 @@ class Engine:
         return sum(len(s.prompt_ids) + s.max_tokens for s in self.running)
 
     # ------------------------------------------------------------------ stepping
-    def _clear_slot(self, slot: int, num_positions: int | None = None) -> None:
-        """Zero a slot's cache entries (the first ``num_positions``, default all).
+    def _clear_slot(self, slot: int, num_positions: int | None = None, start: int = 0) -> None:
+        """Zero a slot's cache entries (positions ``start .. num_positions - 1``, default all).
 
         Needed after a sequence failed on non-finite values: the causal mask hides stale entries
         from the next occupant, but masked attention still multiplies their values by 0, and
@@ -328,20 +331,25 @@ class Engine:
         """
         with torch.inference_mode():
             for k, v in zip(self.cache.k, self.cache.v):
-                k[slot, :, :num_positions].zero_()
-                v[slot, :, :num_positions].zero_()
+                k[slot, :, start:num_positions].zero_()
+                v[slot, :, start:num_positions].zero_()
 
     def _retire(self, seq: Sequence, reason: str, stop_reason=None, error: str | None = None) -> None:
         seq.finish_reason, seq.stop_reason, seq.error = reason, stop_reason, error
         seq.constraint = None
         if seq.slot is not None:
             if reason == "error":
-                self._clear_slot(seq.slot, seq.num_tokens)
+                self._clear_slot(seq.slot, max(seq.num_tokens, seq.cache_end))
                 if self.prefix_cache is not None:
                     self.prefix_cache.drop(seq.slot)
-            elif self.prefix_cache is not None:
-                # the slot keeps the keys/values of every token but the last (never fed back)
-                self.prefix_cache.record(seq.slot, seq.prompt_ids + seq.output_ids, seq.num_tokens - 1)
+            else:
+                if seq.cache_end > seq.num_tokens - 1:
+                    # a burst fed this sequence past its end (single steps never do): a non-finite
+                    # entry there would reach the slot's next occupant through masked attention
+                    self._clear_slot(seq.slot, seq.cache_end, start=seq.num_tokens - 1)
+                if self.prefix_cache is not None:
+                    # the slot keeps the keys/values of every token but the last (never fed back)
+                    self.prefix_cache.record(seq.slot, seq.prompt_ids + seq.output_ids, seq.num_tokens - 1)
             self.free_slots.append(seq.slot)
             seq.slot = None
         if seq in self.running:
@@ -353,6 +361,9 @@ class Engine:
             for seq in list(self.running):  # finishes requested from outside
                 if seq.seq_id in self._pending_finish:
                     self._retire(seq, *self._pending_finish.pop(seq.seq_id))
+            # what is left was asked for sequences that ended by themselves in the step during
+            # which finish() was called (a client gone as its answer ended): nothing to retire
+            self._pending_finish.clear()
             reserved = self.reserved_tokens()
             longest = 0
             while self.waiting and self.free_slots:
@@ -572,6 +583,11 @@ class Engine:
             tokens = self.backend.decode_greedy([s.output_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
                                                 self.cache, [s.slot for s in seqs], steps, allowed=self.allowed,
                                                 end_ids=sorted(t for t in ends if 0 <= t < self.config.vocab_size))
+        # the burst wrote each row's entries for the steps it took and, when it stopped before a
+        # pick that was not plain, for that step too (also for rows that had ended in it)
+        written = min(len(tokens[0]) + 1, steps) if tokens is not None else 0  # None: no kernel call
+        for s in seqs:
+            s.cache_end = max(s.cache_end, s.num_tokens - 1 + written)
         if not tokens or not tokens[0]:
             return None
         self.stats.steps += len(tokens[0])

@@ -345,9 +345,11 @@ class OutputTracker:
             start = len(self._text)
             self._text += self._detok.push(ids[self._consumed])
             self._consumed += 1
-            if self.stops and self._consumed < end and len(self._text) > start:
+            if self.stops and self._consumed < len(ids) and len(self._text) > start:
                 # several new tokens (the engine's multi-step decoding): the answer ends at the
-                # token that completes a stop string, as when the tokens come one step at a time
+                # token that completes a stop string, as when the tokens come one step at a time;
+                # also the last text token when an EOS / stop id follows it in the same burst
+                # (single steps stop before generating that id, so it is not in token_ids)
                 hit = self._find_stop(start)
                 if hit is not None:
                     return self._stop_at(hit, self._consumed), True

@@ -247,3 +247,147 @@ def test_llm_stop_strings_and_text_equal_single_steps(tiny_dir):
     a, b = one.generate(["The quick brown fox", "你好"], params), eight.generate(["The quick brown fox", "你好"], params)
     assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
     assert [o.outputs[0].text for o in b] == [o.outputs[0].text for o in a]
+
+
+def _nan_after_end_model():
+    """A model whose keys and values turn NaN when one token ``E`` is fed (its embedding row is
+    NaN), and prompts around it: ``PA`` answers ``E`` after a few tokens (greedy, from the clean
+    model), ``PB`` runs on beside it and never produces ``E``; ``C`` shares a 16-token block with
+    ``PA`` (it goes to PA's freed slot), ``D`` shares 32 tokens with ``PB`` (a later cache start in
+    the same prefill, so C's row attends masked positions of its slot beyond its own)."""
+    model = _model(tie_word_embeddings=False)
+    g = torch.Generator().manual_seed(1)
+    pa, pb = torch.randint(1, 300, (20,), generator=g).tolist(), torch.randint(1, 300, (36,), generator=g).tolist()
+    c, d = pa[:16] + [7, 8], pb[:32] + [9, 10, 11, 12]
+    eng = Engine(model, max_num_seqs=3, max_model_len=64)
+    a, b = eng.add(pa, GREEDY), eng.add(pb, GREEDY.replace(max_tokens=20))
+    while eng.has_unfinished():
+        eng.step()
+    bad = set(b.output_ids) | set(pa) | set(pb) | set(c) | set(d)
+    k = next(i for i in range(3, 12) if a.output_ids[i] not in bad and a.output_ids[i] not in a.output_ids[:i])
+    end = a.output_ids[k]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[end] = float("nan")
+    return model, end, (pa, pb, c, d)
+
+
+@pytest.mark.parametrize("how", ["eos", "finish"])
+def test_a_row_ended_in_a_burst_leaves_nothing_in_its_slot(how):
+    """A burst keeps feeding a row that ended in it (its end token and what follows), which
+    single steps never do. Here that writes NaN keys and values past the row's end; they must
+    not reach the next request in its slot (masked attention multiplies them by 0, and 0 * NaN
+    is NaN): that request gets the same answer as with single steps, not an error. ``eos``: the
+    row ends on its EOS inside the burst; ``finish``: it ends from outside after the burst (a
+    stop string, a client gone), as the output processor ends it."""
+    _kernels_or_skip()
+    model, end, (pa, pb, c, d) = _nan_after_end_model()
+
+    def run(k):
+        eng = Engine(model, max_num_seqs=3, max_model_len=64, eos_token_ids=[end] if how == "eos" else [],
+                     num_scheduler_steps=k)
+        a = eng.add(pa, GREEDY.replace(ignore_eos=how != "eos"))
+        b = eng.add(pb, GREEDY.replace(max_tokens=20))
+        while end not in a.output_ids:
+            eng.step()
+        cut = a.output_ids.index(end) + 1
+        if how == "finish":
+            eng.finish(a, "stop", "a stop string")
+        eng.step()
+        assert a.finished
+        later = [eng.add(c, GREEDY.replace(max_tokens=5)), eng.add(d, GREEDY.replace(max_tokens=5))]
+        while eng.has_unfinished():
+            eng.step()
+        return [(a.output_ids[:cut], a.finish_reason)] + [(s.output_ids, s.finish_reason, s.error, s.num_cached_tokens)
+                                                          for s in [b] + later]
+
+    single = run(1)
+    assert single[2] == (single[2][0], "length", None, 16) and len(single[2][0]) == 5  # C: in PA's slot, no error
+    for k in (8, 64):
+        assert run(k) == single, k
+
+
+def test_llm_stop_string_right_before_an_end_id(tiny_dir):
+    """A stop string completed by the token just before an end id (EOS or a stop id), both in
+    one burst: single steps stop at the stop string and never generate the end id, so neither may
+    a burst's answer hold it (token_ids, hence usage, as with single steps)."""
+    _kernels_or_skip()
+    one = LLM(str(tiny_dir), device="cpu", max_num_seqs=2)
+    eight = LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=8)
+    params = GREEDY.replace(max_tokens=40)
+    tok, tried = one.tokenizer, 0
+    for prompt in ["The quick brown fox", "你好", "def bubble_sort", "hello world"]:
+        ids = one.generate(prompt, params)[0].outputs[0].token_ids
+        for k in range(2, len(ids) - 1):
+            before, upto, end = tok.decode(ids[:k]), tok.decode(ids[:k + 1]), ids[k + 1]
+            stop = upto[-1:]  # completed by token k exactly, and the end id right after it
+            if (end in ids[:k + 1] or len(upto) <= len(before) or "\ufffd" in upto or not stop.strip()
+                    or stop in before):
+                continue
+            p = params.replace(stop=[stop], stop_token_ids=[end])
+            a, b = one.generate(prompt, p)[0].outputs[0], eight.generate(prompt, p)[0].outputs[0]
+            assert a.finish_reason == "stop" and a.stop_reason == stop and a.token_ids == ids[:k + 1]
+            assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, a.finish_reason,
+                                                                             a.stop_reason)
+            tried += 1
+            break
+    assert tried
+
+
+def test_llm_request_mixes_equal_single_steps(tiny_dir):
+    """Through ``LLM``, requests as a newcomer writes them: several prompts of different lengths
+    queued for 2 slots, ``n=2``, English and Chinese stop strings (one that a multi-token
+    character completes), stop ids, ``max_tokens`` 1 and 2, ``min_tokens``, EOS not ignored, and
+    a batch that mixes in prompt log-probabilities: every answer's text, token ids, finish and stop
+    reason equal single steps' for 2, 3 and 64 steps. (``num_cached_tokens`` is left out: which
+    prefix a queued answer finds cached depends on when slots free up, which bursts change.)"""
+    _kernels_or_skip()
+    llms = {k: LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=k) for k in (1, 2, 3, 64)}
+    prompts = ["The quick brown fox", "你好", "def bubble_sort(a):", "a", "人工智能是计算机科学的一个分支。"]
+    base = GREEDY.replace(max_tokens=24, ignore_eos=False)
+    free = llms[1].generate(prompts, base)
+    texts = [o.outputs[0].text for o in free]
+    # stop strings the answers complete mid-way (in characters free of broken UTF-8), and a stop id
+    stops = [t[i:i + 2] for t in texts for i in (6, 11) if len(t) > i + 2 and "\ufffd" not in t[i:i + 2]][:4]
+    assert stops
+    stop_id = free[0].outputs[0].token_ids[7]
+    cases = [base.replace(max_tokens=1), base.replace(max_tokens=2), base.replace(n=2, stop=stops),
+             base.replace(stop=["的", "，", "。"] + stops[:1]), base.replace(stop_token_ids=[stop_id]),
+             base.replace(min_tokens=6, stop=stops), base.replace(prompt_logprobs=1, stop=stops[:2])]
+    for params in cases:
+        want = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
+                for r in llms[1].generate(prompts, params)]
+        for k in (2, 3, 64):
+            got = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
+                   for r in llms[k].generate(prompts, params)]
+            assert got == want, (k, params)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_finish_during_the_step_that_ends_the_sequence_leaves_nothing_behind(k):
+    """``finish()`` from another thread (a client gone) while the step that ends the sequence
+    runs: the sequence ends by itself (``length``) and the request is dropped, not kept forever
+    in the engine's pending finishes (a burst makes that window k steps wide)."""
+    _kernels_or_skip()
+    eng = Engine(_model(), max_num_seqs=2, max_model_len=64, num_scheduler_steps=k)
+    seqs = [eng.add([5, 6, 7], GREEDY.replace(max_tokens=9)) for _ in range(6)]
+    forward, burst = eng._forward_hidden, eng.backend.decode_greedy
+
+    def finish_last(decode, *args, **kwargs):  # the step that gives the last token
+        for seq in list(eng.running):
+            if decode and len(seq.output_ids) == seq.max_tokens - 1:
+                eng.finish(seq, "abort")
+        return forward(decode, *args, **kwargs)
+
+    def finish_all(*args, **kwargs):  # a burst that runs to every row's max_tokens
+        for seq in list(eng.running):
+            eng.finish(seq, "abort")
+        return burst(*args, **kwargs)
+    eng._forward_hidden, eng.backend.decode_greedy = finish_last, finish_all
+    while eng.has_unfinished():
+        eng.step()
+    assert [s.finish_reason for s in seqs] == ["length"] * 6
+    eng._forward_hidden, eng.backend.decode_greedy = forward, burst
+    later = eng.add([5, 6, 7], GREEDY.replace(max_tokens=3))  # the next request's steps drop them
+    while eng.has_unfinished():
+        eng.step()
+    assert later.finish_reason == "length" and not eng._pending_finish

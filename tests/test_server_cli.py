@@ -31,6 +31,11 @@ def test_a_missing_model_fails_in_one_line_before_serving(tmp_path, capsys):
     assert err.startswith("aquilachat serve: error:") and len(err.strip().splitlines()) == 1
     assert main(["serve", "--max-num-seqs", "0"]) == 1
     assert "--max-num-seqs" in capsys.readouterr().err
+    # checked with the other engine sizes, not after the server started listening (in the loader)
+    for value in ("0", "-2"):
+        assert main(["serve", "--num-scheduler-steps", value, "--port", str(free_port())]) == 1
+        err = capsys.readouterr().err
+        assert err == f"aquilachat serve: error: --num-scheduler-steps must be >= 1, got {value}\n"
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from ..llm import LLM
     from ..server.app import ServerSettings, create_app
 
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_tokens"):
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_tokens", "num_scheduler_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValidationError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
