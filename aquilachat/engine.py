@@ -254,9 +254,18 @@ class Engine:
             self.waiting.append(seq)
         return seq
 
-    def finish(self, seq: Sequence, reason: str = "abort", stop_reason: str | int | None = None) -> None:
-        """Retire a sequence at the next step boundary (stop string found, client gone, ...)."""
+    def finish(self, seq: Sequence, reason: str = "abort", stop_reason: str | int | None = None, *,
+               num_tokens: int | None = None) -> None:
+        """Retire a sequence at the next step boundary (stop string found, client gone, ...).
+
+        ``num_tokens``: where the answer ended when that is before its last output id (a stop
+        string completed inside a multi-step burst): the ids after it are dropped and no longer
+        counted in ``stats.generated_tokens``, as if single steps had stopped there."""
         with self._lock:
+            if num_tokens is not None and 0 <= num_tokens < len(seq.output_ids):
+                self.stats.generated_tokens -= len(seq.output_ids) - num_tokens
+                for ids in (seq.output_ids, seq.logprobs, seq.top_logprobs):
+                    del ids[num_tokens:]
             if seq in self.waiting:
                 self.waiting.remove(seq)
                 seq.finish_reason, seq.stop_reason = reason, stop_reason

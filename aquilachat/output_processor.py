@@ -273,7 +273,7 @@ class OutputProcessor:
             return self._finish(choice, seq.seq_id, "", CompletionOutput(
                 choice.index, finish_reason="error", error=INTERNAL_ERROR))
         if stopped:
-            self.engine.finish(seq, "stop", choice.tracker.stop_string)
+            self.engine.finish(seq, "stop", choice.tracker.stop_string, num_tokens=choice.tracker.num_tokens)
         if choice.tracker.done:
             return self._finish(choice, seq.seq_id, text, choice.tracker.completion())
         if not text:
@@ -375,6 +375,11 @@ class OutputTracker:
         delta = self._text[self._sent:]
         self._sent = len(self._text)
         return delta
+
+    @property
+    def num_tokens(self) -> int | None:
+        """Output ids the answer keeps once a stop string ended it (None before)."""
+        return self._num_tokens
 
     @property
     def num_consumed(self) -> int:

@@ -240,10 +240,14 @@ def test_llm_stop_strings_and_text_equal_single_steps(tiny_dir):
         start = next(i for i in range(8, len(text) - 3) if "\ufffd" not in text[i:i + 3])
         stop = text[start:start + 3]
         p = params.replace(stop=[stop])
+        counted = [llm.engine.stats.generated_tokens for llm in (one, eight)]
         a, b = one.generate(prompt, p)[0].outputs[0], eight.generate(prompt, p)[0].outputs[0]
         assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, a.finish_reason,
                                                                          a.stop_reason)
         assert a.finish_reason == "stop" and a.text == text[:text.find(stop)]
+        # the tokens a burst decoded past the stop string are not counted (the server's
+        # aquilachat_generation_tokens_total): both engines counted the answer's tokens
+        assert [llm.engine.stats.generated_tokens - n for llm, n in zip((one, eight), counted)] == [len(a.token_ids)] * 2
     a, b = one.generate(["The quick brown fox", "你好"], params), eight.generate(["The quick brown fox", "你好"], params)
     assert [o.outputs[0].token_ids for o in b] == [o.outputs[0].token_ids for o in a]
     assert [o.outputs[0].text for o in b] == [o.outputs[0].text for o in a]
