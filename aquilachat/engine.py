@@ -17,7 +17,10 @@ Each :meth:`Engine.step` gives every running sequence exactly one new token:
 3. **decode** the sequences that were already running, one token each, in one batch; rows at
    different positions share the step through per-row positions and a causal mask over the cache;
    the final hidden states of steps 2 and 3 go through the vocabulary projection together (one
-   product for all rows: for small models it is most of a step's work);
+   product for all rows: for small models it is most of a step's work). When no sequence was
+   admitted and every running one decodes plain greedy, steps 3 and 4 run whole in one call of
+   the CPU backend (:meth:`CpuDecodeBackend.decode_greedy`: the same tokens), up to
+   ``num_scheduler_steps`` steps at a time (:meth:`Engine._decode_greedy`);
 4. sample all rows together (:func:`aquilachat.sampling.sample`; a sequence with a response
    format passes its grammar's token mask, one with ``min_tokens`` the ids that would end it),
    append, and retire sequences that hit EOS, a stop id, ``max_tokens``, the context window, the
@@ -139,8 +142,9 @@ class Engine:
             sequence decodes greedily with nothing else to compute (vLLM's multi-step decoding:
             :meth:`CpuDecodeBackend.decode_greedy`, no Python between the steps; the same
             tokens as single steps, each sequence cut at its first stop). Default 1: one token
-            per step. More steps make small models faster at a cost in latency: streamed text
-            and newly arrived requests wait for the whole burst.
+            per step (such a step still runs whole in one call). More steps make small models
+            faster at a cost in latency: streamed text and newly arrived requests wait for the
+            whole burst.
 
     On the CPU, prefill and decode run through :class:`~aquilachat.backends.CpuDecodeBackend`
     (``self.backend``; :meth:`release_backend` lets it go).
@@ -518,7 +522,7 @@ class Engine:
             if self.prefix_cache is not None:
                 for seq in new:  # concurrent requests with the same prefix can copy it from here
                     self.prefix_cache.record(seq.slot, seq.prompt_ids, len(seq.prompt_ids))
-        if not new and self.num_scheduler_steps > 1:
+        if not new:
             burst = self._decode_greedy(old)
             if burst is not None:
                 return outputs + burst
@@ -575,14 +579,12 @@ class Engine:
         slot order) in one call of the backend when each decodes greedily with nothing else to
         compute (:func:`~aquilachat.sampling.plain_greedy`, no grammar); the same tokens and
         retirements as that many :meth:`step` calls, each sequence cut at its first end. None
-        when a single step must run instead (another kind of sequence, no backend, fewer than 2
-        steps left, or the backend cannot run the whole step)."""
+        when the step must run op by op instead (another kind of sequence, no backend, or the
+        backend cannot run the whole step)."""
         if self.backend is None or not seqs or any(s.constraint is not None or not plain_greedy(s.params, len(s.output_ids))
                                                    for s in seqs):
             return None
         steps = min(self.num_scheduler_steps, *(s.max_tokens - len(s.output_ids) for s in seqs))
-        if steps < 2:
-            return None
         ends = set()
         for s in seqs:
             ends.update(s.params.stop_token_ids)

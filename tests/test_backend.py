@@ -198,21 +198,32 @@ def test_served_model_trains_exactly_as_a_never_served_one(release):
         assert torch.equal(got[1][name], want[1][name]), name
 
 
-def test_engine_runs_the_backend_and_its_release(layer_runs):
+def test_engine_runs_the_backend_and_its_release(layer_runs, monkeypatch):
     from aquilachat.engine import Engine
     from aquilachat.sampling import SamplingParams
     model = pair(**CASES["gqa-untied"])[0]
     engine = Engine(model, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
+    whole = []  # greedy decode steps run whole in one call (where the kernels are)
+    real = CpuDecodeBackend.decode_greedy
+    monkeypatch.setattr(CpuDecodeBackend, "decode_greedy",
+                        lambda self, *a, **k: (lambda out: out and whole.append(len(out[0])) or out)(real(self, *a, **k)))
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     engine.add(PROMPTS[0], params)
     while engine.has_unfinished():
         engine.step()
-    assert len(layer_runs) == 3 * 3  # prefill + 2 decode steps, 3 layers each
+    # prefill + 2 decode steps, 3 layers each, the decode steps whole when the kernels are built
+    assert (len(layer_runs), whole) == ((3, [1, 1]) if engine.backend.uses_kernels else (3 * 3, []))
+    engine.backend.fuse_steps = False  # op by op: every layer through the backend's loop
+    engine.add(PROMPTS[0], params)
+    while engine.has_unfinished():
+        engine.step()
+    runs = len(layer_runs)
+    assert runs - (3 if whole else 3 * 3) == 3 * 3
     engine.release_backend()
     engine.add(PROMPTS[0], params)
     while engine.has_unfinished():
         engine.step()
-    assert len(layer_runs) == 3 * 3
+    assert len(layer_runs) == runs and len(whole) <= 2
 
 
 def test_engine_greedy_picks_through_the_backend(monkeypatch):
@@ -225,6 +236,7 @@ def test_engine_greedy_picks_through_the_backend(monkeypatch):
     engine = Engine(model, max_num_seqs=2, max_model_len=64, enable_prefix_caching=False)
     if engine.backend is None or engine.backend._kernels is None:
         pytest.skip("no CPU kernels here")
+    engine.backend.fuse_steps = False  # single steps op by op (plain greedy ones otherwise run whole)
     real, calls = engine.backend.max_rows, []
     monkeypatch.setattr(engine.backend, "max_rows", lambda x: calls.append(x.shape) or real(x))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -247,6 +259,10 @@ def test_engine_greedy_picks_through_the_backend(monkeypatch):
     assert run() == got_penalized
     params = params.replace(repetition_penalty=1.0)
     assert run() == got
+    engine.backend.fuse_steps = True  # whole steps: the kernels' own greedy pick, the same tokens
+    monkeypatch.setattr(engine.backend, "max_rows", lambda x: calls.append(x.shape) or real(x))
+    calls.clear()
+    assert run() == got and len(calls) == 1  # only the prefill step (both prompts) took max_rows
 
 
 class _PackedLinear(nn.Module):

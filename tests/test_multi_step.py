@@ -1,8 +1,11 @@
-"""Multi-step decoding (``Engine(num_scheduler_steps=k)``, vLLM's name): up to k greedy decode
-steps in one call of the CPU kernels (``CpuDecodeBackend.decode_greedy``).
+"""Whole greedy decode steps in one call of the CPU kernels (``CpuDecodeBackend.decode_greedy``):
+one step a call by default, up to k with multi-step decoding (``Engine(num_scheduler_steps=k)``,
+vLLM's name).
 
-The oracle is the engine's own single steps (``num_scheduler_steps=1``), which test_backend and
-test_engine check against the plain model and transformers. Both paths run the same kernels at
+The oracle is the engine's own single steps run op by op (``backend.fuse_steps = False``: the
+model's embedding, the layers one call each, the final norm, the vocabulary product and the
+sampler), which test_backend and test_engine check against the plain model and transformers;
+``_oracle`` switches an engine or ``LLM`` to it. Both paths run the same kernels at
 the same instruction level on the same values, so they must agree bit for bit: the same tokens,
 the same finish, and the same keys and values in every cache position (the cache is compared
 whole, so a step that fed a different token or computed a layer differently shows there, not
@@ -53,11 +56,22 @@ def bursts(monkeypatch):
     return calls
 
 
-def _run(model, k, params, prompts=PROMPTS, *, eos=(), allowed=None, max_num_seqs=4):
+def _oracle(engine_or_llm):
+    """Switch an engine (or an ``LLM``'s) to single steps op by op (the oracle); returns it."""
+    engine = getattr(engine_or_llm, "engine", engine_or_llm)
+    if engine.backend is not None:
+        engine.backend.fuse_steps = False
+    return engine_or_llm
+
+
+def _run(model, k, params, prompts=PROMPTS, *, eos=(), allowed=None, max_num_seqs=4, fused=None):
     """Every prompt through an engine with ``num_scheduler_steps=k`` (all admitted in the first
-    step); (sequences, each sequence's cache entries ``[(k, v) per layer]``, decode steps)."""
+    step), whole steps in one call unless ``fused`` is False (default: fused for k > 1, the oracle
+    for k = 1); (sequences, each sequence's cache entries ``[(k, v) per layer]``, decode steps)."""
     eng = Engine(model, max_num_seqs=max_num_seqs, max_model_len=64, eos_token_ids=list(eos), allowed=allowed,
                  num_scheduler_steps=k)
+    if not (k > 1 if fused is None else fused):
+        _oracle(eng)
     seqs = [eng.add(p, params[i] if isinstance(params, list) else params) for i, p in enumerate(prompts)]
     eng.step()
     slots = [s.slot for s in seqs]
@@ -94,6 +108,10 @@ def test_multi_step_equals_single_steps_at_every_level(dtype, bursts, monkeypatc
         _assert_same_run(single, multi)
         assert bursts and max(bursts) == 8 and sum(bursts) + 1 + 2 >= 17  # most tokens came in bursts
         assert multi[2] == single[2]  # stats.steps counts decode steps either way
+        bursts.clear()
+        one_call = _run(model, 1, params, fused=True)  # the default engine: a whole step per call
+        _assert_same_run(single, one_call)
+        assert bursts == [1] * (30 - 1)  # every decode step but the prefill's pick
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -227,7 +245,7 @@ def test_llm_stop_strings_and_text_equal_single_steps(tiny_dir):
     finish as single steps, with a stop string completed in the middle of a burst (the answer
     ends at the token that completes it, not at the end of the burst)."""
     _kernels_or_skip()
-    one = LLM(str(tiny_dir), device="cpu", max_num_seqs=2)
+    one = _oracle(LLM(str(tiny_dir), device="cpu", max_num_seqs=2))
     eight = LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=8)
     params = GREEDY.replace(max_tokens=40)
     free = one.generate(["The quick brown fox", "你好"], params)
@@ -315,7 +333,7 @@ def test_llm_stop_string_right_before_an_end_id(tiny_dir):
     one burst: single steps stop at the stop string and never generate the end id, so neither may
     a burst's answer hold it (token_ids, hence usage, as with single steps)."""
     _kernels_or_skip()
-    one = LLM(str(tiny_dir), device="cpu", max_num_seqs=2)
+    one = _oracle(LLM(str(tiny_dir), device="cpu", max_num_seqs=2))
     eight = LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=8)
     params = GREEDY.replace(max_tokens=40)
     tok, tried = one.tokenizer, 0
@@ -346,9 +364,10 @@ def test_llm_request_mixes_equal_single_steps(tiny_dir):
     prefix a queued answer finds cached depends on when slots free up, which bursts change.)"""
     _kernels_or_skip()
     llms = {k: LLM(str(tiny_dir), device="cpu", max_num_seqs=2, num_scheduler_steps=k) for k in (1, 2, 3, 64)}
+    llms["oracle"] = _oracle(LLM(str(tiny_dir), device="cpu", max_num_seqs=2))
     prompts = ["The quick brown fox", "你好", "def bubble_sort(a):", "a", "人工智能是计算机科学的一个分支。"]
     base = GREEDY.replace(max_tokens=24, ignore_eos=False)
-    free = llms[1].generate(prompts, base)
+    free = llms["oracle"].generate(prompts, base)
     texts = [o.outputs[0].text for o in free]
     # stop strings the answers complete mid-way (in characters free of broken UTF-8), and a stop id
     stops = [t[i:i + 2] for t in texts for i in (6, 11) if len(t) > i + 2 and "\ufffd" not in t[i:i + 2]][:4]
@@ -359,8 +378,8 @@ def test_llm_request_mixes_equal_single_steps(tiny_dir):
              base.replace(min_tokens=6, stop=stops), base.replace(prompt_logprobs=1, stop=stops[:2])]
     for params in cases:
         want = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
-                for r in llms[1].generate(prompts, params)]
-        for k in (2, 3, 64):
+                for r in llms["oracle"].generate(prompts, params)]
+        for k in (1, 2, 3, 64):
             got = [[(c.text, c.token_ids, c.finish_reason, c.stop_reason, c.prompt_logprobs) for c in r.outputs]
                    for r in llms[k].generate(prompts, params)]
             assert got == want, (k, params)
@@ -373,6 +392,8 @@ def test_finish_during_the_step_that_ends_the_sequence_leaves_nothing_behind(k):
     in the engine's pending finishes (a burst makes that window k steps wide)."""
     _kernels_or_skip()
     eng = Engine(_model(), max_num_seqs=2, max_model_len=64, num_scheduler_steps=k)
+    if k == 1:
+        _oracle(eng)  # single steps op by op: finish() lands while _forward_hidden runs
     seqs = [eng.add([5, 6, 7], GREEDY.replace(max_tokens=9)) for _ in range(6)]
     forward, burst = eng._forward_hidden, eng.backend.decode_greedy
 
@@ -386,7 +407,9 @@ def test_finish_during_the_step_that_ends_the_sequence_leaves_nothing_behind(k):
         for seq in list(eng.running):
             eng.finish(seq, "abort")
         return burst(*args, **kwargs)
-    eng._forward_hidden, eng.backend.decode_greedy = finish_last, finish_all
+    eng._forward_hidden = finish_last
+    if k > 1:
+        eng.backend.decode_greedy = finish_all
     while eng.has_unfinished():
         eng.step()
     assert [s.finish_reason for s in seqs] == ["length"] * 6

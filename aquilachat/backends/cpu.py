@@ -99,6 +99,10 @@ class CpuDecodeBackend:
         #: :mod:`.cpu_kernels`: the same ops in the same order, so the same bits, without the
         #: ~16 calls from Python); False runs the ops one by one (for comparisons).
         self.fuse_layers = True
+        #: Greedy decode steps run whole in one call (:meth:`decode_greedy`, which the engine tries
+        #: first for plain greedy batches: the same bits); False declines them, so the engine runs
+        #: its steps op by op (for comparisons).
+        self.fuse_steps = True
 
     @property
     def uses_kernels(self) -> bool:
@@ -202,7 +206,8 @@ class CpuDecodeBackend:
         """
         model = self._model()
         ext = self._kernels
-        if ext is None or self._whole_model_reason() is not None or not 0 < len(tokens) <= cpu_kernels.MAX_ROWS:
+        if (ext is None or not self.fuse_steps or self._whole_model_reason() is not None
+                or not 0 < len(tokens) <= cpu_kernels.MAX_ROWS):
             return None
         if allowed is not None and (allowed.dtype != torch.bool or allowed.shape != (model.config.vocab_size,)):
             return None
