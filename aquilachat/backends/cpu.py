@@ -220,6 +220,8 @@ class CpuDecodeBackend:
                 and self._is_plain_linear(head, dtype) and head.weight.shape == table.shape
                 and head.weight.is_contiguous()):
             return None
+        if not len(kv_cache.k) == len(kv_cache.v) == len(model.model.layers):
+            return None  # the plain model's error for a cache of another depth
         weights, eps = [], []
         for layer, k_cache, v_cache in zip(model.model.layers, kv_cache.k, kv_cache.v):
             parts = self._layer_parts(layer)
@@ -232,16 +234,15 @@ class CpuDecodeBackend:
                 return None
             weights.extend(fused)
             eps.extend((norm1.variance_epsilon, norm2.variance_epsilon))
-        if len(kv_cache.k) != len(model.model.layers):
-            return None
         B = len(tokens)
-        pos = torch.tensor(positions, dtype=torch.long)[:, None] + torch.arange(steps)  # (B, steps)
+        first = torch.tensor(positions, dtype=torch.long)  # (B,)
+        pos = first[:, None] + torch.arange(steps)  # (B, steps)
         cos, sin = model._rotary(pos, dtype, int(pos.max()))  # (B, steps, 1, head_dim) each
         cos, sin = (t.reshape(B, steps, -1).transpose(0, 1).contiguous() for t in (cos, sin))
         out, done = ext.decode_greedy(
             torch.tensor(tokens, dtype=torch.long), table, weights, eps, norm._parameters["weight"],
             norm.variance_epsilon, head.weight, list(kv_cache.k), list(kv_cache.v), cos, sin,
-            torch.tensor(slots, dtype=torch.long), torch.tensor(positions, dtype=torch.long), allowed,
+            torch.tensor(slots, dtype=torch.long), first, allowed,
             torch.tensor(sorted(set(end_ids)), dtype=torch.long), model.config.num_attention_heads,
             model.config.num_key_value_heads, cpu_kernels.level())
         return out[:, :int(done)].tolist()
