@@ -1,0 +1,97 @@
+"""The aquila-tiny recipe's decision stage (recipes/aquila-tiny/decision.py).
+
+Its hinge terms rest on one claim: a request's teacher-forced margins along the drawing answer's
+opening are all positive exactly when greedy decoding writes that opening. The oracle is the
+engine's own greedy tokens (``LLM.chat`` at temperature 0). Its requests must also stay clear of
+the held-out evaluation (``instructions.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from aquilachat.checkpoint import BUNDLED_MODELS, load_model, load_tokenizer
+from aquilachat.llm import LLM
+from aquilachat.sampling_params import SamplingParams
+from tests.helpers import make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "recipes" / "aquila-tiny" / "decision.py"
+REQUESTS = ["画一只猫", "Draw a cat.", "What is the capital of France?", "介绍一下北京。", "Could you write a poem?",
+            "请把下面的句子翻译成英文：今天天气很好。"]
+
+
+@pytest.fixture(scope="module")
+def decision():
+    spec = importlib.util.spec_from_file_location("aquila_tiny_decision", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A random tiny model with the bundled model's tokenizer (the template's real special tokens)."""
+    out = tmp_path_factory.mktemp("decision_tiny")
+    make_tiny_model(out, BUNDLED_MODELS["aquila-tiny"], seed=3)
+    return out
+
+
+def test_margins_are_positive_exactly_where_greedy_decoding_follows(decision, tiny):
+    llm = LLM(str(tiny), device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    greedy = [list(o.token_ids) for o in llm.chat([[{"role": "user", "content": r}] for r in REQUESTS], params)]
+    assert all(len(g) == 8 for g in greedy)
+    model, tok = load_model(tiny, dtype="float32", device="cpu").eval(), load_tokenizer(tiny)
+    opening = greedy[0]  # the first request's own greedy answer plays the drawing opening
+    with torch.no_grad():
+        batch = decision.margins(model, tok, REQUESTS, opening, pad_id=0)
+        alone = torch.cat([decision.margins(model, tok, [r], opening, pad_id=0) for r in REQUESTS])
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=0)  # padding does not leak into the rows
+    assert batch.shape == (len(REQUESTS), len(opening))
+    diverged = 0
+    for row, tokens in zip(batch, greedy):
+        split = next((j for j, (a, b) in enumerate(zip(tokens, opening)) if a != b), None)
+        if split is None:
+            assert (row > 0).all()
+        else:  # greedy follows the opening up to ``split``, then prefers another token
+            diverged += 1
+            assert (row[:split] > 0).all() and row[split] < 0
+    assert diverged >= 3  # the random model answers the requests differently
+    # one continuation per request (the marker hinge): the margins of each row's last positions
+    leads = [g[:3] for g in greedy]  # rows of different lengths before the same last three ids
+    with torch.no_grad():
+        tails = decision.margins(model, tok, REQUESTS, [lead + opening[-3:] for lead in leads], pad_id=0, last=3)
+        for i, (r, lead) in enumerate(zip(REQUESTS, leads)):
+            whole = decision.margins(model, tok, [r], lead + opening[-3:], pad_id=0)
+            torch.testing.assert_close(tails[i], whole[0, -3:], atol=1e-4, rtol=0)
+        full = decision.margins(model, tok, REQUESTS, [list(opening)] * len(REQUESTS), pad_id=0, last=3)
+    torch.testing.assert_close(full, batch[:, -3:], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="last"):
+        decision.margins(model, tok, REQUESTS[:2], [opening, opening[:-1]], pad_id=0)
+
+
+def test_requests_stay_clear_of_the_evaluation(decision):
+    ins = decision.ins
+    rng = random.Random(0)
+    drawing = [decision.positive(rng, p_augment=0.5, more=True) for _ in range(2000)]
+    assert not ins.heldout_overlap(drawing)
+    # the added phrasings hold no frame of a held-out one (written here from DRAW_*_HELDOUT)
+    frames = ("illustrate", "show me", "i'd like", "could you paint", "drawing of", "麻烦", "能不能", "插图", "来一张")
+    assert not [t for t in decision.MORE_DRAW_EN + decision.MORE_DRAW_ZH if any(f in t.lower() for f in frames)]
+    assert not [t for t in decision.MORE_DRAW_ZH if t.startswith("生成{s}")]
+    assert any(d.startswith("Give me a picture of") for d in drawing)  # --more-phrasings is used
+
+    class Args:
+        pairs, polite, seed = 300, 50, 0
+
+    ordinary = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "ok"}]}
+                for q in ("Describe an elephant.", "Tell me a joke.", "介绍一下北京。")]
+    pool = decision.negative_pool(Args, ordinary)
+    assert "Describe an elephant." not in pool  # a held-out subject's word: refused
+    assert "Tell me a joke." in pool and "介绍一下北京。" in pool
+    assert not ins.heldout_overlap(pool)
