@@ -112,56 +112,76 @@ class LLM:
         return render(self.tokenizer, messages, self.template)
 
     # ------------------------------------------------------------------ running
-    def _run(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, *,
-             stop: Seq[str] = (), on_delta: Callable[[int, int, str], None] | None = None,
+    def _run(self, prompts: list[tuple[str | None, list[int]]],
+             params: SamplingParams | Seq[SamplingParams] | None, *, chat: bool = False,
+             on_delta: Callable[[int, int, str], None] | None = None,
              cap_to_context: bool = False) -> list[RequestOutput]:
-        """Generate for already tokenized ``(text, ids)`` prompts; ``stop``: stop strings besides
-        ``params.stop``; ``on_delta(prompt_index, answer_index, text)`` receives streamed text."""
-        request, events = self._start([ids for _, ids in prompts], params, stop=stop, cap_to_context=cap_to_context)
-        n = params.n
-        for event in events:
+        """Generate for already tokenized ``(text, ids)`` prompts; with ``chat``, the template's stop
+        strings (:meth:`chat_stop`) end answers besides ``params.stop``; ``on_delta(prompt_index,
+        answer_index, text)`` receives streamed text; ``cap_to_context``: see :meth:`stream_chat`. ``params``: one for every prompt (one request),
+        or one per prompt (one request each, all in the same batches), as vLLM's ``LLM.generate``.
+        Every request is validated before any is generated."""
+        per_prompt = _per_prompt_params(params, len(prompts))
+        processor = OutputProcessor(self.engine, self.tokenizer)
+        if per_prompt is None:
+            params = params or SamplingParams()
+            groups = [(self._prepare(processor, [ids for _, ids in prompts], params, chat=chat,
+                                     cap_to_context=cap_to_context), 0)]
+        else:
+            groups = [(self._prepare(processor, [ids], p, chat=chat, cap_to_context=cap_to_context), i)
+                      for i, ((_, ids), p) in enumerate(zip(prompts, per_prompt))]
+        first = {id(request): start for request, start in groups}
+        for request, event in self._drive(processor, [request for request, _ in groups]):
             if event.text and on_delta is not None:
-                on_delta(event.index // n, event.index % n, event.text)
-        outputs = request.outputs()
+                n = request.params.n
+                on_delta(first[id(request)] + event.index // n, event.index % n, event.text)
+        outputs = [choice for request, _ in groups for choice in request.outputs()]
+        n_of = [request.params.n for request, _ in groups for _ in range(len(request.prompts))]
+        starts = [sum(n_of[:p]) for p in range(len(prompts))]
         return [RequestOutput(request_id=str(p), prompt=text, prompt_token_ids=list(ids),
-                              outputs=outputs[p * n:(p + 1) * n])
+                              outputs=outputs[starts[p]:starts[p] + n_of[p]])
                 for p, (text, ids) in enumerate(prompts)]
 
-    def _start(self, prompts: list[list[int]], params: SamplingParams, *, stop: Seq[str] = (),
-               cap_to_context: bool = False) -> tuple[RequestState, Iterator[ChoiceEvent]]:
+    def _prepare(self, processor: OutputProcessor, prompts: list[list[int]], params: SamplingParams, *,
+                 chat: bool = False, cap_to_context: bool = False) -> RequestState:
         """Validate a request (:meth:`OutputProcessor.prepare`; a response format is compiled
-        first); return it and the iterator that generates it, yielding its events."""
+        first) and return it, not yet added to the engine."""
         grammar = None
         if params.structured_outputs is not None:
             grammar = self.grammar_backend.compile(params.structured_outputs)
-        processor = OutputProcessor(self.engine, self.tokenizer)
-        request = processor.prepare(prompts, params, stop=stop, cap_to_context=cap_to_context, grammar=grammar)
-        return request, self._drive(processor, request)
+        return processor.prepare(prompts, params, stop=self.chat_stop(params) if chat else (),
+                                 cap_to_context=cap_to_context, grammar=grammar)
 
-    def _drive(self, processor: OutputProcessor, request: RequestState) -> Iterator[ChoiceEvent]:
-        """Queue ``request`` and step the engine until it is idle, yielding the request's events.
-        If a step raises, or the caller stops iterating, the request is aborted and the engine
-        is left empty for the next call."""
-        processor.add(request)
+    def _drive(self, processor: OutputProcessor,
+               requests: list[RequestState]) -> Iterator[tuple[RequestState, ChoiceEvent]]:
+        """Queue ``requests`` and step the engine until it is idle, yielding each event with its
+        request. If a step raises, or the caller stops iterating, the requests are aborted and the
+        engine is left empty for the next call."""
+        for request in requests:
+            processor.add(request)
         try:
             while self.engine.has_unfinished():
-                for _, events in processor.process(self.engine.step()):
-                    yield from events
+                for request, events in processor.process(self.engine.step()):
+                    for event in events:
+                        yield request, event
         finally:
             if self.engine.has_unfinished():
-                processor.abort(request)
+                for request in requests:
+                    processor.abort(request)
                 while self.engine.has_unfinished():
                     self.engine.step()
 
-    def generate(self, prompts: list[str] | str, params: SamplingParams | None = None, *,
+    def generate(self, prompts: list[str] | str, params: SamplingParams | Seq[SamplingParams] | None = None, *,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:
         """Raw completion (no template) of each prompt; returns one :class:`RequestOutput` per prompt.
+        ``params``: one :class:`SamplingParams` for every prompt, or a list of one per prompt (as
+        vLLM's ``LLM.generate``).
 
         Raises:
-            ValidationError: a prompt too long for the context window with ``params.max_tokens``,
-                or an empty prompt, before any generation.
+            ValidationError: a prompt too long for the context window with its ``max_tokens``, an
+                empty prompt, or a ``params`` list whose length is not the number of prompts (field
+                ``params``), before any generation.
         """
-        params = params or SamplingParams()
         if prompt_token_ids is not None:
             items = [(None, list(ids)) for ids in prompt_token_ids]
         else:
@@ -170,21 +190,21 @@ class LLM:
             items = [(p, self.tokenizer.encode(p)) for p in prompts]
         return self._run(items, params)
 
-    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, *,
-             on_delta: Callable[[int, int, str], None] | None = None) -> list[RequestOutput]:
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
+             *, on_delta: Callable[[int, int, str], None] | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of ``{"role", "content"}`` dicts) or several (a list of
         such lists) in the chat template; the template's stop strings end answers besides
-        ``params.stop``.
+        ``params.stop``. ``params``: one for every conversation, or a list of one per conversation.
 
         Raises:
-            ValidationError: malformed messages or a conversation too long for the context window.
+            ValidationError: malformed messages, a conversation too long for the context window, or
+                a ``params`` list whose length is not the number of conversations.
         """
         if not isinstance(messages, list) or not messages:
             raise ValidationError("messages", "messages must be a non-empty list")
         conversations = messages if isinstance(messages[0], list) else [messages]
         items = [(None, self.encode_chat(c)) for c in conversations]
-        params = params or SamplingParams()
-        return self._run(items, params, stop=self.chat_stop(params), on_delta=on_delta)
+        return self._run(items, params, chat=True, on_delta=on_delta)
 
     def chat_stop(self, params: SamplingParams) -> tuple[str, ...]:
         """The template's stop strings for a chat answer; none with a response format (the grammar
@@ -203,9 +223,31 @@ class LLM:
         """
         params = (params or SamplingParams()).replace(n=1)
         ids = self.encode_chat(messages)
-        request, events = self._start([ids], params, stop=self.chat_stop(params), cap_to_context=cap_to_context)
+        processor = OutputProcessor(self.engine, self.tokenizer)
+        request = self._prepare(processor, [ids], params, chat=True, cap_to_context=cap_to_context)
         self.last_output = None
-        for event in events:
+        for _, event in self._drive(processor, [request]):
             if event.text:
                 yield event.text
         self.last_output = RequestOutput("0", None, ids, request.outputs())
+
+
+def _per_prompt_params(params, count: int) -> list[SamplingParams] | None:
+    """``None`` for one :class:`SamplingParams` (or none) shared by every prompt; else the list of
+    ``count`` per-prompt params.
+
+    Raises:
+        ValidationError: (field ``params``) not a SamplingParams or a list of them, or a list whose
+            length is not ``count``.
+    """
+    if params is None or isinstance(params, SamplingParams):
+        return None
+    if not isinstance(params, (list, tuple)):
+        raise ValidationError("params", f"params must be a SamplingParams or a list of them, not {type(params).__name__}")
+    if len(params) != count:
+        raise ValidationError("params", f"{len(params)} SamplingParams for {count} prompts: give one for all, "
+                                        f"or one per prompt")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValidationError("params", f"params[{i}] must be a SamplingParams, not {type(p).__name__}")
+    return list(params)

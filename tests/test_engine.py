@@ -224,3 +224,42 @@ def test_engine_finish_frees_slot_within_a_step(llm):
     eng.finish(seq, "abort")
     eng.step()
     assert eng.num_running == 0 and seq.finish_reason == "abort"
+
+
+def test_per_prompt_params_equal_each_prompt_alone(llm):
+    """``generate(prompts, [params per prompt])`` (vLLM's form): every prompt gets exactly what it
+    gets alone with its own params, though all of them share the engine's batches."""
+    prompts = ["hi", "人工智能是计算机科学的一个分支", "def bubble_sort(a):\n    for", "The quick brown fox"]
+    params = [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.8, max_tokens=12, seed=5, n=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=1.2, top_k=20, max_tokens=9, seed=11, ignore_eos=True, logprobs=2)]
+    deltas: dict[tuple[int, int], str] = {}
+    together = llm._run([(p, llm.tokenizer.encode(p)) for p in prompts], params,
+                        on_delta=lambda p, i, d: deltas.__setitem__((p, i), deltas.get((p, i), "") + d))
+    assert [len(o.outputs) for o in together] == [1, 2, 1, 1]
+    for prompt, p, out in zip(prompts, params, together):
+        alone = llm.generate([prompt], p)[0]
+        assert out.prompt == prompt
+        assert [c.token_ids for c in out.outputs] == [c.token_ids for c in alone.outputs]
+        assert [len(c.token_ids) for c in out.outputs] == [p.max_tokens] * p.n
+    assert {k: v for k, v in deltas.items()} == {(i, j): c.text for i, o in enumerate(together)
+                                                 for j, c in enumerate(o.outputs)}
+    chats = llm.chat([[{"role": "user", "content": p}] for p in prompts[:2]], params[:2])
+    assert [c.token_ids for c in chats[1].outputs] == [
+        c.token_ids for c in llm.chat([{"role": "user", "content": prompts[1]}], params[1])[0].outputs]
+
+
+@pytest.mark.parametrize("params, message", [
+    ([SamplingParams()], "1 SamplingParams for 2 prompts"),
+    ([SamplingParams(), {"temperature": 0}], r"params\[1\] must be a SamplingParams, not dict"),
+    ({"temperature": 0}, "params must be a SamplingParams or a list of them, not dict"),
+])
+def test_bad_per_prompt_params_are_refused_before_anything_runs(llm, params, message):
+    with pytest.raises(ValidationError, match=message) as info:
+        llm.generate(["hi", "there"], params)
+    assert info.value.field == "params"
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValidationError, match="max_tokens"):  # a bad one among good ones: none runs
+        llm.generate(["hi", "there"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=10**6)])
+    assert not llm.engine.has_unfinished()
