@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -10,6 +12,14 @@ from aquilachat.checkpoint import save_hf
 from aquilachat.config import ModelConfig
 from aquilachat.model import AquilaForCausalLM
 from aquilachat.tokenizer import AQUILA_SPECIAL_TOKENS, Tokenizer
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script that is not in a package (a recipe step) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TEXT_FOR_MERGES = [
     "The quick brown fox jumps over the lazy dog. " * 3,

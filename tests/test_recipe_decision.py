@@ -7,7 +7,6 @@ the held-out evaluation (``instructions.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from aquilachat.checkpoint import BUNDLED_MODELS, load_model, load_tokenizer
 from aquilachat.llm import LLM
 from aquilachat.sampling_params import SamplingParams
-from tests.helpers import make_tiny_model
+from tests.helpers import load_script, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "aquila-tiny" / "decision.py"
@@ -27,10 +26,7 @@ REQUESTS = ["画一只猫", "Draw a cat.", "What is the capital of France?", "�
 
 @pytest.fixture(scope="module")
 def decision():
-    spec = importlib.util.spec_from_file_location("aquila_tiny_decision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "aquila_tiny_decision")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and get ordinary answers; the evaluation set does not depend on the training mix
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aquilachat.instructions import parse_instruction
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "recipes" / "aquila-tiny" / "instructions.py"
@@ -25,10 +25,7 @@ PICTURE = re.compile(r"画|图|绘|照片|draw|paint|picture|image|sketch|render
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("aquila_tiny_instructions", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "aquila_tiny_instructions")
 
 
 @pytest.mark.parametrize("zh", [True, False])
