@@ -30,7 +30,7 @@ of ``instructions.py``; held-out subjects and phrasings are refused (``heldout_o
     python recipes/aquila-tiny/decision.py --model DIR --mix FILE --sft sft.jsonl --out DIR \
         [--steps 300] [--delta 2] [--marker-hinge] ...
 
-Attempts 21-22 in docs/aquila-tiny.md used it; neither met issue 18's routing target, and neither
+Attempts 21-23 in docs/aquila-tiny.md used it; none met issue 18's routing target, and none
 model was shipped.
 
 Writes ``DIR/final`` (a Hugging Face layout that ``LLM`` loads) and ``DIR/metrics.jsonl``.
