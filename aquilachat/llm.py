@@ -116,11 +116,12 @@ class LLM:
              params: SamplingParams | Seq[SamplingParams] | None, *, chat: bool = False,
              on_delta: Callable[[int, int, str], None] | None = None,
              cap_to_context: bool = False) -> list[RequestOutput]:
-        """Generate for already tokenized ``(text, ids)`` prompts; with ``chat``, the template's stop
-        strings (:meth:`chat_stop`) end answers besides ``params.stop``; ``on_delta(prompt_index,
-        answer_index, text)`` receives streamed text; ``cap_to_context``: see :meth:`stream_chat`. ``params``: one for every prompt (one request),
-        or one per prompt (one request each, all in the same batches), as vLLM's ``LLM.generate``.
-        Every request is validated before any is generated."""
+        """Generate for already tokenized ``(text, ids)`` prompts. ``params``: one for every prompt
+        (one request), or one per prompt (one request each, all in the same batches), as vLLM's
+        ``LLM.generate``; every request is validated before any is generated. With ``chat``, the
+        template's stop strings (:meth:`chat_stop`) end answers besides ``params.stop``;
+        ``on_delta(prompt_index, answer_index, text)`` receives streamed text; ``cap_to_context``:
+        see :meth:`stream_chat`."""
         per_prompt = _per_prompt_params(params, len(prompts))
         processor = OutputProcessor(self.engine, self.tokenizer)
         if per_prompt is None:
@@ -135,11 +136,11 @@ class LLM:
             if event.text and on_delta is not None:
                 n = request.params.n
                 on_delta(first[id(request)] + event.index // n, event.index % n, event.text)
-        outputs = [choice for request, _ in groups for choice in request.outputs()]
-        n_of = [request.params.n for request, _ in groups for _ in range(len(request.prompts))]
-        starts = [sum(n_of[:p]) for p in range(len(prompts))]
-        return [RequestOutput(request_id=str(p), prompt=text, prompt_token_ids=list(ids),
-                              outputs=outputs[starts[p]:starts[p] + n_of[p]])
+        answers = []  # per prompt, its n answers
+        for request, _ in groups:
+            outputs, n = request.outputs(), request.params.n
+            answers += [outputs[k * n:(k + 1) * n] for k in range(len(request.prompts))]
+        return [RequestOutput(request_id=str(p), prompt=text, prompt_token_ids=list(ids), outputs=answers[p])
                 for p, (text, ids) in enumerate(prompts)]
 
     def _prepare(self, processor: OutputProcessor, prompts: list[list[int]], params: SamplingParams, *,
