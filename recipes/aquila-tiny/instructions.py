@@ -373,16 +373,27 @@ def conversation(cid: str, request: str, answer: str) -> dict:
             "instruction": ""}
 
 
+#: Words that keep a question out of the ordinary half of a routing evaluation (it may want a picture).
+EVAL_PICTURE_WORDS = ("画", "图", "draw", "image", "picture", "paint")
+
+
+def no_picture(questions: list[str], *, fold_case: bool = True) -> list[str]:
+    """``questions`` less those with an :data:`EVAL_PICTURE_WORDS` word (case-insensitive unless
+    ``fold_case`` is false, as the Chinese half has always been filtered)."""
+    return [q for q in questions if not any(w in (q.lower() if fold_case else q) for w in EVAL_PICTURE_WORDS)]
+
+
+def belle_questions(shared: Path) -> list[str]:
+    """BELLE's eval-set questions under 200 characters that do not ask for a picture."""
+    return no_picture([r["question"] for _, r in iter_records(shared / "eval_writing" / "belle" / "eval_set.json")
+                       if isinstance(r.get("question"), str) and len(r["question"]) < 200], fold_case=False)
+
+
 def ordinary_questions(shared: Path, rng: random.Random, n: int) -> list[str]:
     """``n`` questions never trained on: half vicuna_bench (English), half BELLE's eval set
     (Chinese), none asking for a picture."""
-    en = [r["turns"][0] for _, r in iter_records(shared / "eval_writing" / "vicuna_bench" / "question.jsonl")]
-    zh = [r["question"] for _, r in iter_records(shared / "eval_writing" / "belle" / "eval_set.json")
-          if isinstance(r.get("question"), str) and len(r["question"]) < 200]
-    picture = ("画", "图", "draw", "image", "picture", "paint")
-    en = [q for q in en if not any(w in q.lower() for w in picture)]
-    zh = [q for q in zh if not any(w in q for w in picture)]
-    return rng.sample(en, n // 2) + rng.sample(zh, n - n // 2)
+    en = no_picture([r["turns"][0] for _, r in iter_records(shared / "eval_writing" / "vicuna_bench" / "question.jsonl")])
+    return rng.sample(en, n // 2) + rng.sample(belle_questions(shared), n - n // 2)
 
 
 def main() -> None:

@@ -36,12 +36,9 @@ for subjects, phrasings, styles in ((SUBJ_ZH, PHR_ZH, ins.STYLES_ZH), (SUBJ_EN, 
 seen = set()
 for f in sys.argv[2:]:
     seen |= set(json.load(open(f))["ordinary"])
-picture = ("画", "图", "draw", "image", "picture", "paint")
-en = [r["turns"][0] for _, r in iter_records(f"{SHARED}/eval_writing/mt_bench/question.jsonl")]
-en = [q for q in en if not any(w in q.lower() for w in picture) and len(q) < 400]
-zh = [r["question"] for _, r in iter_records(f"{SHARED}/eval_writing/belle/eval_set.json")
-      if isinstance(r.get("question"), str) and len(r["question"]) < 200]
-zh = [q for q in zh if not any(w in q for w in picture) and q not in seen]
+en = ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writing" / "mt_bench" / "question.jsonl")
+                     if len(r["turns"][0]) < 400])
+zh = [q for q in ins.belle_questions(SHARED) if q not in seen]
 ordinary = rng.sample(en, 25) + rng.sample(zh, 25)
 json.dump({"drawing": drawing, "ordinary": ordinary}, open(sys.argv[1], "w", encoding="utf-8"), ensure_ascii=False, indent=1)
 print(len(drawing), len(ordinary), len(en), len(zh))
