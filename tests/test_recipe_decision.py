@@ -91,3 +91,32 @@ def test_requests_stay_clear_of_the_evaluation(decision):
     assert "Describe an elephant." not in pool  # a held-out subject's word: refused
     assert "Tell me a joke." in pool and "介绍一下北京。" in pool
     assert not ins.heldout_overlap(pool)
+
+
+def test_end_hinge_positions_are_the_end_of_turn(decision):
+    """``--end-hinge`` scores the last ``k`` ids of the drawing answer: they must be the template's end
+    of turn ``###`` after the prompt line, which the next-token loss supervises too."""
+    from aquilachat.chat_format import render_for_training
+
+    tok = load_tokenizer(BUNDLED_MODELS["aquila-tiny"])
+    rng = random.Random(1)
+    for _ in range(20):
+        request, answer = decision.positive_example(rng)
+        cont, k = decision.answer_ids(tok, request, answer)
+        assert k > 0 and tok.decode(cont[-k:]) == "###"
+        assert tok.decode(cont[:-k]).strip() == answer  # the ids before the end are the whole answer
+        msgs = [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+        ids, labels = render_for_training(tok, msgs, decision.TEMPLATE)
+        assert ids[-len(cont):] == cont and all(lab != -100 for lab in labels[-k:])
+    # positive() is positive_example()'s request from the same draws (earlier runs draw as before)
+    assert decision.positive(random.Random(5), 0.5, True) == decision.positive_example(random.Random(5), 0.5, True)[0]
+
+
+def test_text_rows_come_from_the_text(decision):
+    tok = load_tokenizer(BUNDLED_MODELS["aquila-tiny"])
+    texts = ["春眠不觉晓，处处闻啼鸟。" * 400, "It was the best of times, it was the worst of times. " * 200]
+    rng = random.Random(0)
+    for _ in range(10):
+        row = decision.text_row(rng, tok, texts, 64)
+        assert len(row) == 65
+        assert tok.decode(row[1:-1]) in texts[0] or tok.decode(row[1:-1]) in texts[1]

@@ -20,7 +20,13 @@ on three terms:
 * with ``--marker-hinge``, the same two hinges on the marker line alone, written after varied lead
   text (:func:`leads`: the preface, a suffix of it, or an ordinary answer's first tokens and then a
   suffix): a model can drift into the preface from other words, and the exact opening does not see
-  those paths.
+  those paths; ``--marker-hinge neg`` applies only the second of the two;
+* with ``--neg-first K``, the negative hinge binds on the opening's first ``K`` positions only (so that
+  an ordinary answer leaves the opening at its start, not at its weakest token);
+* with ``--end-hinge``, the hinge ``relu(delta - m)`` on the end of turn after a drawing answer's prompt
+  line (teacher-forced with the request's own subject);
+* with ``--text FILE...``, the next-token loss on ``--text-rows`` rows of 512 tokens of plain text a step
+  (e.g. the pretraining text), to keep the model's general text.
 
 This is a max-margin (hinge) objective on the decision greedy decoding takes (Crammer and Singer
 2001 for the multiclass margin; Welleck et al. 2019, "Neural Text Generation with Unlikelihood
@@ -30,8 +36,7 @@ of ``instructions.py``; held-out subjects and phrasings are refused (``heldout_o
     python recipes/aquila-tiny/decision.py --model DIR --mix FILE --sft sft.jsonl --out DIR \
         [--steps 300] [--delta 2] [--marker-hinge] ...
 
-Attempts 21-23 in docs/aquila-tiny.md used it; none met issue 18's routing target, and none
-model was shipped.
+Attempts 21-25 in docs/aquila-tiny.md used it.
 
 Writes ``DIR/final`` (a Hugging Face layout that ``LLM`` loads) and ``DIR/metrics.jsonl``.
 """
@@ -174,6 +179,12 @@ assert not set(MORE_DRAW_EN + MORE_DRAW_ZH) & set(ins.DRAW_EN_HELDOUT + ins.DRAW
 def positive(rng: random.Random, p_augment: float = 0.0, more: bool = False) -> str:
     """One drawing request: a training phrasing about a training (composed or wide) subject, with
     :func:`augment` applied with probability ``p_augment``."""
+    return positive_example(rng, p_augment, more)[0]
+
+
+def positive_example(rng: random.Random, p_augment: float = 0.0, more: bool = False) -> tuple[str, str]:
+    """:func:`positive`'s request and its drawing answer (``instructions.draw_example``: preface,
+    marker line, prompt line), from the same draws of ``rng``."""
     zh = rng.random() < 0.5
     r = rng.random()
     if r < 0.2:
@@ -185,8 +196,32 @@ def positive(rng: random.Random, p_augment: float = 0.0, more: bool = False) -> 
     templates = ins.DRAW_ZH if zh else ins.DRAW_EN
     if more:
         templates = templates + (MORE_DRAW_ZH if zh else MORE_DRAW_EN)
-    request = ins.draw_example(rng, zh, subject, templates)[0]
-    return augment(rng, request, zh) if rng.random() < p_augment else request
+    request, answer = ins.draw_example(rng, zh, subject, templates)
+    return (augment(rng, request, zh) if rng.random() < p_augment else request), answer
+
+
+def answer_ids(tok, request: str, answer: str) -> tuple[list[int], int]:
+    """The answer's ids after the rendered request, end of turn included (``render_for_training``),
+    and how many of the last ids are the end of turn ``###`` (0 when the end merged with the text)."""
+    msgs = [{"role": "user", "content": request}]
+    prompt = render(tok, msgs, TEMPLATE)
+    ids, _ = render_for_training(tok, msgs + [{"role": "assistant", "content": answer}], TEMPLATE)
+    cont = ids[len(prompt):]
+    for k in range(1, 4):
+        if tok.decode(cont[-k:]) == "###":
+            return cont, k
+    return cont, 0
+
+
+def text_row(rng: random.Random, tok, texts: list[str], length: int) -> list[int]:
+    """``length + 1`` token ids of plain text from a random place of a random file of ``texts``
+    (chosen in proportion to their sizes), for the next-token loss of ``--text``."""
+    text = rng.choices(texts, weights=[len(t) for t in texts])[0]
+    start = rng.randrange(max(1, len(text) - 8 * length))
+    ids = tok.encode(text[start: start + 8 * length])
+    if len(ids) < length + 1:
+        ids = tok.encode(text[: 16 * length])
+    return ids[: length + 1]
 
 
 def main() -> None:
@@ -207,9 +242,17 @@ def main() -> None:
     ap.add_argument("--polite", type=int, default=1500, help="politely asked questions among the negatives")
     ap.add_argument("--augment", type=float, default=0.0, help="share of drawing requests given augment()")
     ap.add_argument("--more-phrasings", action="store_true", help="draw requests also from MORE_DRAW_ZH / _EN")
-    ap.add_argument("--marker-hinge", action="store_true",
+    ap.add_argument("--marker-hinge", nargs="?", const="both", choices=["both", "neg"],
                     help="also the hinge on the marker line after varied lead text (leads()): above the margin "
-                         "for drawing requests, below it for the others")
+                         "for drawing requests, below it for the others ('neg': only the others)")
+    ap.add_argument("--neg-first", type=int, default=0,
+                    help="the negative hinge binds on the first K positions of the opening (min over them); "
+                         "0: the whole opening")
+    ap.add_argument("--end-hinge", action="store_true",
+                    help="also the hinge on the end of turn after the drawing answer's prompt line (teacher-forced)")
+    ap.add_argument("--text", type=Path, nargs="*", default=[],
+                    help="plain-text files for an extra next-token loss (e.g. the pretraining text)")
+    ap.add_argument("--text-rows", type=int, default=1, help="rows of 512 tokens of --text a step")
     ap.add_argument("--seed", type=int, default=21)
     args = ap.parse_args()
 
@@ -228,6 +271,7 @@ def main() -> None:
         raise SystemExit("decision.py: the marker line is not tokenized on its own in the opening")
     preface = opening[:-marker_len]
     starts = [tok.encode(r["conversations"][1]["value"][:40]) for r in ordinary[:2000] if r["conversations"][1]["value"].strip()]
+    texts = [f.read_text(encoding="utf-8") for f in args.text]
     units = build_sft_dataset([args.mix], tok, template=TEMPLATE, max_seq_len=512, packing=True).units
     print(f"decision: opening of {len(opening)} tokens, {len(negatives)} negative requests, {len(units)} packed rows",
           flush=True)
@@ -249,24 +293,44 @@ def main() -> None:
         pos = margins(model, tok, [positive(rng, args.augment, args.more_phrasings) for _ in range(args.pos)], opening, pad_id)
         neg = margins(model, tok, rng.sample(negatives, args.neg), opening, pad_id)
         hinge_pos = F.relu(args.delta - pos.amin(-1)).mean()
-        hinge_neg = F.relu(args.delta + neg.amin(-1)).mean()
+        first = neg[:, : args.neg_first] if args.neg_first > 0 else neg
+        hinge_neg = F.relu(args.delta + first.amin(-1)).mean()
         loss = ce + args.weight * (hinge_pos + hinge_neg)
         hinge_marker = torch.zeros(())
         if args.marker_hinge:
             marker = opening[-marker_len:]
-            for sign, reqs in ((1.0, [positive(rng, args.augment, args.more_phrasings) for _ in range(args.pos)]),
-                               (-1.0, rng.sample(negatives, args.neg))):
+            sides = []  # in this order, so that runs without the newer options draw as before
+            if args.marker_hinge == "both":
+                sides.append((1.0, [positive(rng, args.augment, args.more_phrasings) for _ in range(args.pos)]))
+            sides.append((-1.0, rng.sample(negatives, args.neg)))
+            for sign, reqs in sides:
                 conts = [lead + marker for lead in leads(rng, preface, starts, len(reqs))]
                 m = margins(model, tok, reqs, conts, pad_id, last=marker_len).amin(-1)
                 hinge_marker = hinge_marker + F.relu(args.delta - sign * m).mean()
             loss = loss + args.weight * hinge_marker
+        hinge_end = torch.zeros(())
+        if args.end_hinge:
+            examples = [positive_example(rng, args.augment, args.more_phrasings) for _ in range(args.pos)]
+            done = [answer_ids(tok, r, a) for r, a in examples]
+            keep = [(r, c, k) for (r, _), (c, k) in zip(examples, done) if k > 0]
+            m = margins(model, tok, [r for r, _, _ in keep], [c for _, c, _ in keep], pad_id,
+                        last=min(k for _, _, k in keep))
+            hinge_end = F.relu(args.delta - m.amin(-1)).mean()
+            loss = loss + args.weight * hinge_end
+        text_ce = torch.zeros(())
+        if texts:
+            rows = torch.tensor([text_row(rng, tok, texts, 512) for _ in range(args.text_rows)])
+            out = model(rows[:, :-1]).float()
+            text_ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), rows[:, 1:].reshape(-1))
+            loss = loss + text_ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         opt.step()
         row = {"step": step + 1, "lr": lr, "ce": round(ce.item(), 4), "hinge_pos": round(hinge_pos.item(), 4),
                "hinge_neg": round(hinge_neg.item(), 4),
-               "hinge_marker": round(hinge_marker.item(), 4), "pos_routed": int((pos.amin(-1) > 0).sum()),
+               "hinge_marker": round(hinge_marker.item(), 4), "hinge_end": round(hinge_end.item(), 4),
+               "text_ce": round(text_ce.item(), 4), "pos_routed": int((pos.amin(-1) > 0).sum()),
                "neg_routed": int((neg.amin(-1) > 0).sum()), "grad_norm": round(norm, 3),
                "s": round(time.perf_counter() - started, 1)}
         log.write(json.dumps(row) + "\n")

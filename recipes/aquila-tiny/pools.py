@@ -1,0 +1,65 @@
+"""Routing evaluation pools for the aquila-tiny recipe beyond ``instructions.py``'s seeds (attempts 23-24
+in docs/aquila-tiny.md).
+
+Held-out drawing requests and ordinary questions never used before each pool was made. A pool's
+subjects and phrasings were written before any model was scored on it and appear in no training
+request (checked below); its ordinary questions are MT-Bench first turns (never used in this
+project's training) and BELLE eval questions, none of them in an earlier evaluation set given as an
+argument. Pool 2 was written before attempt 23 was scored, pool 3 before attempt 24 was trained.
+
+    python recipes/aquila-tiny/pools.py [--pool 3] OUT.json EARLIER_routing_eval.json ...
+"""
+import argparse, json, random, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import instructions as ins
+import decision as D
+from aquilachat.io import iter_records
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+#: per pool: Chinese and English subjects, Chinese and English phrasings, the subjects' words
+POOLS = {
+    2: (["一只章鱼", "一座风车", "一只考拉", "一只火烈鸟", "一个热气球", "一座金字塔", "一个南瓜", "一支冰淇淋", "一座摩天轮", "一只长颈鹿"],
+        ["an octopus", "a windmill", "a koala", "a flamingo", "a hot air balloon", "a pyramid", "a pumpkin",
+         "an ice cream cone", "a Ferris wheel", "a giraffe"],
+        ["我想看看{s}的图片", "能给我一幅{s}的画吗", "你来画{s}吧", "画幅{s}给我看看", "用画笔描绘{s}，{style}"],
+        ["Can I see a painting of {s}?", "I want you to draw {s}.", "Paint a scene with {s}.",
+         "Could I have an image of {s}?", "Do a {style} painting of {s}."],
+        ["章鱼", "风车", "考拉", "火烈鸟", "热气球", "金字塔", "南瓜", "冰淇淋", "摩天轮", "长颈鹿", "octopus", "windmill",
+         "koala", "flamingo", "balloon", "pyramid", "pumpkin", "ice cream", "ferris", "giraffe"]),
+    3: (["一只蜗牛", "一只水母", "一座树屋", "一只啄木鸟", "一棵仙人掌", "一群萤火虫", "一只海马", "一朵蘑菇", "一只蜻蜓", "一棵棕榈树"],
+        ["a snail", "a jellyfish", "a treehouse", "a woodpecker", "a cactus", "a swarm of fireflies", "a seahorse",
+         "a mushroom", "a dragonfly", "a palm tree"],
+        ["把{s}画出来", "请作一幅{s}的画，{style}", "想请你画一下{s}", "能不能帮忙画个{s}", "给{s}画一张像"],
+        ["Please sketch {s} for me.", "Can you paint a picture of {s} in {style}?", "I'd love a drawing of {s}.",
+         "Create a {style} image of {s}.", "Draw what {s} looks like."],
+        ["蜗牛", "水母", "树屋", "啄木鸟", "仙人掌", "萤火虫", "海马", "蘑菇", "蜻蜓", "棕榈树", "snail", "jellyfish",
+         "treehouse", "woodpecker", "cactus", "firefl", "seahorse", "mushroom", "dragonfly", "palm"]),
+}
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--pool", type=int, default=2, choices=sorted(POOLS))
+ap.add_argument("out")
+ap.add_argument("earlier", nargs="*", help="earlier routing_eval.json files whose questions are left out")
+args = ap.parse_args()
+SUBJ_ZH, SUBJ_EN, PHR_ZH, PHR_EN, WORDS = POOLS[args.pool]
+# no training drawing request (every pool instructions.py and decision.py draw from) holds a word or phrasing of the pool
+rng = random.Random(0)
+train = [D.positive(rng, 0.5, True) for _ in range(20000)]
+train += [t for t in ins.DRAW_ZH + ins.DRAW_EN + D.MORE_DRAW_ZH + D.MORE_DRAW_EN]
+clash = sorted({w for t in train for w in WORDS if w in t.lower()})
+assert not clash, f"pool subject in training: {clash}"
+assert not set(PHR_ZH + PHR_EN) & set(ins.DRAW_ZH + ins.DRAW_EN + D.MORE_DRAW_ZH + D.MORE_DRAW_EN + ins.DRAW_ZH_HELDOUT + ins.DRAW_EN_HELDOUT)
+rng = random.Random(2026 if args.pool == 2 else 2026 + args.pool)
+drawing = []
+for subjects, phrasings, styles in ((SUBJ_ZH, PHR_ZH, ins.STYLES_ZH), (SUBJ_EN, PHR_EN, ins.STYLES_EN)):
+    pairs = rng.sample([(s, t) for s in subjects for t in phrasings], 25)
+    drawing += [t.format(s=s, style=rng.choice(styles)) for s, t in pairs]
+seen = set()
+for f in args.earlier:
+    seen |= set(json.load(open(f))["ordinary"])
+en = ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writing" / "mt_bench" / "question.jsonl")
+                     if len(r["turns"][0]) < 400 and (args.pool == 2 or r["turns"][0] not in seen)])
+# (pool 2 did not check its MT-Bench questions against the earlier sets; kept so that it regenerates byte for byte)
+zh = [q for q in ins.belle_questions(SHARED) if q not in seen]
+ordinary = rng.sample(en, 25) + rng.sample(zh, 25)
+json.dump({"drawing": drawing, "ordinary": ordinary}, open(args.out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+print(len(drawing), len(ordinary), len(en), len(zh))
