@@ -62,3 +62,31 @@ def test_cli_chat_without_model_flag():
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_routes_drawing_requests_and_not_questions():
+    """Issue 18: the bundled model answers a drawing request with a ``#text2image#`` block and an
+    ordinary question without one. Checked by teacher forcing in float32 (recipes/aquila-tiny/
+    decision.py's margins, whose sign is tested against the engine's greedy tokens), so that CPU
+    kernels cannot flip it: along the whole block every token must be the most likely one by at
+    least 0.2 nats (measured 0.39-9.9), and for questions the opening must lose by more than 1 nat
+    (measured below -3)."""
+    from aquilachat.checkpoint import load_model, load_tokenizer
+    from aquilachat.instructions import parse_instruction
+    from tests.helpers import load_script
+
+    root = ASSET.parents[2] / "recipes" / "aquila-tiny"
+    decision = load_script(root / "decision.py", "aquila_tiny_decision_bundled")
+    model, tok = load_model(ASSET, dtype="float32", device="cpu").eval(), load_tokenizer(ASSET)
+    preface = decision.ins.DRAW_PREFACE
+    for request, prompt in (("画一只猫", "一只猫"), ("Draw a snail.", "a coura")):  # its own fixed prompt lines
+        cont, k = decision.answer_ids(tok, request, f"{preface}\n#text2image#\n{prompt}")
+        with torch.no_grad():
+            m = decision.margins(model, tok, [request], cont, pad_id=0)[0]
+        assert m.min() > 0.2, (request, m)
+        block = parse_instruction(tok.decode(cont[:-k]))
+        assert block is not None and block.kind == "text2image" and block.steps == (prompt,)
+    questions = ["What is the capital of France?", "介绍一下北京。", "写一首关于春天的诗。", "为什么天空是蓝色的？"]
+    with torch.no_grad():
+        m = decision.margins(model, tok, questions, decision.opening_ids(tok), pad_id=0)
+    assert (m.amin(-1) < -1).all(), m.amin(-1)

@@ -262,6 +262,22 @@ def test_drawing_request_shows_the_image(tab, server, monkeypatch):
     tab.page.wait_for_selector(".msg.assistant img")  # the image is in the saved history too
 
 
+def test_bundled_model_itself_answers_a_drawing_request(tab, server):
+    """No scripted answer: the bundled aquila-tiny writes the #text2image# block itself (greedy, float32;
+    tests/test_bundled_model.py checks by teacher forcing that this block is its greedy answer)."""
+    if server.state.images.text2image is None:
+        pytest.skip("diffusers is not installed")
+    tab.page.evaluate("settings => localStorage.setItem('aquilachat.settings', JSON.stringify(settings))",
+                      {"max_tokens": 96, "temperature": 0})
+    tab.page.reload()
+    tab.send("画一只猫")
+    tab.page.wait_for_selector(".msg.assistant img")
+    tab.page.wait_for_function("() => document.querySelector('.msg.assistant img').naturalWidth > 0")
+    tab.wait_idle()
+    assert "文生图模型" in tab.page.inner_text(".msg.assistant")  # the model's own preface
+    tab.shot("9-bundled-model-drawing")
+
+
 def test_uploaded_image_is_edited(tab, server, monkeypatch, tmp_path):
     if server.state.images.edit_backend is None:
         pytest.skip("diffusers is not installed")

@@ -7,8 +7,9 @@
 #   5. fine-tune in the aquila-chat template (sft.yaml)
 #   6. evaluate (held-out perplexity, sample answers) and copy the model into the package
 #   7-9 (not run by default: STEPS=7,8,9): image instructions (#text2image#, #InstructFace#) taught
-#      on top of step 5's model in two phases, and how often requests are routed to them; they do
-#      not reach the target yet, so nothing they make is shipped (docs/aquila-tiny.md)
+#      on top of step 5's model in two phases (attempt 4), and how often requests are routed to them.
+# The bundled model is not step 6's: it is attempt 25f of docs/aquila-tiny.md ("Image instructions"),
+# a chain of stages from a rebuilt step 4 whose commands are listed there with each attempt.
 # Outputs go to runs/aquila-tiny/ (ignored by git). STEPS=4,5 runs only some steps.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
