@@ -3,7 +3,8 @@ in docs/aquila-tiny.md).
 
 Held-out drawing requests and ordinary questions never used before each pool was made. A pool's
 subjects and phrasings were written before any model was scored on it and appear in no training
-request (checked below); its ordinary questions are MT-Bench first turns (never used in this
+request (checked below: a subject's words, and a phrasing's whole template string, so a near-paraphrase
+of a training phrasing can pass); its ordinary questions are MT-Bench first turns (never used in this
 project's training) and BELLE eval questions, none of them in an earlier evaluation set given as an
 argument. Pool 2 was written before attempt 23 was scored, pool 3 before attempt 24 was trained.
 
