@@ -7,7 +7,7 @@ likely token where it stands. Write the margin of a position as
     m_t = log p(path_t | request, path_<t) - max_{v != path_t} log p(v | request, path_<t)
 
 (teacher-forced). A request is routed iff ``min_t m_t > 0``. This stage continues a fine-tuned model
-on three terms:
+on these terms (the last four optional):
 
 * the ordinary next-token loss on an SFT mix (``--mix``, as ``aquilachat sft``), so that answers keep
   their format;
