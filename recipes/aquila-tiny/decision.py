@@ -68,11 +68,7 @@ TEMPLATE = "aquila-chat"
 def opening_ids(tok) -> list[int]:
     """The drawing answer's opening as the template tokenizes it: the preface and the marker line
     (``[K]`` ids, the same for every request)."""
-    msgs = [{"role": "user", "content": "x"}]
-    prompt = render(tok, msgs, TEMPLATE)
-    ids, _ = render_for_training(tok, msgs + [{"role": "assistant", "content": ins.DRAW_PREFACE + "\n#text2image#\nx"}],
-                                 TEMPLATE)
-    answer = ids[len(prompt):]
+    answer, _ = answer_ids(tok, "x", ins.DRAW_PREFACE + "\n#text2image#\nx")
     for k in range(1, len(answer) + 1):
         if tok.decode(answer[:k]).endswith("#text2image#\n"):
             return answer[:k]
@@ -220,7 +216,7 @@ def text_row(rng: random.Random, tok, texts: list[str], length: int) -> list[int
     start = rng.randrange(max(1, len(text) - 8 * length))
     ids = tok.encode(text[start: start + 8 * length])
     if len(ids) < length + 1:
-        ids = tok.encode(text[: 16 * length])
+        raise ValueError(f"decision.py: a --text file holds fewer than {length + 1} tokens in {8 * length} characters")
     return ids[: length + 1]
 
 
