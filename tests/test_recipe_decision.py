@@ -120,3 +120,61 @@ def test_text_rows_come_from_the_text(decision):
         row = decision.text_row(rng, tok, texts, 64)
         assert len(row) == 65
         assert tok.decode(row[1:-1]) in texts[0] or tok.decode(row[1:-1]) in texts[1]
+
+
+def test_margins_of_conversations_follow_greedy_decoding(decision, tiny):
+    """``--context``: a request given as a whole conversation (a system message, or an earlier
+    exchange) is scored as ``LLM.chat`` answers that conversation."""
+    llm = LLM(str(tiny), device="cpu")
+    ordinary = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                for q, a in (("你好", "你好！有什么可以帮你的吗？"), ("What is 2 + 2?", "4."))]
+    rng = random.Random(4)
+    convs = [decision.with_context(rng, r, ordinary) for r in REQUESTS]
+    assert {len(c) for c in convs} == {2, 3}  # both kinds are drawn
+    assert all(c[-1] == {"role": "user", "content": r} for c, r in zip(convs, REQUESTS))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    greedy = [list(o.token_ids) for o in llm.chat(convs, params)]
+    model, tok = load_model(tiny, dtype="float32", device="cpu").eval(), load_tokenizer(tiny)
+    opening = greedy[0]
+    with torch.no_grad():
+        rows = decision.margins(model, tok, convs, opening, pad_id=0)
+        plain = decision.margins(model, tok, REQUESTS, opening, pad_id=0)
+        as_messages = decision.margins(model, tok, [[{"role": "user", "content": r}] for r in REQUESTS], opening,
+                                       pad_id=0)
+    torch.testing.assert_close(as_messages, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(rows, plain, atol=1e-3)  # the context changes the scores
+    for row, tokens in zip(rows, greedy):
+        split = next((j for j, (a, b) in enumerate(zip(tokens, opening)) if a != b), None)
+        if split is None:
+            assert (row > 0).all()
+        else:
+            assert (row[:split] > 0).all() and row[split] < 0
+
+
+def test_art_questions_and_scenes_stay_clear_of_pool_4(decision, shared_data, tmp_path):
+    """``--art`` and ``--scenes`` draw only training parts: no held-out subject word, and nothing of
+    pools.py's pool 4 (its art questions are checked part by part in pools.py; here whole texts)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    ins = decision.ins
+    rng = random.Random(0)
+    art = {decision.art_question(rng) for _ in range(3000)}
+    drawing = {decision.positive(rng, 0.5, True, scenes=0.5) for _ in range(3000)}
+    assert not ins.heldout_overlap(sorted(art | drawing))
+    assert any("在" in d and any(a in d for a in decision.SCENE_ACT_ZH) for d in drawing)  # scenes are used
+    assert any(q in art for q in decision.ART_IDIOMS) and len(art) > 200
+    out = tmp_path / "pool4.json"
+    subprocess.run([sys.executable, str(SCRIPT.parent / "pools.py"), "--pool", "4", str(out)], check=True,
+                   env={**os.environ, "AQUILACHAT_SHARED_DATA": str(shared_data)}, capture_output=True)
+    pool = json.loads(out.read_text(encoding="utf-8"))
+    assert len(pool["drawing"]) == 50 and len(pool["ordinary"]) == 50
+    assert not set(pool["ordinary"]) & art and not set(pool["drawing"]) & drawing
+    scenes = [d for d in pool["drawing"] if any(w in d for w in ("太极", "跳绳", "毛衣", "浣熊", "邮递员", "tai chi",
+                                                                   "jumping rope", "knitting", "raccoon", "mail carrier"))]
+    assert 15 <= len(scenes) <= 35  # about half the pool's drawing requests are scenes
+    # positive() is still positive_example()'s request from the same draws with scenes on
+    assert decision.positive(random.Random(6), 0.5, True, 0.5) == decision.positive_example(random.Random(6), 0.5, True,
+                                                                                            0.5)[0]

@@ -75,19 +75,21 @@ def opening_ids(tok) -> list[int]:
     raise SystemExit("decision.py: the drawing answer has no marker line in this tokenizer")
 
 
-def margins(model, tok, requests: list[str], opening: list[int] | list[list[int]], pad_id: int,
+def margins(model, tok, requests: list[str] | list[list[dict]], opening: list[int] | list[list[int]], pad_id: int,
             last: int | None = None) -> torch.Tensor:
     """``[N, K]`` teacher-forced margins ``m_t`` (see the module docstring) of the opening after each
     request, computed in one right-padded batch.
 
     ``opening`` is one id list for every request, or one per request (then ``last`` is required):
     the margins of the last ``last`` positions of each row's continuation are returned, ``[N, last]``.
+    A request is a user message's text, or a whole conversation (OpenAI-form messages, the last from
+    the user; ``--context``).
     """
     conts = [opening] * len(requests) if not opening or isinstance(opening[0], int) else opening
     K = last if last is not None else len(conts[0])
     if any(len(c) < K for c in conts) or (last is None and len({len(c) for c in conts}) > 1):
         raise ValueError("margins: continuations of different lengths need `last` (at most the shortest)")
-    prompts = [render(tok, [{"role": "user", "content": r}], TEMPLATE) for r in requests]
+    prompts = [render(tok, [{"role": "user", "content": r}] if isinstance(r, str) else r, TEMPLATE) for r in requests]
     rows = [p + c for p, c in zip(prompts, conts)]
     T = max(len(r) for r in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -172,18 +174,108 @@ assert not [t for t in MORE_DRAW_EN + MORE_DRAW_ZH if any(f in t.lower() for f i
 assert not set(MORE_DRAW_EN + MORE_DRAW_ZH) & set(ins.DRAW_EN_HELDOUT + ins.DRAW_ZH_HELDOUT)
 
 
-def positive(rng: random.Random, p_augment: float = 0.0, more: bool = False) -> str:
+#: Questions about art, pictures and images that want a text answer (``--art``), the false routes of
+#: the QA pass after attempt 25: painters, paintings, art forms, image software and plotting, and idioms
+#: with a picture word. Frames and fillers below are for training only; pools.py's pool 4 holds its own
+#: (checked there: no filler and no frame in common).
+ART_FRAMES_EN = ["Who was {painter}?", "What is {painter} known for?", "Describe the style of {painter}.",
+                 "Tell me about {work}.", "Who painted {work}?", "Why is {work} famous?",
+                 "What is the history of {form}?", "What are the basics of {form}?", "Give me three tips for {form}.",
+                 "Write a short poem about {form}.", "How do I {task}?", "What is the easiest way to {task}?"]
+ART_FRAMES_ZH = ["{painter}是谁？", "{painter}有哪些代表作？", "{painter}的绘画风格是什么？", "介绍一下{work}。",
+                 "{work}是谁画的？", "{work}为什么有名？", "{form}的历史是怎样的？", "怎么学习{form}？",
+                 "给我三条关于{form}的建议。", "写一首关于{form}的诗。", "如何{task}？", "{task}最简单的方法是什么？"]
+ART_FILL_EN = {"painter": ["Leonardo da Vinci", "Rembrandt", "Claude Monet", "Salvador Dali", "Frida Kahlo",
+                           "Michelangelo", "Andy Warhol", "Henri Matisse", "Johannes Vermeer", "Edvard Munch"],
+               "work": ["The Last Supper", "The Scream", "Girl with a Pearl Earring", "The Persistence of Memory",
+                        "Monet's Water Lilies", "The Night Watch", "the Sistine Chapel ceiling"],
+               "form": ["oil painting", "watercolor painting", "sketching", "calligraphy", "photography", "digital art",
+                        "printmaking", "pixel art", "comic drawing", "portrait painting"],
+               "task": ["crop a photo in GIMP", "remove the background of an image", "plot a bar chart with matplotlib",
+                        "draw a rectangle on an HTML canvas", "convert a PNG image to JPG", "compress a large image",
+                        "draw a line with OpenCV", "change the brightness of a photo", "make a scatter plot in Python"]}
+ART_FILL_ZH = {"painter": ["齐白石", "徐悲鸿", "张大千", "吴道子", "唐寅", "达·芬奇", "莫奈", "伦勃朗", "米开朗基罗", "蒙克"],
+               "work": ["《最后的晚餐》", "《呐喊》", "《千里江山图》", "《富春山居图》", "《步辇图》", "《戴珍珠耳环的少女》",
+                        "《记忆的永恒》"],
+               "form": ["油画", "水彩画", "素描", "书法", "摄影", "国画", "版画", "漫画", "数字绘画", "人像画"],
+               "task": ["用Photoshop抠图", "用matplotlib画柱状图", "把图片转换成PDF", "压缩图片大小", "在Word里插入图片",
+                        "用OpenCV读取图片", "调整照片的亮度", "用Python画散点图", "给照片裁剪尺寸"]}
+ART_IDIOMS = ["What does 'draw a blank' mean?", "Draw a conclusion from this: the shop is closed and the lights are off.",
+              "Explain the saying 'a picture is worth a thousand words'.", "What does it mean to draw the short straw?",
+              "解释成语“画龙点睛”。", "“画饼充饥”是什么意思？", "“画虎不成反类犬”是什么意思？", "请解释“一图胜千言”这句话。"]
+
+
+def art_question(rng: random.Random) -> str:
+    """One question about art or images that wants text (``--art``): a frame of ``ART_FRAMES_ZH`` /
+    ``_EN`` with its filler, or (one in ten) an idiom of ``ART_IDIOMS``."""
+    if rng.random() < 0.1:
+        return rng.choice(ART_IDIOMS)
+    zh = rng.random() < 0.5
+    frame = rng.choice(ART_FRAMES_ZH if zh else ART_FRAMES_EN)
+    key = frame[frame.index("{") + 1: frame.index("}")]
+    return frame.format(**{key: rng.choice((ART_FILL_ZH if zh else ART_FILL_EN)[key])})
+
+
+#: Scenes with people or animals doing something (``--scenes``): the Chinese scene requests the QA pass
+#: after attempt 25 found missed (1/15). Built from a who and an action; no word of a held-out subject.
+SCENE_WHO_ZH = ["两只小猫", "一个小男孩", "一位老奶奶", "一群孩子", "一只小狗", "一个女孩", "两个朋友", "一位渔夫", "一只熊猫",
+                "一对老夫妻"]
+SCENE_ACT_ZH = ["在草地上追逐", "在河边钓鱼", "在雪地里堆雪人", "在竹林里读书", "在海边放风筝", "撑着伞走在雨中的小巷",
+                "在厨房里包饺子", "在山顶看日出", "在公园的长椅上聊天", "在灯下写作业", "在田野里摘花", "在湖上划船"]
+SCENE_WHO_EN = ["two kittens", "a little boy", "an old woman", "a group of children", "a puppy", "a girl", "two friends",
+                "a fisherman", "a panda", "an old couple"]
+SCENE_ACT_EN = ["chasing each other on the grass", "fishing by a river", "building a snowman", "reading in a bamboo forest",
+                "flying a kite on the beach", "walking down a rainy alley with an umbrella", "making dumplings in a kitchen",
+                "watching the sunrise on a mountain top", "talking on a park bench", "doing homework under a lamp",
+                "picking flowers in a field", "rowing a boat on a lake"]
+
+
+def scene_subject(rng: random.Random, zh: bool) -> str:
+    """One scene subject for ``--scenes``: who, then what they do (``两只小猫在草地上追逐``)."""
+    if zh:
+        return rng.choice(SCENE_WHO_ZH) + rng.choice(SCENE_ACT_ZH)
+    return f"{rng.choice(SCENE_WHO_EN)} {rng.choice(SCENE_ACT_EN)}"
+
+
+#: System messages for ``--context``: what users and front ends put there.
+SYSTEMS = ["You are a helpful assistant.", "You are AquilaChat, a helpful bilingual assistant.",
+           "Answer briefly.", "你是一个乐于助人的助手。", "你是智源研究院的AquilaChat。", "请用中文回答。"]
+
+
+assert not ins.heldout_overlap([v for fill in (ART_FILL_EN, ART_FILL_ZH) for vs in fill.values() for v in vs]
+                               + ART_IDIOMS + SCENE_WHO_ZH + SCENE_ACT_ZH + SCENE_WHO_EN + SCENE_ACT_EN)
+
+
+def with_context(rng: random.Random, request: str, ordinary: list[dict]) -> list[dict]:
+    """``request`` as the last user message of a conversation (``--context``): after a system message
+    (``SYSTEMS``), or after one earlier exchange (a short question and answer of ``sft.jsonl``), equally
+    often."""
+    last = {"role": "user", "content": request}
+    if rng.random() < 0.5:
+        return [{"role": "system", "content": rng.choice(SYSTEMS)}, last]
+    for _ in range(20):
+        c = rng.choice(ordinary)["conversations"]
+        if len(c[1]["value"]) < 300:
+            break
+    return [{"role": "user", "content": c[0]["value"]}, {"role": "assistant", "content": c[1]["value"]}, last]
+
+
+def positive(rng: random.Random, p_augment: float = 0.0, more: bool = False, scenes: float = 0.0) -> str:
     """One drawing request: a training phrasing about a training (composed or wide) subject, with
     :func:`augment` applied with probability ``p_augment``."""
-    return positive_example(rng, p_augment, more)[0]
+    return positive_example(rng, p_augment, more, scenes)[0]
 
 
-def positive_example(rng: random.Random, p_augment: float = 0.0, more: bool = False) -> tuple[str, str]:
+def positive_example(rng: random.Random, p_augment: float = 0.0, more: bool = False,
+                     scenes: float = 0.0) -> tuple[str, str]:
     """:func:`positive`'s request and its drawing answer (``instructions.draw_example``: preface,
-    marker line, prompt line), from the same draws of ``rng``."""
+    marker line, prompt line), from the same draws of ``rng``; with probability ``scenes`` the subject
+    is a :func:`scene_subject` (no draw is made for it when ``scenes`` is 0)."""
     zh = rng.random() < 0.5
     r = rng.random()
-    if r < 0.2:
+    if scenes and rng.random() < scenes:
+        subject = scene_subject(rng, zh)
+    elif r < 0.2:
         subject = rng.choice(ins.SUBJECTS_ZH[:-10] if zh else ins.SUBJECTS_EN[:-10])
     elif r < 0.4:
         subject = rng.choice(ins.WIDE_ZH if zh else ins.WIDE_EN)
@@ -249,6 +341,14 @@ def main() -> None:
     ap.add_argument("--text", type=Path, nargs="*", default=[],
                     help="plain-text files for an extra next-token loss (e.g. the pretraining text)")
     ap.add_argument("--text-rows", type=int, default=1, help="rows of 512 tokens of --text a step")
+    ap.add_argument("--art", type=int, default=0,
+                    help="of the --neg other requests a step, this many are art_question()s (questions about art "
+                         "or images that want text)")
+    ap.add_argument("--scenes", type=float, default=0.0,
+                    help="share of drawing requests whose subject is a scene_subject() (who and an action)")
+    ap.add_argument("--context", type=float, default=0.0,
+                    help="share of the requests in the hinges given with_context(): after a system message or an "
+                         "earlier exchange")
     ap.add_argument("--seed", type=int, default=21)
     args = ap.parse_args()
 
@@ -271,6 +371,21 @@ def main() -> None:
     units = build_sft_dataset([args.mix], tok, template=TEMPLATE, max_seq_len=512, packing=True).units
     print(f"decision: opening of {len(opening)} tokens, {len(negatives)} negative requests, {len(units)} packed rows",
           flush=True)
+    ctx_rng = random.Random(f"context:{args.seed}")  # separate streams: runs without the options draw as before
+    art_rng = random.Random(f"art:{args.seed}")
+
+    def ctx(requests: list[str]) -> list:
+        if not args.context:
+            return requests
+        return [with_context(ctx_rng, r, ordinary) if ctx_rng.random() < args.context else r for r in requests]
+
+    def others(n: int) -> list[str]:
+        k = min(args.art, n)
+        return ctx(rng.sample(negatives, n - k) + [art_question(art_rng) for _ in range(k)])
+
+    def drawing(n: int) -> list[str]:
+        return ctx([positive(rng, args.augment, args.more_phrasings, args.scenes) for _ in range(n)])
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     order = list(range(len(units)))
@@ -286,8 +401,8 @@ def main() -> None:
         x, y = collate(batch, pad_id)
         logits = model(x)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-        pos = margins(model, tok, [positive(rng, args.augment, args.more_phrasings) for _ in range(args.pos)], opening, pad_id)
-        neg = margins(model, tok, rng.sample(negatives, args.neg), opening, pad_id)
+        pos = margins(model, tok, drawing(args.pos), opening, pad_id)
+        neg = margins(model, tok, others(args.neg), opening, pad_id)
         hinge_pos = F.relu(args.delta - pos.amin(-1)).mean()
         first = neg[:, : args.neg_first] if args.neg_first > 0 else neg
         hinge_neg = F.relu(args.delta + first.amin(-1)).mean()
@@ -297,8 +412,8 @@ def main() -> None:
             marker = opening[-marker_len:]
             sides = []  # in this order, so that runs without the newer options draw as before
             if args.marker_hinge == "both":
-                sides.append((1.0, [positive(rng, args.augment, args.more_phrasings) for _ in range(args.pos)]))
-            sides.append((-1.0, rng.sample(negatives, args.neg)))
+                sides.append((1.0, drawing(args.pos)))
+            sides.append((-1.0, others(args.neg)))
             for sign, reqs in sides:
                 conts = [lead + marker for lead in leads(rng, preface, starts, len(reqs))]
                 m = margins(model, tok, reqs, conts, pad_id, last=marker_len).amin(-1)
@@ -306,7 +421,7 @@ def main() -> None:
             loss = loss + args.weight * hinge_marker
         hinge_end = torch.zeros(())
         if args.end_hinge:
-            examples = [positive_example(rng, args.augment, args.more_phrasings) for _ in range(args.pos)]
+            examples = [positive_example(rng, args.augment, args.more_phrasings, args.scenes) for _ in range(args.pos)]
             done = [answer_ids(tok, r, a) for r, a in examples]
             keep = [(r, c, k) for (r, _), (c, k) in zip(examples, done) if k > 0]
             m = margins(model, tok, [r for r, _, _ in keep], [c for _, c, _ in keep], pad_id,

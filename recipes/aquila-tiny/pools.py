@@ -8,15 +8,21 @@ of a training phrasing can pass); its ordinary questions are MT-Bench first turn
 project's training) and BELLE eval questions, none of them in an earlier evaluation set given as an
 argument. Pool 2 was written before attempt 23 was scored, pool 3 before attempt 24 was trained.
 
-    python recipes/aquila-tiny/pools.py [--pool 3] OUT.json EARLIER_routing_eval.json ...
+Pool 4 (written before attempt 26 was trained) is harder on both sides: half its drawing subjects are
+scenes (who and an action), and half its ordinary questions are about art or images but want text
+(painters, paintings, art forms, image software, idioms with a picture word), from frames and fillers
+that share nothing with ``decision.py``'s ``--art`` pool (checked below); the other half are MT-Bench,
+vicuna_bench and BELLE questions unused by earlier sets.
+
+    python recipes/aquila-tiny/pools.py [--pool 4] OUT.json EARLIER_routing_eval.json ...
 """
-import argparse, json, random, sys
+import argparse, json, os, random, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import instructions as ins
 import decision as D
 from aquilachat.io import iter_records
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = Path(os.environ.get("AQUILACHAT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
 #: per pool: Chinese and English subjects, Chinese and English phrasings, the subjects' words
 POOLS = {
     2: (["一只章鱼", "一座风车", "一只考拉", "一只火烈鸟", "一个热气球", "一座金字塔", "一个南瓜", "一支冰淇淋", "一座摩天轮", "一只长颈鹿"],
@@ -35,7 +41,47 @@ POOLS = {
          "Create a {style} image of {s}.", "Draw what {s} looks like."],
         ["蜗牛", "水母", "树屋", "啄木鸟", "仙人掌", "萤火虫", "海马", "蘑菇", "蜻蜓", "棕榈树", "snail", "jellyfish",
          "treehouse", "woodpecker", "cactus", "firefl", "seahorse", "mushroom", "dragonfly", "palm"]),
+    4: (["一只北极熊", "一座钟楼", "一个沙漏", "一只甲虫", "一辆拖拉机", "一群老人在院子里打太极拳", "几个小朋友在操场上跳绳",
+         "一位妈妈在窗边织毛衣", "一只浣熊在垃圾桶旁找吃的", "一位邮递员骑车穿过小镇"],
+        ["a polar bear", "a clock tower", "an hourglass", "a beetle", "a tractor", "old people doing tai chi in a courtyard",
+         "kids jumping rope in a schoolyard", "a mother knitting by the window", "a raccoon digging through a trash can",
+         "a mail carrier cycling through a small town"],
+        ["替我画{s}", "我想看一幅描绘{s}的画", "你能用图画表现{s}吗？", "请以{style}的方式画{s}", "给我来幅{s}"],
+        ["I'd be grateful for a painting of {s}.", "I need an image showing {s}.", "Make a quick sketch of {s}.",
+         "Can you depict {s} in {style}?", "Doodle {s} for me."],
+        ["北极熊", "钟楼", "沙漏", "甲虫", "拖拉机", "太极", "跳绳", "毛衣", "浣熊", "邮递员", "polar", "clock tower",
+         "hourglass", "beetle", "tractor", "tai chi", "jumping rope", "knitting", "raccoon", "mail carrier"]),
 }
+#: pool 4's ordinary questions about art or images that want text: frames, fillers, idioms
+ART4_FRAMES_EN = ["Can you explain what makes {work} special?", "I want to learn about the life of {painter}.",
+                  "What materials do I need for {form}?", "Is it hard to {task}?",
+                  "Summarize who {painter} was in three sentences."]
+ART4_FRAMES_ZH = ["{work}有什么艺术价值？", "请讲讲{painter}的生平。", "学{form}需要准备哪些工具？", "{task}难不难？",
+                  "用三句话介绍{painter}。"]
+ART4_FILL_EN = {"painter": ["Raphael", "Paul Cezanne", "Gustav Klimt", "Georgia O'Keeffe", "Jackson Pollock"],
+                "work": ["The Birth of Venus", "American Gothic", "Guernica", "The Great Wave off Kanagawa",
+                         "The Starry Night"],
+                "form": ["mural painting", "pop art", "animation", "landscape photography", "charcoal drawing"],
+                "task": ["draw a pie chart in Excel", "rotate an image with Pillow", "add text to a photo in Canva",
+                         "resize a picture on a Mac", "draw a histogram with seaborn"]}
+ART4_FILL_ZH = {"painter": ["顾恺之", "黄公望", "郑板桥", "塞尚", "拉斐尔"],
+                "work": ["《韩熙载夜宴图》", "《星月夜》", "《洛神赋图》", "《虢国夫人游春图》", "《格尔尼卡》"],
+                "form": ["壁画", "动画", "年画", "剪纸", "风景摄影"],
+                "task": ["用Excel画饼图", "用PIL旋转图片", "给图片加水印", "用seaborn画直方图", "在手机上修图"]}
+ART4_IDIOMS = ["What does 'the big picture' mean?", "“胸有成竹”这个成语和画竹子有什么关系？"]
+_train_art = set(D.ART_FRAMES_EN + D.ART_FRAMES_ZH + D.ART_IDIOMS) | {
+    v for fill in (D.ART_FILL_EN, D.ART_FILL_ZH) for vs in fill.values() for v in vs}
+_pool_art = set(ART4_FRAMES_EN + ART4_FRAMES_ZH + ART4_IDIOMS) | {
+    v for fill in (ART4_FILL_EN, ART4_FILL_ZH) for vs in fill.values() for v in vs}
+assert not _train_art & _pool_art, f"pool 4 art question parts in training: {_train_art & _pool_art}"
+
+
+def art4(rng: random.Random, frames: list[str], fill: dict, n: int) -> list[str]:
+    """``n`` distinct pool-4 art questions: each frame with one of its fillers."""
+    every = [f.format(**{k: v}) for f in frames for k in [f[f.index("{") + 1: f.index("}")]] for v in fill[k]]
+    return rng.sample(every, n)
+
+
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--pool", type=int, default=2, choices=sorted(POOLS))
 ap.add_argument("out")
@@ -61,6 +107,12 @@ en = ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writi
                      if len(r["turns"][0]) < 400 and (args.pool == 2 or r["turns"][0] not in seen)])
 # (pool 2 did not check its MT-Bench questions against the earlier sets; kept so that it regenerates byte for byte)
 zh = [q for q in ins.belle_questions(SHARED) if q not in seen]
-ordinary = rng.sample(en, 25) + rng.sample(zh, 25)
+if args.pool == 4:  # MT-Bench has too few unused questions left: vicuna_bench's unused ones join them
+    en += ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writing" / "vicuna_bench" / "question.jsonl")
+                          if r["turns"][0] not in seen])
+    ordinary = (art4(rng, ART4_FRAMES_EN, ART4_FILL_EN, 12) + art4(rng, ART4_FRAMES_ZH, ART4_FILL_ZH, 11) + ART4_IDIOMS
+                + rng.sample(en, 13) + rng.sample(zh, 12))
+else:
+    ordinary = rng.sample(en, 25) + rng.sample(zh, 25)
 json.dump({"drawing": drawing, "ordinary": ordinary}, open(args.out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
 print(len(drawing), len(ordinary), len(en), len(zh))
