@@ -28,6 +28,12 @@ on these terms (the last four optional):
 * with ``--text FILE...``, the next-token loss on ``--text-rows`` rows of 512 tokens of plain text a step
   (e.g. the pretraining text), to keep the model's general text.
 
+Three options change which requests the hinges see (attempt 26): ``--art K`` makes ``K`` of the other
+requests a step questions about art or images that want text (:func:`art_question`); ``--scenes P``
+gives a share ``P`` of the drawing requests a subject with an action (:func:`scene_subject`);
+``--context P`` puts a share ``P`` of all hinge requests after a system message or an earlier exchange
+(:func:`with_context`), as the server and chat page send them.
+
 This is a max-margin (hinge) objective on the decision greedy decoding takes (Crammer and Singer
 2001 for the multiclass margin; Welleck et al. 2019, "Neural Text Generation with Unlikelihood
 Training", for pushing unwanted continuations down). Every request comes from the training pools
@@ -36,7 +42,7 @@ of ``instructions.py``; held-out subjects and phrasings are refused (``heldout_o
     python recipes/aquila-tiny/decision.py --model DIR --mix FILE --sft sft.jsonl --out DIR \
         [--steps 300] [--delta 2] [--marker-hinge] ...
 
-Attempts 21-25 in docs/aquila-tiny.md used it.
+Attempts 21-26 in docs/aquila-tiny.md used it.
 
 Writes ``DIR/final`` (a Hugging Face layout that ``LLM`` loads) and ``DIR/metrics.jsonl``.
 """
