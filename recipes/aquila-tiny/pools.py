@@ -14,7 +14,12 @@ scenes (who and an action), and half its ordinary questions are about art or ima
 that share nothing with ``decision.py``'s ``--art`` pool (checked below); the other half are MT-Bench,
 vicuna_bench and BELLE questions unused by earlier sets.
 
-    python recipes/aquila-tiny/pools.py [--pool 4] OUT.json EARLIER_routing_eval.json ...
+Pool 5 (written after attempt 26 had been scored, to decide between 25f and 26i) adds conversation
+contexts: three system messages and three earlier exchanges, in neither ``decision.py``'s ``SYSTEMS``
+nor ``sft.jsonl`` (``routing.py --context``). Its English ordinary questions are MBPP task texts, as
+no MT-Bench or vicuna_bench question is left unused.
+
+    python recipes/aquila-tiny/pools.py [--pool 5] [--sft sft.jsonl] OUT.json EARLIER_routing_eval.json ...
 """
 import argparse, json, os, random, sys
 from pathlib import Path
@@ -51,7 +56,25 @@ POOLS = {
          "Can you depict {s} in {style}?", "Doodle {s} for me."],
         ["北极熊", "钟楼", "沙漏", "甲虫", "拖拉机", "太极", "跳绳", "毛衣", "浣熊", "邮递员", "polar", "clock tower",
          "hourglass", "beetle", "tractor", "tai chi", "jumping rope", "knitting", "raccoon", "mail carrier"]),
+    5: (["一只犰狳", "一把小提琴", "一只鹈鹕", "一台缝纫机", "一个稻草人", "一位厨师在餐馆里颠勺", "两个小孩在池塘边捉蝌蚪",
+         "一位老爷爷在树下拉二胡", "一只水獭在河里抓鱼", "一群学生在图书馆里自习"],
+        ["an armadillo", "a violin", "a pelican", "a sewing machine", "a scarecrow", "a chef tossing noodles in a wok",
+         "two children catching tadpoles by a pond", "a grandfather playing the erhu under a tree",
+         "an otter catching fish in a river", "students studying in a library"],
+        ["帮我画出{s}", "能否绘制一张{s}的图？", "我需要一张{s}的插画", "用{style}画{s}好吗", "麻烦画一下{s}"],
+        ["Could you sketch {s}?", "Please produce an illustration of {s}.", "I want a {style} drawing of {s}.",
+         "Show me a picture of {s}.", "Would you paint {s} for me?"],
+        ["犰狳", "小提琴", "鹈鹕", "缝纫机", "稻草人", "颠勺", "蝌蚪", "二胡", "水獭", "图书馆", "armadillo", "violin", "pelican",
+         "sewing machine", "scarecrow", "wok", "tadpole", "erhu", "otter", "library"]),
 }
+#: pool 5's conversation contexts (routing.py --context): system messages and earlier exchanges that are
+#: in neither decision.py's SYSTEMS nor sft.jsonl
+CONTEXT5 = {"systems": ["You are a concise assistant who answers clearly.", "你是一位知识渊博的中文助手。",
+                        "Be polite and helpful."],
+            "exchanges": [["Hi, how are you today?", "I'm doing well, thank you! How can I help you?"],
+                          ["今天天气怎么样？", "抱歉，我无法获取实时天气信息，你可以查看当地的天气预报。"],
+                          ["What is 12 times 12?", "12 times 12 is 144."]]}
+assert not set(CONTEXT5["systems"]) & set(D.SYSTEMS)
 #: pool 4's ordinary questions about art or images that want text: frames, fillers, idioms
 ART4_FRAMES_EN = ["Can you explain what makes {work} special?", "I want to learn about the life of {painter}.",
                   "What materials do I need for {form}?", "Is it hard to {task}?",
@@ -86,7 +109,10 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--pool", type=int, default=2, choices=sorted(POOLS))
 ap.add_argument("out")
 ap.add_argument("earlier", nargs="*", help="earlier routing_eval.json files whose questions are left out")
+ap.add_argument("--sft", help="pool 5: sft.jsonl, checked to hold none of the pool's earlier exchanges")
 args = ap.parse_args()
+if args.pool == 5 and not args.sft:
+    ap.error("--pool 5 needs --sft runs/aquila-tiny/data/sft.jsonl (its exchanges are checked against it)")
 SUBJ_ZH, SUBJ_EN, PHR_ZH, PHR_EN, WORDS = POOLS[args.pool]
 # no training drawing request (every pool instructions.py and decision.py draw from) holds a word or phrasing of the pool
 rng = random.Random(0)
@@ -107,12 +133,19 @@ en = ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writi
                      if len(r["turns"][0]) < 400 and (args.pool == 2 or r["turns"][0] not in seen)])
 # (pool 2 did not check its MT-Bench questions against the earlier sets; kept so that it regenerates byte for byte)
 zh = [q for q in ins.belle_questions(SHARED) if q not in seen]
-if args.pool == 4:  # MT-Bench has too few unused questions left: vicuna_bench's unused ones join them
+extra = {}
+if args.pool == 5:  # no unused MT-Bench or vicuna_bench question is left: MBPP's task texts (never trained on)
+    mbpp = ins.no_picture([r["text"] for _, r in iter_records(SHARED / "code_eval" / "mbpp.jsonl") if r["text"] not in seen])
+    ordinary = rng.sample(mbpp, 25) + rng.sample(zh, 25)
+    sft = {turn["value"] for _, r in iter_records(Path(args.sft)) for turn in r["conversations"]} if args.sft else set()
+    assert not sft & {s for e in CONTEXT5["exchanges"] for s in e}, "pool 5 exchange in sft.jsonl"
+    extra = CONTEXT5
+elif args.pool == 4:  # MT-Bench has too few unused questions left: vicuna_bench's unused ones join them
     en += ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writing" / "vicuna_bench" / "question.jsonl")
                           if r["turns"][0] not in seen])
     ordinary = (art4(rng, ART4_FRAMES_EN, ART4_FILL_EN, 12) + art4(rng, ART4_FRAMES_ZH, ART4_FILL_ZH, 11) + ART4_IDIOMS
                 + rng.sample(en, 13) + rng.sample(zh, 12))
 else:
     ordinary = rng.sample(en, 25) + rng.sample(zh, 25)
-json.dump({"drawing": drawing, "ordinary": ordinary}, open(args.out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+json.dump({"drawing": drawing, "ordinary": ordinary, **extra}, open(args.out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
 print(len(drawing), len(ordinary), len(en), len(zh))

@@ -9,7 +9,12 @@ is taken from the request (:func:`prompt_from_request`: every word of the prompt
 for Chinese, occurs in the request), a rough measure of whether the prompt names the right subject.
 Writes ``routing.json`` next to the model's run.
 
-    python recipes/aquila-tiny/routing.py [--model DIR] [--eval FILE] [--out FILE]
+With ``--context system`` or ``--context exchange`` every request (drawing and ordinary) comes after
+a system message, or after one earlier user turn and answer, taken in turn from the evaluation
+file's ``systems`` / ``exchanges`` lists (``pools.py --pool 5`` writes them): request ``i`` gets entry
+``i mod len``. This is how the server and the chat page send a request inside a conversation.
+
+    python recipes/aquila-tiny/routing.py [--model DIR] [--eval FILE] [--out FILE] [--context none|system|exchange]
 """
 
 from __future__ import annotations
@@ -34,20 +39,43 @@ def prompt_from_request(prompt: str, request: str) -> bool:
     return bool(units) and all(u in words if u.isascii() else u in request for u in units)
 
 
+def in_context(requests: list[str], questions: dict, context: str) -> list[list[dict]]:
+    """Each request as an OpenAI-form conversation: alone (``"none"``), after a system message
+    (``"system"``) or after an earlier exchange (``"exchange"``), entry ``i mod len`` of the
+    evaluation file's ``systems`` / ``exchanges``.
+
+    Raises:
+        SystemExit: the evaluation file has no such list.
+    """
+    if context == "none":
+        return [[{"role": "user", "content": r}] for r in requests]
+    key = {"system": "systems", "exchange": "exchanges"}[context]
+    if not questions.get(key):
+        raise SystemExit(f"routing.py: --context {context} needs a non-empty {key!r} list in the evaluation file")
+    pool = questions[key]
+    if context == "system":
+        return [[{"role": "system", "content": pool[i % len(pool)]}, {"role": "user", "content": r}]
+                for i, r in enumerate(requests)]
+    return [[{"role": "user", "content": pool[i % len(pool)][0]}, {"role": "assistant", "content": pool[i % len(pool)][1]},
+             {"role": "user", "content": r}] for i, r in enumerate(requests)]
+
+
 def main() -> None:
     run = Path(__file__).resolve().parents[2] / "runs" / "aquila-tiny"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(run / "instructions" / "final"))
     ap.add_argument("--eval", type=Path, default=run / "data" / "routing_eval.json")
     ap.add_argument("--out", type=Path, default=run / "routing.json")
+    ap.add_argument("--context", choices=("none", "system", "exchange"), default="none",
+                    help="put each request after a system message or an earlier exchange of the evaluation file")
     args = ap.parse_args()
     questions = json.loads(args.eval.read_text(encoding="utf-8"))
     llm = LLM(args.model, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=96)
     started = time.perf_counter()
-    report: dict = {"model": args.model, "answers": {}}
+    report: dict = {"model": args.model, "context": args.context, "answers": {}}
     for group in ("drawing", "ordinary"):
-        outs = llm.chat([[{"role": "user", "content": q}] for q in questions[group]], params)
+        outs = llm.chat(in_context(questions[group], questions, args.context), params)
         report["answers"][group] = []
         for q, o in zip(questions[group], outs):
             found = parse_instruction(o.text)
