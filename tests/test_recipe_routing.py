@@ -1,7 +1,7 @@
 """The aquila-tiny recipe's routing evaluation in conversations (recipes/aquila-tiny/routing.py
 ``--context``) and pool 5 (recipes/aquila-tiny/pools.py), whose contexts it reads.
 
-The oracle for ``--context`` is the engine answering the same conversations built by hand."""
+The oracle for ``--context`` is the engine answering the same conversations, written out here by hand."""
 
 from __future__ import annotations
 
@@ -23,7 +23,15 @@ RECIPE = REPO / "recipes" / "aquila-tiny"
 EVAL = {"drawing": ["画一只猫", "Draw a cat.", "给我画一座山"],
         "ordinary": ["What is the capital of France?", "介绍一下北京。", "Could you write a poem?"],
         "systems": ["Answer briefly.", "你是一个助手。"],
-        "exchanges": [["Hi!", "Hello! How can I help?"]]}
+        "exchanges": [["Hi!", "Hello! How can I help?"], ["1 + 1?", "2."]]}
+
+
+def by_hand(request: str, i: int, context: str) -> list[dict]:
+    """Request ``i`` of a group in ``context``, as routing.py's docstring says it is sent."""
+    if context == "system":
+        return [{"role": "system", "content": EVAL["systems"][i % 2]}, {"role": "user", "content": request}]
+    q, a = EVAL["exchanges"][i % 2]
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}, {"role": "user", "content": request}]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +52,12 @@ def test_in_context_takes_contexts_in_turn(routing):
     system = routing.in_context(reqs, EVAL, "system")
     assert [c[0]["content"] for c in system] == ["Answer briefly.", "你是一个助手。", "Answer briefly."]
     assert all(c[0]["role"] == "system" and c[1] == {"role": "user", "content": r} for c, r in zip(system, reqs))
-    exchange = routing.in_context(reqs, EVAL, "exchange")
-    assert all([m["role"] for m in c] == ["user", "assistant", "user"] and c[-1]["content"] == r
-               for c, r in zip(exchange, reqs))
-    with pytest.raises(SystemExit, match="'systems'"):
-        routing.in_context(reqs, {"drawing": reqs, "ordinary": []}, "system")
+    for context in ("system", "exchange"):
+        assert routing.in_context(reqs, EVAL, context) == [by_hand(r, i, context) for i, r in enumerate(reqs)]
+    with pytest.raises(SystemExit, match="'systems' list in eval.json"):
+        routing.in_context(reqs, {"drawing": reqs, "ordinary": []}, "system", "eval.json")
+    with pytest.raises(SystemExit, match=r"eval.json: exchanges\[1\] must be a \[question, answer\] pair"):
+        routing.in_context(reqs, {**EVAL, "exchanges": [["Hi!", "Hello!"], "Hi!"]}, "exchange", "eval.json")
 
 
 @pytest.mark.parametrize("context", ["system", "exchange"])
@@ -63,7 +72,7 @@ def test_context_answers_are_the_engines_answers_to_those_conversations(routing,
     llm = LLM(str(tiny), device="cpu")
     params = SamplingParams(temperature=0, max_tokens=96)
     for group in ("drawing", "ordinary"):
-        convs = routing.in_context(EVAL[group], EVAL, context)
+        convs = [by_hand(r, i, context) for i, r in enumerate(EVAL[group])]
         expected = [o.text for o in llm.chat(convs, params)]
         assert [a["answer"] for a in report["answers"][group]] == expected
     alone = [o.text for o in llm.chat([[{"role": "user", "content": q}] for q in EVAL["ordinary"]], params)]

@@ -15,8 +15,8 @@ that share nothing with ``decision.py``'s ``--art`` pool (checked below); the ot
 vicuna_bench and BELLE questions unused by earlier sets.
 
 Pool 5 (written after attempt 26 had been scored, to decide between 25f and 26i) adds conversation
-contexts: three system messages and three earlier exchanges, in neither ``decision.py``'s ``SYSTEMS``
-nor ``sft.jsonl`` (``routing.py --context``). Its English ordinary questions are MBPP task texts, as
+contexts (``routing.py --context``): three system messages, none in ``decision.py``'s ``SYSTEMS``,
+and three earlier exchanges, none in ``sft.jsonl``. Its English ordinary questions are MBPP task texts, as
 no MT-Bench or vicuna_bench question is left unused.
 
     python recipes/aquila-tiny/pools.py [--pool 5] [--sft sft.jsonl] OUT.json EARLIER_routing_eval.json ...
@@ -67,8 +67,8 @@ POOLS = {
         ["犰狳", "小提琴", "鹈鹕", "缝纫机", "稻草人", "颠勺", "蝌蚪", "二胡", "水獭", "图书馆", "armadillo", "violin", "pelican",
          "sewing machine", "scarecrow", "wok", "tadpole", "erhu", "otter", "library"]),
 }
-#: pool 5's conversation contexts (routing.py --context): system messages and earlier exchanges that are
-#: in neither decision.py's SYSTEMS nor sft.jsonl
+#: pool 5's conversation contexts (routing.py --context): system messages that are not in decision.py's
+#: SYSTEMS (asserted below) and earlier exchanges that are not in sft.jsonl (checked against --sft)
 CONTEXT5 = {"systems": ["You are a concise assistant who answers clearly.", "你是一位知识渊博的中文助手。",
                         "Be polite and helpful."],
             "exchanges": [["Hi, how are you today?", "I'm doing well, thank you! How can I help you?"],
@@ -137,8 +137,10 @@ extra = {}
 if args.pool == 5:  # no unused MT-Bench or vicuna_bench question is left: MBPP's task texts (never trained on)
     mbpp = ins.no_picture([r["text"] for _, r in iter_records(SHARED / "code_eval" / "mbpp.jsonl") if r["text"] not in seen])
     ordinary = rng.sample(mbpp, 25) + rng.sample(zh, 25)
-    sft = {turn["value"] for _, r in iter_records(Path(args.sft)) for turn in r["conversations"]} if args.sft else set()
-    assert not sft & {s for e in CONTEXT5["exchanges"] for s in e}, "pool 5 exchange in sft.jsonl"
+    sft = {turn.get("value") for _, r in iter_records(Path(args.sft)) for turn in r.get("conversations", [])}
+    clash = sorted(sft & {s for e in CONTEXT5["exchanges"] for s in e})
+    if clash:
+        sys.exit(f"pools.py: {args.sft} holds pool 5's exchange text {clash}: pool 5 exchange in sft.jsonl")
     extra = CONTEXT5
 elif args.pool == 4:  # MT-Bench has too few unused questions left: vicuna_bench's unused ones join them
     en += ins.no_picture([r["turns"][0] for _, r in iter_records(SHARED / "eval_writing" / "vicuna_bench" / "question.jsonl")

@@ -39,20 +39,27 @@ def prompt_from_request(prompt: str, request: str) -> bool:
     return bool(units) and all(u in words if u.isascii() else u in request for u in units)
 
 
-def in_context(requests: list[str], questions: dict, context: str) -> list[list[dict]]:
+def in_context(requests: list[str], questions: dict, context: str, source: str = "the evaluation file"
+               ) -> list[list[dict]]:
     """Each request as an OpenAI-form conversation: alone (``"none"``), after a system message
     (``"system"``) or after an earlier exchange (``"exchange"``), entry ``i mod len`` of the
-    evaluation file's ``systems`` / ``exchanges``.
+    evaluation file's ``systems`` (strings) / ``exchanges`` (``[question, answer]`` pairs).
 
     Raises:
-        SystemExit: the evaluation file has no such list.
+        SystemExit: ``source`` has no such list, or an entry of the wrong shape (named by index).
     """
     if context == "none":
         return [[{"role": "user", "content": r}] for r in requests]
     key = {"system": "systems", "exchange": "exchanges"}[context]
-    if not questions.get(key):
-        raise SystemExit(f"routing.py: --context {context} needs a non-empty {key!r} list in the evaluation file")
-    pool = questions[key]
+    pool = questions.get(key)
+    if not pool or not isinstance(pool, list):
+        raise SystemExit(f"routing.py: --context {context} needs a non-empty {key!r} list in {source}")
+    for i, entry in enumerate(pool):
+        ok = isinstance(entry, str) if context == "system" else (
+            isinstance(entry, list) and len(entry) == 2 and all(isinstance(s, str) for s in entry))
+        if not ok:
+            shape = "a string" if context == "system" else "a [question, answer] pair of strings"
+            raise SystemExit(f"routing.py: {source}: {key}[{i}] must be {shape}, got {entry!r}")
     if context == "system":
         return [[{"role": "system", "content": pool[i % len(pool)]}, {"role": "user", "content": r}]
                 for i, r in enumerate(requests)]
@@ -75,7 +82,7 @@ def main() -> None:
     started = time.perf_counter()
     report: dict = {"model": args.model, "context": args.context, "answers": {}}
     for group in ("drawing", "ordinary"):
-        outs = llm.chat(in_context(questions[group], questions, args.context), params)
+        outs = llm.chat(in_context(questions[group], questions, args.context, str(args.eval)), params)
         report["answers"][group] = []
         for q, o in zip(questions[group], outs):
             found = parse_instruction(o.text)
