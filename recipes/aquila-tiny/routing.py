@@ -54,17 +54,16 @@ def in_context(requests: list[str], questions: dict, context: str, source: str =
     pool = questions.get(key)
     if not pool or not isinstance(pool, list):
         raise SystemExit(f"routing.py: --context {context} needs a non-empty {key!r} list in {source}")
+    before = []  # the messages before each entry's request
     for i, entry in enumerate(pool):
-        ok = isinstance(entry, str) if context == "system" else (
-            isinstance(entry, list) and len(entry) == 2 and all(isinstance(s, str) for s in entry))
-        if not ok:
+        if context == "system" and isinstance(entry, str):
+            before.append([{"role": "system", "content": entry}])
+        elif context == "exchange" and isinstance(entry, list) and len(entry) == 2 and all(isinstance(s, str) for s in entry):
+            before.append([{"role": "user", "content": entry[0]}, {"role": "assistant", "content": entry[1]}])
+        else:
             shape = "a string" if context == "system" else "a [question, answer] pair of strings"
             raise SystemExit(f"routing.py: {source}: {key}[{i}] must be {shape}, got {entry!r}")
-    if context == "system":
-        return [[{"role": "system", "content": pool[i % len(pool)]}, {"role": "user", "content": r}]
-                for i, r in enumerate(requests)]
-    return [[{"role": "user", "content": pool[i % len(pool)][0]}, {"role": "assistant", "content": pool[i % len(pool)][1]},
-             {"role": "user", "content": r}] for i, r in enumerate(requests)]
+    return [before[i % len(before)] + [{"role": "user", "content": r}] for i, r in enumerate(requests)]
 
 
 def main() -> None:
